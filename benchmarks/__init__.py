@@ -1,0 +1,1 @@
+"""Benchmarks for the course's heavy code paths (run as ``python -m benchmarks.<name>``)."""

@@ -1,0 +1,111 @@
+"""The notebooks: generated from their one source, free of outputs, and runnable end to end."""
+
+import ast
+import json
+import os
+
+import nbformat
+import pytest
+
+from tools import build_notebooks
+from tools.run_notebook import execute
+
+ROOT = build_notebooks.ROOT
+PART = "part1_persona_space"
+TINY_ENV = {"COURSE_MODEL": "tiny-gemma2", "COURSE_N_QUESTIONS": "3", "COURSE_MAX_NEW_TOKENS": "12",
+            "COURSE_N_TRAITS": "2"}
+
+
+@pytest.mark.parametrize("path", list(build_notebooks.targets(PART)), ids=lambda p: str(p.relative_to(ROOT)))
+def test_committed_notebook_matches_its_source(path):
+    expected = build_notebooks.dumps(build_notebooks.targets(PART)[path])
+    assert path.exists(), f"{path} is missing: run `make notebooks`"
+    assert path.read_text() == expected, f"{path.relative_to(ROOT)} differs from src/{PART}.py: run `make notebooks`"
+
+
+@pytest.mark.parametrize("folder", ["exercises", "solutions"])
+def test_committed_notebooks_carry_no_outputs(folder):
+    nb = nbformat.read(ROOT / folder / f"{PART}.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{folder} cell {cell.id} has outputs"
+    assert nb.metadata["generated_from"] == f"src/{PART}.py"
+    assert nb.cells[0].source.startswith("> **Generated file")
+
+
+def test_exercise_notebook_has_stubs_where_solutions_were():
+    exercise = nbformat.read(ROOT / "exercises" / f"{PART}.ipynb", as_version=4)
+    solution = nbformat.read(ROOT / "solutions" / f"{PART}.ipynb", as_version=4)
+    solution_cells = [c for c in exercise.cells if c.metadata["nbgrader"].get("solution")]
+    assert len(solution_cells) >= 12
+    by_id = {c.id: c for c in solution.cells}
+    for cell in solution_cells:
+        assert "raise NotImplementedError()" in cell.source, cell.id
+        assert "### BEGIN SOLUTION" not in cell.source
+        # The stub keeps the signature and docstring but none of the solution's body.
+        solved = by_id[cell.id].source
+        assert len(cell.source) < len(solved), cell.id
+    assert not any("### BEGIN SOLUTION" in c.source for c in solution.cells)
+
+
+def test_solution_notebook_runs_end_to_end_on_tiny_gemma2(tmp_path, monkeypatch):
+    for key, value in {**TINY_ENV, "COURSE_OUT_DIR": str(tmp_path / "out")}.items():
+        monkeypatch.setenv(key, value)
+    nb = execute(ROOT / "solutions" / f"{PART}.ipynb", tmp_path / "executed.ipynb", echo=False, timeout=600)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors == []
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for key in ("model", "layer", "n_personas", "n_responses", "pc1_explained_variance", "axis_auc",
+                "persona_order", "seconds"):
+        assert key in summary, key
+    assert summary["model"] == "tiny-gemma2" and summary["layer"] == 3
+    assert summary["n_personas"] == len(summary["persona_order"]) >= 2
+    assert 0 < summary["pc1_explained_variance"] <= 1 and 0 <= summary["axis_auc"] <= 1
+    figures = sorted(p.name for p in (tmp_path / "out").glob("*.html"))
+    assert {"cosine_centered.html", "pca_scatter.html", "axis_personas.html", "traits_on_axis.html",
+            "controls.html"} <= set(figures)
+    passed_checks = sum("all checks passed" in o.get("text", "") for c in nb.cells for o in c.outputs
+                        if o.output_type == "stream")
+    assert passed_checks == sum(c.source.count("checks.test_") for c in nb.cells if c.cell_type == "code")
+
+
+def _assigned_names(source: str) -> set[str]:
+    """Every name a cell would bind: assignments, loop targets, defs, classes and imports."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
+    """Run the untouched exercise notebook: every error is NotImplementedError from an exercise stub,
+    or a NameError for a value that an earlier failing cell never got to define."""
+    for key, value in {**TINY_ENV, "COURSE_OUT_DIR": str(tmp_path / "out")}.items():
+        monkeypatch.setenv(key, value)
+    nb = execute(ROOT / "exercises" / f"{PART}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
+                 echo=False, timeout=600)
+    undefined: set[str] = set()
+    errors = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        err = next((o for o in cell.outputs if o.output_type == "error"), None)
+        if err is None:
+            continue
+        errors.append((cell.id, err.ename))
+        if err.ename == "NameError":
+            missing = err.evalue.split("'")[1]
+            assert missing in undefined, f"cell {cell.id}: NameError for {missing!r}, not a cascade: {err.evalue}"
+        else:
+            assert err.ename == "NotImplementedError", f"cell {cell.id}: {err.ename}: {err.evalue}"
+        undefined |= _assigned_names(cell.source)
+    assert errors, "the exercise notebook ran without hitting a single stub"
+    not_implemented = [cid for cid, name in errors if name == "NotImplementedError"]
+    # The first failure is the first exercise (the judge template), right where the learner starts.
+    assert errors[0] == ("ex-judge-template", "NotImplementedError")
+    assert len(not_implemented) >= 5

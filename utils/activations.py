@@ -1,0 +1,276 @@
+"""Mean activations over a response's tokens: the quantity every persona vector is built from.
+
+For each conversation (system prompt, question, response) we take the residual stream at one or
+more layers and average it over the response's content tokens, the ``[start, end)`` span that
+:func:`utils.conversation.response_token_span` gives (no turn markers, no end-of-turn token).
+
+Layer convention (as everywhere in the course): *layer i* is the output of block
+``model.model.layers[i]``, i.e. ``hidden_states[i + 1]`` of a forward pass with
+``output_hidden_states=True``.
+
+Why this is faster than ``model(..., output_hidden_states=True)``:
+
+- forward hooks capture only the requested layers, and reduce them to a per-conversation sum on
+  the spot, so no ``[batch, seq, d_model]`` tensor per layer is kept;
+- the forward pass stops right after the deepest requested block (a private exception raised
+  from its hook), so the later blocks, the final norm and the LM head (a ``[batch, seq, vocab]``
+  matrix) never run;
+- conversations are sorted by length before batching, so batches carry little padding, and the
+  batch size follows a token budget so memory stays bounded.
+
+Padding is done here, on whichever side ``tokenizer.padding_side`` says (Gemma: left), with an
+``attention_mask`` and ``position_ids`` counted from each sequence's first real token, so a
+batched result equals the single-sequence one to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from utils.conversation import ChatFormatError, Message, response_token_span
+
+__all__ = [
+    "CPU_TOKENS_PER_BATCH",
+    "GPU_TOKENS_PER_BATCH",
+    "extract_mean_activations",
+    "extract_mean_embeddings",
+    "decoder_layers",
+]
+
+# Default token budget (batch size x padded length) per forward pass.
+CPU_TOKENS_PER_BATCH = 4096
+GPU_TOKENS_PER_BATCH = 16384
+
+LAYER_CONVENTION = "layer i = output of model.model.layers[i] = hidden_states[i + 1]"
+
+
+class _StopForward(Exception):
+    """Raised from the deepest hook to end the forward pass early. Never escapes this module."""
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One tokenised conversation: all its token ids and its response span ``[start, end)``."""
+
+    ids: list[int]
+    start: int
+    end: int
+
+
+def decoder_layers(model) -> Sequence[torch.nn.Module]:
+    """The model's transformer blocks, ``model.model.layers`` (Llama, Gemma 2, Qwen, ...)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no `model.model.layers`; this extractor expects a "
+                        "decoder-only *ForCausalLM model (Llama, Gemma 2, Qwen, ...).")
+    return layers
+
+
+def _resolve_layers(model, layers: int | Sequence[int]) -> tuple[list[int], bool]:
+    """Validate ``layers``; return them as a list and whether a single int was given."""
+    n_layers = len(decoder_layers(model))
+    single = isinstance(layers, int) and not isinstance(layers, bool)
+    wanted = [layers] if single else list(layers)  # type: ignore[list-item]
+    if not wanted:
+        raise ValueError("`layers` is empty: give an int or a non-empty list of ints.")
+    for layer in wanted:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"Layers must be ints; got {layer!r} ({type(layer).__name__}).")
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"Layer {layer} is out of range: this model has {n_layers} blocks, so valid layers "
+                             f"are 0..{n_layers - 1} ({LAYER_CONVENTION}).")
+    return wanted, single
+
+
+def _tokenise(conversations: Sequence[list[Message]], tokenizer) -> list[_Item]:
+    """Token ids and response span of every conversation; errors name the conversation's index."""
+    if len(conversations) == 0:
+        raise ValueError("No conversations given: `conversations` is empty.")
+    items = []
+    for i, messages in enumerate(conversations):
+        try:
+            ids, start, end = response_token_span(messages, tokenizer)
+        except ChatFormatError as exc:
+            raise ChatFormatError(f"Conversation {i}: {exc}") from exc
+        if end <= start:
+            raise ChatFormatError(f"Conversation {i}: the response has no tokens (span [{start}, {end})). "
+                                  "Drop it (and report it) before extraction.")
+        items.append(_Item(ids, start, end))
+    return items
+
+
+def _input_device(model) -> torch.device:
+    """Where the input ids go: the embedding's device (also right for ``device_map="auto"``)."""
+    return model.get_input_embeddings().weight.device
+
+
+def _plan_batches(lengths: Sequence[int], batch_size: int | None, max_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches, longest first, so each batch holds similar lengths.
+
+    With ``batch_size=None`` a batch grows while ``len(batch) * longest <= max_tokens`` (always at
+    least one conversation); otherwise batches have ``batch_size`` conversations.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+        return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens_per_batch must be >= 1; got {max_tokens}.")
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _pad_batch(items: Sequence[_Item], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    """Pad to the longest item on ``side``.
+
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` (all int64 ``[B, L]``, positions
+    counted from each sequence's first real token) and ``span_mask`` (float32 ``[B, L]``, 1 on
+    response tokens, built from the spans, never from token ids).
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right'; got {side!r}.")
+    width = max(len(it.ids) for it in items)
+    n = len(items)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    span_mask = torch.zeros((n, width), dtype=torch.float32)
+    for row, it in enumerate(items):
+        offset = width - len(it.ids) if side == "left" else 0
+        input_ids[row, offset:offset + len(it.ids)] = torch.tensor(it.ids, dtype=torch.long)
+        attention_mask[row, offset:offset + len(it.ids)] = 1
+        span_mask[row, offset + it.start:offset + it.end] = 1.0
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "span_mask": span_mask}
+
+
+def _progress(total: int, progress: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="conv", disable=not progress)
+
+
+def extract_mean_activations(
+    model,
+    tokenizer,
+    conversations: Sequence[list[Message]],
+    layers: int | Sequence[int],
+    batch_size: int | None = None,
+    progress: bool = True,
+    desc: str = "extract",
+    max_tokens_per_batch: int | None = None,
+) -> torch.Tensor:
+    """Mean residual stream over each response's content tokens.
+
+    Args:
+        model: a decoder-only ``*ForCausalLM`` (blocks at ``model.model.layers``), in eval mode.
+        tokenizer: its tokenizer; ``tokenizer.padding_side`` decides the padding side.
+        conversations: ``n`` chat conversations, each ending with a non-empty assistant turn
+            (e.g. from :func:`utils.conversation.chat_messages`).
+        layers: one layer (int) or a list of layers, each in ``0..num_layers-1``;
+            layer i is the output of ``model.model.layers[i]`` (= ``hidden_states[i + 1]``).
+        batch_size: conversations per forward pass; ``None`` packs batches up to
+            ``max_tokens_per_batch`` tokens (padded length x batch size).
+        progress: show a tqdm progress bar.
+        desc: the progress bar's label.
+        max_tokens_per_batch: token budget when ``batch_size`` is None (default 4096 on CPU,
+            16384 on GPU).
+
+    Returns:
+        float32 CPU tensor, ``[n, d_model]`` for an int ``layers`` or ``[n, len(layers), d_model]``
+        for a list, in the order of ``conversations`` (batches are sorted by length internally).
+
+    Raises:
+        ValueError: no conversations, a bad layer (with the valid range), a bad batch size.
+        ChatFormatError: a conversation that cannot be rendered or has an empty response (with its index).
+    """
+    wanted, single = _resolve_layers(model, layers)
+    items = _tokenise(conversations, tokenizer)
+    blocks = decoder_layers(model)
+    device = _input_device(model)
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = GPU_TOKENS_PER_BATCH if device.type == "cuda" else CPU_TOKENS_PER_BATCH
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    side = getattr(tokenizer, "padding_side", "right") or "right"
+
+    unique = sorted(set(wanted))
+    deepest = unique[-1]
+    d_model = int(model.config.hidden_size)
+    out = torch.zeros((len(items), len(unique), d_model), dtype=torch.float32)
+
+    # Per-batch state shared with the hooks: the span mask [B, 1, L] in, one [B, d_model] sum per layer out.
+    batch_mask: list[torch.Tensor] = []
+    sums: dict[int, torch.Tensor] = {}
+
+    def make_hook(slot: int, layer: int):
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output  # 4.x: tuple; 5.x: tensor
+            mask = batch_mask[0].to(h.device)  # [B, 1, L] float32
+            # [B, 1, L] @ [B, L, d] -> [B, 1, d]: the masked sum, in float32, without a [B, L, d] product.
+            sums[slot] = torch.bmm(mask, h.float()).squeeze(1).to("cpu")
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    batches = _plan_batches([len(it.ids) for it in items], batch_size, max_tokens_per_batch)
+    handles = [blocks[layer].register_forward_hook(make_hook(slot, layer)) for slot, layer in enumerate(unique)]
+    try:
+        with torch.inference_mode(), _progress(len(items), progress, desc) as bar:
+            for batch in batches:
+                enc = _pad_batch([items[i] for i in batch], pad_id, side)
+                sums.clear()
+                batch_mask[:] = [enc["span_mask"].unsqueeze(1)]
+                try:
+                    model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                          position_ids=enc["position_ids"].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+                else:  # pragma: no cover - the deepest hook always raises
+                    raise RuntimeError("The forward pass did not reach the deepest requested layer's hook.")
+                counts = enc["span_mask"].sum(1, keepdim=True)  # [B, 1]
+                index = torch.tensor(batch)
+                for slot in range(len(unique)):
+                    out[index, slot] = sums[slot] / counts
+                bar.update(len(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        sums.clear()
+        batch_mask.clear()
+
+    result = out[:, [unique.index(layer) for layer in wanted]]
+    return result[:, 0] if single else result
+
+
+def extract_mean_embeddings(model, tokenizer, conversations: Sequence[list[Message]]) -> torch.Tensor:
+    """Mean input-token embedding over each response's content tokens: a no-context control.
+
+    Uses ``model.get_input_embeddings()`` on the same spans as :func:`extract_mean_activations`.
+    In transformers 4.x Gemma's ``sqrt(d_model)`` scale is applied in the model's forward, while in
+    5.x it is inside the embedding module; the two differ by that constant factor only, which does
+    not change cosine similarities.
+
+    Returns:
+        float32 CPU tensor ``[n, d_model]`` in the order of ``conversations``.
+    """
+    items = _tokenise(conversations, tokenizer)
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    rows = []
+    with torch.inference_mode():
+        for it in items:
+            ids = torch.tensor(it.ids[it.start:it.end], dtype=torch.long, device=device)
+            rows.append(embed(ids).float().mean(0).cpu())
+    return torch.stack(rows)

@@ -1,0 +1,215 @@
+"""Chat backends with one interface: ``client.chat.completions.create(model=..., messages=[...], ...)``.
+
+- :func:`make_api_client`: an OpenAI-compatible client (OpenRouter by default, or any server that
+  speaks the OpenAI API, such as vLLM). Key, base URL and models come from the environment.
+- :class:`LocalChatClient`: generates with a loaded Hugging Face model. Requests that arrive from
+  many threads at once are gathered into batches for ``model.generate`` (left padding), so the same
+  thread-pool code that calls an API runs fast offline.
+- :class:`OfflineRuleJudge`: a transparent, rule-based stand-in for the LLM judge, for runs with no
+  API key. It is *not* an LLM; it reads only whether the response claims to be an AI and whether it
+  names the role. The notebook says so wherever it is used.
+
+The API key is read from the environment and never printed, logged or cached.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from utils.conversation import render
+
+OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+KEY_VARIABLES = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
+DEFAULT_GENERATION_MODEL = "google/gemma-2-27b-it"
+DEFAULT_JUDGE_MODEL = "openai/gpt-4.1-mini"
+
+
+class MissingAPIKeyError(RuntimeError):
+    pass
+
+
+def api_key_present() -> bool:
+    return any(os.environ.get(v, "").strip() for v in KEY_VARIABLES)
+
+
+def make_api_client(timeout: float = 60.0, max_retries: int = 3):
+    """An ``openai.OpenAI`` client for ``$COURSE_API_BASE_URL`` (default OpenRouter).
+
+    The key is the first of ``$COURSE_API_KEY``, ``$OPENROUTER_API_KEY``, ``$OPENAI_API_KEY`` that is set.
+    """
+    key = next((os.environ[v].strip() for v in KEY_VARIABLES if os.environ.get(v, "").strip()), None)
+    if key is None:
+        raise MissingAPIKeyError(
+            "No API key found. Set OPENROUTER_API_KEY (or COURSE_API_KEY / OPENAI_API_KEY, plus "
+            "COURSE_API_BASE_URL for another OpenAI-compatible server) before starting Jupyter, or run "
+            "offline: the notebook then uses LocalChatClient and OfflineRuleJudge."
+        )
+    from openai import OpenAI
+
+    base_url = os.environ.get("COURSE_API_BASE_URL", "").strip() or OPENROUTER_BASE_URL
+    return OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+
+
+def _completion(content: str, model: str):
+    """A minimal object shaped like an OpenAI chat completion."""
+    message = SimpleNamespace(role="assistant", content=content)
+    return SimpleNamespace(model=model, choices=[SimpleNamespace(index=0, message=message, finish_reason="stop")])
+
+
+@dataclass
+class _Request:
+    messages: list[dict]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    future: Future = field(default_factory=Future)
+
+
+class _Completions:
+    def __init__(self, create):
+        self.create = create
+
+
+class LocalChatClient:
+    """OpenAI-style chat client backed by a local model; batches concurrent requests.
+
+    Args:
+        model, tokenizer: from :func:`utils.load_model`.
+        max_batch_size: the most requests generated together.
+        gather_seconds: how long the batcher waits for more requests before generating.
+        seed: seeds torch before each batch (sampling still depends on how requests are batched).
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, gather_seconds: float = 0.05, seed: int = 0):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.gather_seconds, self.seed = max_batch_size, gather_seconds, seed
+        self.chat = SimpleNamespace(completions=_Completions(self._create))
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="LocalChatClient", daemon=True)
+        self._worker.start()
+        self.batches_run = 0
+
+    # The OpenAI-compatible entry point.
+    def _create(self, *, model: str, messages: list[dict], max_tokens: int = 128, temperature: float = 0.7,
+                top_p: float = 0.9, **_ignored):
+        request = _Request(messages, int(max_tokens), float(temperature), float(top_p))
+        self._queue.put(request)
+        return _completion(request.future.result(), model)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _run(self) -> None:
+        pending: list[_Request] = []
+        while True:
+            first = pending.pop(0) if pending else self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.gather_seconds
+            while len(batch) < self.max_batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)
+                    break
+                same = (item.max_tokens, item.temperature, item.top_p) == (first.max_tokens, first.temperature, first.top_p)
+                (batch if same else pending).append(item)
+            try:
+                texts = self._generate(batch)
+                for req, text in zip(batch, texts):
+                    req.future.set_result(text)
+            except BaseException as exc:  # every waiting caller sees the error
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(exc)
+
+    def _generate(self, batch: list[_Request]) -> list[str]:
+        import torch
+
+        tok, model = self.tokenizer, self.model
+        prompts = [render(r.messages, tok, add_generation_prompt=True) for r in batch]
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # Generation always pads on the left, so every prompt ends where its new tokens begin.
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+        device = next(model.parameters()).device
+        first = batch[0]
+        kwargs = dict(max_new_tokens=first.max_tokens, pad_token_id=pad_id)
+        if first.temperature > 0:
+            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        torch.manual_seed(self.seed + self.batches_run)
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        self.batches_run += 1
+        new_tokens = out[:, width:].cpu()
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+
+
+_AI_IDENTITY = re.compile(
+    r"\b(as an ai|an ai\b|ai assistant|ai language model|language model|artificial intelligence|"
+    r"i am an assistant|i'm an assistant|chatbot|smollm|gemma|trained by)\b", re.IGNORECASE)
+_REFUSAL = re.compile(r"\b(i can't|i cannot|i'm sorry|i am sorry|i'm unable|i am unable|i won't)\b", re.IGNORECASE)
+_ANSWER = re.compile(r"\[ANSWER START\]\s*(.*?)\s*\[ANSWER END\]", re.DOTALL)
+_ROLE = re.compile(r"\*\*(.+?)\*\*")
+
+
+def rule_based_role_score(response: str, role: str) -> int:
+    """0-3 from two observable cues, following the paper's rubric as far as rules can.
+
+    0: claims to be an AI and refuses; 1: claims to be an AI, no sign of the role;
+    2: claims to be an AI but names the role; 3: does not claim to be an AI.
+    """
+    claims_ai = bool(_AI_IDENTITY.search(response))
+    if not claims_ai:
+        return 3
+    if role and re.search(rf"\b{re.escape(role.replace('_', ' '))}", response, re.IGNORECASE):
+        return 2
+    return 0 if _REFUSAL.search(response) else 1
+
+
+class OfflineRuleJudge:
+    """Stand-in for an LLM judge (no API key): answers judge prompts with :func:`rule_based_role_score`.
+
+    It reads the response between ``[ANSWER START]`` and ``[ANSWER END]`` and the role from the first
+    ``**bold**`` name, as in the paper's judge prompts. It replies ``<score>N</score>`` when the prompt
+    mentions ``<score>``, and a bare digit otherwise (the paper's prompts ask for just the number).
+    """
+
+    def __init__(self):
+        self.chat = SimpleNamespace(completions=_Completions(self._create))
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def _create(self, *, model: str, messages: list[dict], **_ignored):
+        prompt = messages[-1]["content"]
+        answer = _ANSWER.search(prompt)
+        role = _ROLE.search(prompt)
+        if answer is None or role is None:
+            raise ValueError(
+                "OfflineRuleJudge needs the response between [ANSWER START] and [ANSWER END] and the role as "
+                "**name** in the judge prompt (as the paper's judge prompts have). Fix the judge prompt template."
+            )
+        score = rule_based_role_score(answer.group(1), role.group(1))
+        with self._lock:
+            self.calls += 1
+        return _completion(f"<score>{score}</score>" if "<score>" in prompt else str(score), model)

@@ -1,0 +1,246 @@
+"""The notebooks' figures (plotly). Each function returns a ``plotly.graph_objects.Figure``.
+
+``save(fig, path)`` writes a standalone HTML file with plotly.js inlined, so it opens offline.
+All figures have a title, axis titles and hover text, and stay readable with ~20 personas.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import plotly.graph_objects as go
+import torch
+
+TEMPLATE = "plotly_white"
+DIVERGING = "RdBu_r"  # red = positive, blue = negative, white = 0
+SCORE_COLOURS = {0: "#b2182b", 1: "#ef8a62", 2: "#67a9cf", 3: "#2166ac"}
+SCORE_MEANINGS = {
+    0: "0: itself, refuses",
+    1: "1: itself, answers",
+    2: "2: itself, some of the role",
+    3: "3: fully plays the role",
+}
+DEFAULT_COLOUR, ROLE_COLOUR = "#d95f02", "#1b9e77"
+
+
+def _floats(values, name: str) -> list[float]:
+    """A 1-D tensor / array / sequence as a list of Python floats."""
+    t = torch.as_tensor(values).detach().to("cpu", torch.float64)
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
+    return t.tolist()
+
+
+def _wrap(label: str, width: int = 22) -> str:
+    """Break a long label into lines for an axis tick (plotly uses ``<br>``)."""
+    return "<br>".join(textwrap.wrap(label, width)) or label
+
+
+def save(fig: go.Figure, path: str | Path) -> Path:
+    """Write ``fig`` as an HTML file that works offline; return the path.
+
+    plotly.js is written once as ``plotly.min.js`` beside the figures (``include_plotlyjs="directory"``),
+    so a folder of figures costs one copy of the library, not one per figure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(path, include_plotlyjs="directory", full_html=True)
+    return path
+
+
+def score_distribution(scores: Mapping[tuple[str, int], int], roles_in_order: Sequence[str]) -> go.Figure:
+    """Stacked bars: for each role, how many of its responses the judge scored 0, 1, 2 and 3.
+
+    Args:
+        scores: ``(role, question_index) -> score`` in 0..3.
+        roles_in_order: the roles' order on the x axis. Roles that have scores but are not listed are
+            appended (sorted), so no score is hidden.
+    """
+    counts: dict[str, dict[int, int]] = {}
+    for key, score in scores.items():
+        role = key[0]
+        if score not in SCORE_COLOURS:
+            raise ValueError(f"Score {score!r} for {key} is outside the 0-3 scale.")
+        counts.setdefault(role, dict.fromkeys(SCORE_COLOURS, 0))[score] += 1
+    roles = list(dict.fromkeys(roles_in_order))
+    roles += sorted(r for r in counts if r not in roles)
+    totals = [sum(counts.get(r, {}).values()) for r in roles]
+
+    fig = go.Figure()
+    for score, colour in SCORE_COLOURS.items():
+        ys = [counts.get(r, {}).get(score, 0) for r in roles]
+        pct = [100 * y / t if t else 0.0 for y, t in zip(ys, totals)]
+        fig.add_trace(go.Bar(
+            x=roles, y=ys, name=SCORE_MEANINGS[score], marker_color=colour,
+            customdata=list(zip(pct, totals)),
+            hovertemplate=(f"<b>%{{x}}</b><br>score {score}: %{{y}} of %{{customdata[1]}} responses "
+                           f"(%{{customdata[0]:.0f}}%)<extra></extra>"),
+        ))
+    fig.update_layout(
+        template=TEMPLATE, barmode="stack",
+        title=f"Judge scores per role ({sum(totals)} judged responses)",
+        xaxis=dict(title="role", tickangle=-45), yaxis=dict(title="number of responses"),
+        legend=dict(title="judge score"), height=500,
+    )
+    return fig
+
+
+def similarity_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str) -> go.Figure:
+    """Heatmap of an ``[n, n]`` similarity matrix, diverging colours centred at 0, names on both axes."""
+    m = torch.as_tensor(matrix).detach().to("cpu", torch.float64)
+    n = len(names)
+    if m.shape != (n, n):
+        raise ValueError(f"matrix has shape {tuple(m.shape)} but there are {n} names")
+    fig = go.Figure(go.Heatmap(
+        z=m.tolist(), x=list(names), y=list(names), colorscale=DIVERGING, zmid=0,
+        colorbar=dict(title="cosine"),
+        hovertemplate="<b>%{y}</b> vs <b>%{x}</b><br>cosine %{z:+.3f}<extra></extra>",
+    ))
+    size = max(450, min(900, 200 + 28 * n))
+    fig.update_layout(
+        template=TEMPLATE, title=title, width=size + 100, height=size,
+        xaxis=dict(title="persona", tickangle=-45, constrain="domain"),
+        yaxis=dict(title="persona", autorange="reversed", scaleanchor="x"),
+    )
+    return fig
+
+
+def pca_scatter(
+    projections: torch.Tensor,
+    explained: torch.Tensor,
+    names: Sequence[str],
+    color: torch.Tensor,
+    color_label: str,
+    title: str,
+) -> go.Figure:
+    """PC1 vs PC2 of the persona vectors, each point labelled and coloured by ``color``.
+
+    Args:
+        projections: ``[n, k]`` coordinates on the principal components (``k >= 1``; PC2 = 0 if ``k == 1``).
+        explained: ``[k]`` fraction of variance each component explains.
+        names: the ``n`` personas.
+        color: ``[n]`` values for the colour scale (e.g. the projection on the Assistant Axis).
+        color_label: the colour bar's title.
+        title: the figure's title.
+    """
+    p = torch.as_tensor(projections).detach().to("cpu", torch.float64)
+    ev = _floats(explained, "explained")
+    c = _floats(color, "color")
+    n = len(names)
+    if p.ndim != 2 or p.shape[0] != n or p.shape[1] < 1:
+        raise ValueError(f"projections must be [n={n}, k>=1], got shape {tuple(p.shape)}")
+    if len(ev) < p.shape[1] or len(c) != n:
+        raise ValueError(f"explained needs {p.shape[1]} entries (got {len(ev)}), color needs {n} (got {len(c)})")
+    xs = p[:, 0].tolist()
+    has_pc2 = p.shape[1] >= 2
+    ys = p[:, 1].tolist() if has_pc2 else [0.0] * n
+    finite = [v for v in c if math.isfinite(v)]
+    cmid = 0.0 if finite and min(finite) < 0 < max(finite) else None
+    fig = go.Figure(go.Scatter(
+        x=xs, y=ys, mode="markers+text", text=list(names), textposition="top center",
+        textfont=dict(size=10),
+        marker=dict(size=11, color=c, colorscale=DIVERGING, cmid=cmid, line=dict(width=0.5, color="#333"),
+                    colorbar=dict(title=color_label), showscale=True),
+        customdata=c,
+        hovertemplate=(f"<b>%{{text}}</b><br>PC1 %{{x:.3f}}<br>PC2 %{{y:.3f}}<br>{color_label} "
+                       f"%{{customdata:.3f}}<extra></extra>"),
+    ))
+    pc2_title = f"PC2 ({100 * ev[1]:.1f}% of variance)" if has_pc2 else "PC2 (not computed: only 1 component)"
+    fig.update_layout(
+        template=TEMPLATE, title=title, height=600, width=850,
+        xaxis=dict(title=f"PC1 ({100 * ev[0]:.1f}% of variance)", zeroline=True),
+        yaxis=dict(title=pc2_title, zeroline=True),
+    )
+    return fig
+
+
+def axis_strip(projections: Mapping[str, float], defaults: Sequence[str], title: str) -> go.Figure:
+    """Personas along the Assistant Axis: x = projection, defaults drawn as diamonds in another colour.
+
+    Labels are staggered above and below the line (with leader lines) so close personas stay readable.
+    """
+    order = sorted(projections.items(), key=lambda kv: kv[1])
+    default_set = set(defaults)
+    fig = go.Figure()
+    for is_default, colour, symbol, label in [(True, DEFAULT_COLOUR, "diamond", "default persona"),
+                                              (False, ROLE_COLOUR, "circle", "role")]:
+        group = [(n, v) for n, v in order if (n in default_set) == is_default]
+        fig.add_trace(go.Scatter(
+            x=[v for _, v in group], y=[0.0] * len(group), mode="markers", name=label,
+            text=[n for n, _ in group],
+            marker=dict(size=13 if is_default else 11, color=colour, symbol=symbol,
+                        line=dict(width=1, color="#333")),
+            hovertemplate=f"<b>%{{text}}</b> ({label})<br>projection %{{x:.3f}}<extra></extra>",
+        ))
+    offsets = [40, -40, 80, -80, 120, -120]  # pixels above (+) / below (-) the line, cycled
+    for i, (name, value) in enumerate(order):
+        is_default = name in default_set
+        fig.add_annotation(
+            x=value, y=0, text=f"<b>{name}</b>" if is_default else name, showarrow=True, arrowhead=0,
+            arrowwidth=0.7, arrowcolor="#999", ax=0, ay=-offsets[i % len(offsets)],
+            font=dict(size=11, color=DEFAULT_COLOUR if is_default else "#222"),
+        )
+    fig.update_layout(
+        template=TEMPLATE, title=title, height=420,
+        xaxis=dict(title="projection on the Assistant Axis (higher = more assistant-like)", zeroline=True),
+        yaxis=dict(visible=False, range=[-1, 1]),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0),
+        margin=dict(t=90),
+    )
+    return fig
+
+
+def trait_bars(ranking: Sequence[tuple[str, float]], title: str, top: int = 10) -> go.Figure:
+    """Horizontal bars of each trait's cosine with the axis, highest at the top.
+
+    With more than ``2 * top`` traits, only the ``top`` highest and ``top`` lowest are shown.
+    """
+    ordered = sorted(ranking, key=lambda kv: kv[1], reverse=True)
+    shown = ordered if len(ordered) <= 2 * top else ordered[:top] + ordered[-top:]
+    names = [t for t, _ in shown]
+    values = [float(v) for _, v in shown]
+    colours = [DEFAULT_COLOUR if v >= 0 else ROLE_COLOUR for v in values]
+    note = "" if len(shown) == len(ordered) else f" (top and bottom {top} of {len(ordered)})"
+    fig = go.Figure(go.Bar(
+        x=values, y=names, orientation="h", marker_color=colours,
+        text=[f"{v:+.2f}" for v in values], textposition="outside",
+        hovertemplate="<b>%{y}</b><br>cosine with the axis %{x:+.3f}<extra></extra>",
+    ))
+    fig.update_layout(
+        template=TEMPLATE, title=title + note, height=max(350, 120 + 26 * len(shown)),
+        xaxis=dict(title="cosine similarity with the Assistant Axis (+ = toward the assistant)", zeroline=True),
+        yaxis=dict(title="trait", autorange="reversed"),
+        showlegend=False,
+    )
+    return fig
+
+
+def control_bars(results: Mapping[str, Mapping[str, float]], title: str) -> go.Figure:
+    """Grouped bars of ``auc`` and ``corr_with_main`` for each control, with a dashed line at AUC 0.5."""
+    labels = list(results)
+    ticks = [_wrap(label) for label in labels]
+    values = []
+    fig = go.Figure()
+    for metric, name, colour in [("auc", "AUC (assistant-like vs fantastical)", "#2166ac"),
+                                 ("corr_with_main", "correlation with the main projection", "#999999")]:
+        ys = [float(results[label][metric]) for label in labels]
+        values += [y for y in ys if math.isfinite(y)]
+        fig.add_trace(go.Bar(
+            x=ticks, y=ys, name=name, marker_color=colour, customdata=labels,
+            text=[f"{y:.2f}" if math.isfinite(y) else "n/a" for y in ys], textposition="outside",
+            hovertemplate=f"<b>%{{customdata}}</b><br>{name}: %{{y:.3f}}<extra></extra>",
+        ))
+    low = -1.0 if any(v < 0 for v in values) else 0.0
+    fig.add_hline(y=0.5, line_dash="dash", line_color="#b2182b",
+                  annotation_text="chance AUC = 0.5", annotation_position="top left")
+    fig.update_layout(
+        template=TEMPLATE, title=title, barmode="group", height=500,
+        xaxis=dict(title="representation the axis is built from"),
+        yaxis=dict(title="AUC / correlation", range=[low, 1.1]),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0),
+        margin=dict(t=100),
+    )
+    return fig
