@@ -70,9 +70,9 @@ from utils import plots
 from utils.backends import (DEFAULT_GENERATION_MODEL, DEFAULT_JUDGE_MODEL, LocalChatClient, OfflineRuleJudge,
                             api_key_present, make_api_client)
 from utils.conversation import turn_suffix_len
-from utils.models import PROJECT_ROOT
 from utils.data import (ASSISTANT_LIKE_ROLES, DEFAULT_PERSONA_NAMES, FANTASTICAL_ROLES, load_questions,
                         load_roles, load_traits, working_personas, working_questions)
+from utils.models import PROJECT_ROOT
 from utils.runtime import StageTimer, run_parallel
 
 torch.set_grad_enabled(False)

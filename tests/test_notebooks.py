@@ -64,8 +64,8 @@ def test_solution_notebook_runs_end_to_end_on_tiny_gemma2(tmp_path, monkeypatch)
     figures = sorted(p.name for p in (tmp_path / "out").glob("*.html"))
     assert {"cosine_centered.html", "pca_scatter.html", "axis_personas.html", "traits_on_axis.html",
             "controls.html"} <= set(figures)
-    passed_checks = sum("all checks passed" in o.get("text", "") for c in nb.cells for o in c.outputs
-                        if o.output_type == "stream")
+    passed_checks = sum(o.get("text", "").count("all checks passed") for c in nb.cells if c.cell_type == "code"
+                        for o in c.outputs if o.output_type == "stream")
     assert passed_checks == sum(c.source.count("checks.test_") for c in nb.cells if c.cell_type == "code")
 
 
@@ -84,11 +84,12 @@ def _assigned_names(source: str) -> set[str]:
 
 def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
     """Run the untouched exercise notebook: every error is NotImplementedError from an exercise stub,
-    or a NameError for a value that an earlier failing cell never got to define."""
+    or a NameError for a value that an earlier failing cell would have defined once solved."""
     for key, value in {**TINY_ENV, "COURSE_OUT_DIR": str(tmp_path / "out")}.items():
         monkeypatch.setenv(key, value)
     nb = execute(ROOT / "exercises" / f"{PART}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
                  echo=False, timeout=600)
+    solved = {c.id: c.source for c in nbformat.read(ROOT / "solutions" / f"{PART}.ipynb", as_version=4).cells}
     undefined: set[str] = set()
     errors = []
     for cell in nb.cells:
@@ -103,7 +104,7 @@ def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
             assert missing in undefined, f"cell {cell.id}: NameError for {missing!r}, not a cascade: {err.evalue}"
         else:
             assert err.ename == "NotImplementedError", f"cell {cell.id}: {err.ename}: {err.evalue}"
-        undefined |= _assigned_names(cell.source)
+        undefined |= _assigned_names(solved[cell.id])  # what this cell would have defined, once solved
     assert errors, "the exercise notebook ran without hitting a single stub"
     not_implemented = [cid for cid, name in errors if name == "NotImplementedError"]
     # The first failure is the first exercise (the judge template), right where the learner starts.
