@@ -248,6 +248,9 @@ def judge_role_response(
 # %% nbgrader={"grade": true, "grade_id": "check_judge", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
 checks.test_judge_prompt_template(JUDGE_PROMPT_TEMPLATE)
 checks.test_judge_role_response(judge_role_response)
+### BEGIN HIDDEN TESTS
+checks.hidden_test_judge_with_every_paper_prompt(judge_role_response)
+### END HIDDEN TESTS
 
 # %% [markdown]
 # ## 2. Generating persona responses
@@ -605,6 +608,9 @@ def extract_response_activations_batched(
 # %% nbgrader={"grade": true, "grade_id": "check_extract_batched", "locked": true, "points": 2, "schema_version": 3, "solution": false, "task": false}
 checks.test_extract_response_activations_batched(extract_response_activations_batched, model, tokenizer, D_MODEL,
                                                  NUM_LAYERS)
+### BEGIN HIDDEN TESTS
+checks.hidden_test_extract_batch_sizes(extract_response_activations_batched)
+### END HIDDEN TESTS
 
 # %% [markdown]
 # ## 5. Persona vectors

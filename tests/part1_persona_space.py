@@ -872,3 +872,34 @@ def test_axis_auc(fn) -> None:
     else:
         _fail(f"With no negative examples AUC is undefined: raise ValueError (you returned {got!r}).", section)
     _passed("test_axis_auc")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hidden checks: called only inside nbgrader's hidden-test blocks, so learners' releases never run them.
+# They hold no solution either; they widen the cases of the visible checks.
+# --------------------------------------------------------------------------------------------------
+
+def hidden_test_judge_with_every_paper_prompt(fn) -> None:
+    """The judge must fill every one of the paper's 275 per-role judge prompts correctly."""
+    from utils.data import load_roles
+
+    for name, role in load_roles().items():
+        client = FakeJudgeClient("3")
+        got = fn("Q?", "A.", name, client, "judge-model", eval_prompt=role.judge_prompt)
+        sent = client.calls[0]["messages"][-1]["content"]
+        if got != 3 or sent != role.judge_prompt.format(question="Q?", answer="A."):
+            _fail(f"The paper's judge prompt for {name!r} was not filled or parsed correctly.")
+    _passed("hidden_test_judge_with_every_paper_prompt")
+
+
+def hidden_test_extract_batch_sizes(fn) -> None:
+    """Batched extraction must not depend on the batch size or the padding side."""
+    tiny, tiny_tok = tiny_gemma2()
+    expected = fixture("extract_expected")
+    for side in ("left", "right"):
+        for batch_size in (1, 2, 5, 8):
+            got = fn(tiny, _with_padding_side(tiny_tok, side), copy.deepcopy(EXTRACTION_CONVERSATIONS),
+                     EXTRACTION_LAYER, batch_size=batch_size)
+            if not torch.allclose(got, expected, atol=ATOL, rtol=ATOL):
+                _fail(f"Batched extraction is wrong with batch_size={batch_size} and {side} padding.")
+    _passed("hidden_test_extract_batch_sizes")

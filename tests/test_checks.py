@@ -39,9 +39,35 @@ CHECKS = {  # check -> the reference object it takes
 }
 
 
+HIDDEN_CHECKS = {
+    "hidden_test_judge_with_every_paper_prompt": "judge_role_response",
+    "hidden_test_extract_batch_sizes": "extract_response_activations_batched",
+}
+
+
 def test_every_check_in_the_module_is_covered():
     defined = {name for name in dir(checks) if name.startswith("test_") and callable(getattr(checks, name))}
     assert defined == set(CHECKS)
+    hidden = {name for name in dir(checks) if name.startswith("hidden_test_")}
+    assert hidden == set(HIDDEN_CHECKS)
+
+
+@pytest.mark.parametrize("check_name", list(HIDDEN_CHECKS))
+def test_hidden_check_passes_the_reference(check_name, reference, capsys):
+    getattr(checks, check_name)(reference[HIDDEN_CHECKS[check_name]])
+    assert "all checks passed" in capsys.readouterr().out
+
+
+def test_hidden_batch_size_check_rejects_a_fixed_batch(reference):
+    def extract(model, tokenizer, conversations, layer, batch_size=8):  # ignores padding: only right when unpadded
+        single = reference["extract_response_activations"]
+        if batch_size == 1:
+            return single(model, tokenizer, conversations, layer)
+        bad = single(model, tokenizer, conversations, layer)
+        return bad + 1.0
+
+    with pytest.raises(CheckFailure, match="batch_size=2"):
+        checks.hidden_test_extract_batch_sizes(extract)
 
 
 @pytest.mark.parametrize("check_name", list(CHECKS))

@@ -140,29 +140,40 @@ class LocalChatClient:
                         req.future.set_exception(exc)
 
     def _generate(self, batch: list[_Request]) -> list[str]:
-        import torch
-
-        tok, model = self.tokenizer, self.model
-        prompts = [render(r.messages, tok, add_generation_prompt=True) for r in batch]
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        width = max(len(ids) for ids in encoded)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        # Generation always pads on the left, so every prompt ends where its new tokens begin.
-        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
-        device = next(model.parameters()).device
         first = batch[0]
-        kwargs = dict(max_new_tokens=first.max_tokens, pad_token_id=pad_id)
-        if first.temperature > 0:
-            kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        torch.manual_seed(self.seed + self.batches_run)
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+        texts = generate_batch(self.model, self.tokenizer, [r.messages for r in batch], first.max_tokens,
+                               first.temperature, first.top_p, seed=self.seed + self.batches_run)
         self.batches_run += 1
-        new_tokens = out[:, width:].cpu()
-        return [tok.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+        return texts
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, temperature: float = 0.7,
+                   top_p: float = 0.9, seed: int = 0) -> list[str]:
+    """Generate one reply per conversation in a single left-padded ``generate`` call.
+
+    The system prompt is handled by :func:`utils.conversation.render` (merged into the first user turn
+    for Gemma). Deterministic for a given batch, seed and thread count. Replies are stripped; an empty
+    reply is returned as ``""`` for the caller to treat as a failure.
+    """
+    import torch
+
+    prompts = [render(messages, tokenizer, add_generation_prompt=True) for messages in conversations]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Generation always pads on the left, so every prompt ends where its new tokens begin.
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+    device = next(model.parameters()).device
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:].cpu()]
 
 
 _AI_IDENTITY = re.compile(

@@ -158,13 +158,19 @@ def smollm2_path(progress: bool = True) -> Path:
     return path
 
 
+def _attention_for(config_path: Path) -> str:
+    """Gemma 2 needs eager attention (its attention-logit softcapping); other models use PyTorch's SDPA."""
+    model_type = json.loads(config_path.read_text()).get("model_type", "")
+    return "eager" if model_type.startswith("gemma") else "sdpa"
+
+
 def _load_local_folder(path: Path, dtype=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32,
-                                                 attn_implementation="eager")
+                                                 attn_implementation=_attention_for(path / "config.json"))
     return model, tokenizer
 
 

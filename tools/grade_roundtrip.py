@@ -1,0 +1,223 @@
+"""Hand out, collect, autograde and give feedback on Part 1 with nbgrader, offline, on a CPU.
+
+    python -m tools.grade_roundtrip [--course-root DIR] [--submission STUDENT=NOTEBOOK ...]
+                                    [--submissions-dir DIR] [--steps generate,collect,autograde,feedback,export]
+
+The steps, each one nbgrader command run in the course root (default ``nbgrader/course/``, ignored by git):
+
+1. ``generate``: write ``<root>/nbgrader_config.py`` (it loads the repository's ``nbgrader_config.py``)
+   and ``<root>/source/part1_persona_space/``, made from ``src/part1_persona_space.py`` by the notebook
+   builder, then ``nbgrader generate_assignment``: the student release in ``<root>/release/``.
+2. ``collect``: copy each student's notebook to ``<root>/submitted/<student>/part1_persona_space/``. Give
+   ``--submission alice=path/to/alice.ipynb`` (repeatable) or ``--submissions-dir DIR`` holding
+   ``<student>.ipynb`` or ``<student>/part1_persona_space.ipynb`` files (e.g. downloaded from your LMS).
+   With neither, two demo submissions are used: ``demo-solution`` (the solution notebook) and
+   ``demo-blank`` (the untouched release).
+3. ``autograde``: ``nbgrader autograde`` (restores edited or deleted check cells, runs every notebook on
+   tiny-gemma2 with the small sizes, see ``nbgrader_config.py``).
+4. ``feedback``: ``nbgrader generate_feedback``: HTML per student in ``<root>/feedback/``, hidden tests removed.
+5. ``export``: ``nbgrader export`` to ``<root>/grades.csv``.
+
+Nothing is written outside the course root. Each notebook takes about 20 s to grade on one CPU core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Mapping
+
+ROOT = Path(__file__).resolve().parent.parent
+PART = "part1_persona_space"
+ASSIGNMENT = PART
+NOTEBOOK = f"{PART}.ipynb"
+DEFAULT_COURSE_ROOT = ROOT / "nbgrader" / "course"
+STEPS = ("generate", "collect", "autograde", "feedback", "export")
+STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
+CONFIG_HEADER = "# Written by tools/grade_roundtrip.py."
+COURSE_CONFIG = f'''{CONFIG_HEADER} Settings belong in the repository's nbgrader_config.py, which this
+# loads; this file only makes the folder it sits in the course root, so that nbgrader commands (and the
+# formgrader) run from here use it.
+import os
+
+load_subconfig({str(ROOT / "nbgrader_config.py")!r})  # noqa: F821
+_here = os.path.dirname(os.path.abspath(__file__))
+c = get_config()  # noqa: F821
+c.CourseDirectory.root = _here
+c.Exchange.root = os.path.join(_here, "exchange")
+'''
+
+
+class RoundTripError(RuntimeError):
+    pass
+
+
+def nbgrader(course_root: Path, *args: str, echo: bool = True) -> str:
+    """Run one nbgrader command in the course root; return its log, raise with it on failure."""
+    cmd = [sys.executable, "-m", "nbgrader", *args]
+    # nbgrader runs `alembic` (its database migrations) by name: put this environment's scripts first on
+    # PATH, as an activated virtual environment would.
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    proc = subprocess.run(cmd, cwd=course_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if echo and proc.stdout.strip():
+        print(proc.stdout.rstrip(), flush=True)
+    if proc.returncode != 0:
+        raise RoundTripError(f"`nbgrader {' '.join(args)}` failed (exit {proc.returncode}) in {course_root}:\n"
+                             f"{proc.stdout}")
+    return proc.stdout
+
+
+def release_path(course_root: Path) -> Path:
+    return Path(course_root) / "release" / ASSIGNMENT / NOTEBOOK
+
+
+def setup_course(course_root: Path) -> None:
+    """The course root's config and the assignment source, generated from ``src/`` like the notebooks."""
+    from tools import build_notebooks
+
+    course_root.mkdir(parents=True, exist_ok=True)
+    config = course_root / "nbgrader_config.py"
+    if config.exists() and not config.read_text().startswith(CONFIG_HEADER):
+        raise RoundTripError(f"{config} exists and was not written by this tool; move it away first.")
+    config.write_text(COURSE_CONFIG)
+    source = course_root / "source" / ASSIGNMENT
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    # Only the notebook: nbgrader copies every other file of source/<assignment>/ into the release.
+    (source / NOTEBOOK).write_text(build_notebooks.dumps(build_notebooks.nbgrader_source(PART)))
+
+
+def generate(course_root: Path, echo: bool = True) -> Path:
+    setup_course(course_root)
+    nbgrader(course_root, "generate_assignment", ASSIGNMENT, "--force", echo=echo)
+    return release_path(course_root)
+
+
+def find_submissions(folder: Path) -> dict[str, Path]:
+    """``<student>.ipynb`` or ``<student>/part1_persona_space.ipynb`` files in ``folder``."""
+    found = {p.stem: p for p in sorted(folder.glob("*.ipynb"))}
+    found.update({p.parent.name: p for p in sorted(folder.glob(f"*/{NOTEBOOK}"))})
+    if not found:
+        raise RoundTripError(f"No submissions in {folder} (expected <student>.ipynb or <student>/{NOTEBOOK}).")
+    return found
+
+
+def demo_submissions(course_root: Path) -> dict[str, Path]:
+    return {"demo-solution": ROOT / "solutions" / NOTEBOOK, "demo-blank": release_path(course_root)}
+
+
+def collect(course_root: Path, submissions: Mapping[str, Path]) -> list[Path]:
+    """Copy each student's notebook where ``nbgrader autograde`` looks for it."""
+    copied = []
+    for student, notebook in submissions.items():
+        if not STUDENT_ID.match(student):
+            raise RoundTripError(f"Bad student id {student!r}: use letters, digits and _ . @ + - only.")
+        notebook = Path(notebook)
+        if not notebook.is_file():
+            raise RoundTripError(f"{student}: no notebook at {notebook}")
+        dest = Path(course_root) / "submitted" / student / ASSIGNMENT
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        shutil.copyfile(notebook, dest / NOTEBOOK)
+        copied.append(dest / NOTEBOOK)
+    return copied
+
+
+def autograde(course_root: Path, echo: bool = True) -> None:
+    nbgrader(course_root, "autograde", ASSIGNMENT, "--force", echo=echo)
+
+
+def feedback(course_root: Path, echo: bool = True) -> None:
+    nbgrader(course_root, "generate_feedback", ASSIGNMENT, "--force", echo=echo)
+
+
+def export(course_root: Path, echo: bool = True) -> Path:
+    out = Path(course_root) / "grades.csv"
+    nbgrader(course_root, "export", "--to", str(out), echo=echo)
+    return out
+
+
+def read_grades(csv_path: Path) -> dict[str, dict[str, str]]:
+    with open(csv_path, newline="") as f:
+        return {row["student_id"]: row for row in csv.DictReader(f) if row["assignment"] == ASSIGNMENT}
+
+
+def roundtrip(course_root: Path, submissions: Mapping[str, Path] | None = None,
+              steps: Iterable[str] = STEPS, echo: bool = True) -> dict[str, float]:
+    """Run ``steps`` in order on ``course_root``; return the seconds each took."""
+    course_root = Path(course_root).resolve()
+    steps = list(steps)
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise RoundTripError(f"Unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}.")
+    seconds: dict[str, float] = {}
+    for step in STEPS:
+        if step not in steps:
+            continue
+        t0 = time.perf_counter()
+        if echo:
+            print(f"== {step}", flush=True)
+        if step == "generate":
+            generate(course_root, echo)
+        elif step == "collect":
+            for path in collect(course_root, submissions or demo_submissions(course_root)):
+                if echo:
+                    print(f"   {path.relative_to(course_root)}")
+        elif step == "autograde":
+            autograde(course_root, echo)
+        elif step == "feedback":
+            feedback(course_root, echo)
+        elif step == "export":
+            export(course_root, echo)
+        seconds[step] = time.perf_counter() - t0
+    return seconds
+
+
+def _submission(text: str) -> tuple[str, Path]:
+    student, sep, path = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected STUDENT=NOTEBOOK, got {text!r}")
+    return student, Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--course-root", type=Path, default=DEFAULT_COURSE_ROOT,
+                        help="the nbgrader course root (default: %(default)s)")
+    parser.add_argument("--submission", type=_submission, action="append", default=[], metavar="STUDENT=NOTEBOOK")
+    parser.add_argument("--submissions-dir", type=Path)
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of: " + ",".join(STEPS))
+    args = parser.parse_args(argv)
+    submissions = dict(args.submission)
+    if args.submissions_dir:
+        submissions.update(find_submissions(args.submissions_dir))
+    try:
+        seconds = roundtrip(args.course_root, submissions or None, [s.strip() for s in args.steps.split(",") if s],
+                            echo=True)
+    except RoundTripError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    course_root = args.course_root.resolve()
+    print("\n== seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+          + f"; total {sum(seconds.values()):.1f}")
+    grades = course_root / "grades.csv"
+    if "export" in seconds:
+        print(f"== {grades}")
+        for student, row in sorted(read_grades(grades).items()):
+            print(f"   {student:24s} {float(row['score']):5.1f} / {float(row['max_score']):.1f}")
+    if "feedback" in seconds:
+        print(f"== feedback: {course_root / 'feedback'}/<student>/{ASSIGNMENT}/{PART}.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""The whole experiment at any scale, resumable: ``python -m utils.pipeline --model ... --roles all ...``.
+
+Stages, as in the paper's pipeline:
+
+1. **generate**: every (persona, system prompt, question) answered, by the API or the local model;
+2. **judge**: every role response scored 0-3 with the role's own judge prompt from the paper;
+3. **extract**: the mean activation over each response's content tokens, at the chosen layer(s);
+4. **vectors**: per role, the mean over score-3 responses (at least ``--min-count`` of them); the
+   default vector over all default responses;
+5. **axis**: mean(default) - mean(roles).
+
+Everything is cached under ``--cache-dir`` (default ``.cache/pipeline/<model>/``), keyed by model,
+persona, prompt index and question index. Stop a run at any point (Ctrl-C, a crash, a killed
+machine) and run the same command again: finished work is read back, only the rest is done, and the
+results are identical to an uninterrupted run. Local generation and extraction work in fixed chunks
+with fixed seeds, so a chunk redone after a crash gives the same text and numbers.
+
+API calls run concurrently, retry 429s, 5xx, timeouts and malformed replies with exponential
+backoff, and a call that still fails is recorded with its error. Nothing is dropped silently: the
+summary counts every failure, and a failed item is retried on the next run.
+
+Outputs (``--out``, default ``out/pipeline/<model>/``): ``role_vectors.safetensors`` (one tensor per
+role, ``[n_layers, d_model]`` float32), ``default_vector.safetensors``, ``axis.safetensors`` and
+``summary.json``. Load them with ``safetensors.torch.load_file``; no pickle is involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from utils.conversation import chat_messages
+from utils.data import load_default_prompts, load_questions, load_roles
+from utils.models import PROJECT_ROOT, default_layer, short_model_name
+
+DEFAULT = "default"
+
+
+@dataclass(frozen=True, order=True)
+class Item:
+    """One response to produce: persona (a role name or "default"), prompt index, question index."""
+
+    persona: str
+    prompt: int
+    question: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.persona}|{self.prompt}|{self.question}"
+
+    @staticmethod
+    def from_key(key: str) -> Item:
+        persona, prompt, question = key.rsplit("|", 2)
+        return Item(persona, int(prompt), int(question))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The cache: append-only JSON lines, one record per item, written under a lock and flushed at once.
+# ---------------------------------------------------------------------------------------------------
+
+class JsonlStore:
+    """``key -> record`` persisted as JSON lines. The last record for a key wins; a torn last line
+    (a crash mid-write) is ignored."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.records[record["key"]] = record
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def put(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False)
+        with self._lock:
+            with self.path.open("a") as fh:
+                fh.write(line + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.records[record["key"]] = record
+
+    def ok(self, key: str) -> bool:
+        return "error" not in self.records.get(key, {"error": "missing"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retrying API calls
+# ---------------------------------------------------------------------------------------------------
+
+class PermanentFailure(RuntimeError):
+    pass
+
+
+def _retryable(exc: Exception) -> bool:
+    """429, 5xx, timeouts, dropped connections and malformed bodies are worth another try."""
+    try:
+        import openai
+    except ImportError:  # pragma: no cover
+        openai = None
+    if openai is not None:
+        if isinstance(exc, (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError,
+                            openai.InternalServerError, openai.APIResponseValidationError)):
+            return True
+        if isinstance(exc, openai.APIStatusError):
+            return exc.status_code == 429 or exc.status_code >= 500
+    return isinstance(exc, (TimeoutError, ConnectionError, json.JSONDecodeError, MalformedReply))
+
+
+class MalformedReply(ValueError):
+    """The server answered, but not with a usable chat completion."""
+
+
+RETRY_ATTEMPTS = 5
+RETRY_BASE_DELAY = 0.5  # seconds; doubled after each failure, with jitter, capped at RETRY_MAX_DELAY
+RETRY_MAX_DELAY = 8.0
+
+
+def call_with_retries(fn: Callable[[], str], attempts: int | None = None, base_delay: float | None = None,
+                      max_delay: float | None = None) -> tuple[str, int]:
+    """Run ``fn`` until it succeeds or fails for good. Returns (result, attempts used)."""
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    base_delay = RETRY_BASE_DELAY if base_delay is None else base_delay
+    max_delay = RETRY_MAX_DELAY if max_delay is None else max_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(), attempt
+        except Exception as exc:
+            if not _retryable(exc) or attempt == attempts:
+                raise PermanentFailure(f"{type(exc).__name__}: {str(exc)[:300]} (after {attempt} attempt(s))") from exc
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _completion_text(completion) -> str:
+    try:
+        text = completion.choices[0].message.content
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise MalformedReply(f"no choices[0].message.content in the reply ({exc})") from exc
+    if not isinstance(text, str):
+        raise MalformedReply(f"reply content is {type(text).__name__}, not text")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    model: str
+    roles: list[str]
+    n_questions: int
+    n_prompts: int
+    layers: list[int]
+    backend: str = "local"  # or "api"
+    judge: str = "offline"  # or "api"
+    generation_model: str | None = None
+    judge_model: str = "openai/gpt-4.1-mini"
+    max_tokens: int = 64
+    temperature: float = 0.7
+    top_p: float = 0.9
+    min_score: int = 3
+    min_count: int = 50
+    workers: int = 16
+    chunk_size: int = 32
+    limit: int | None = None
+    cache_dir: Path = field(default_factory=lambda: PROJECT_ROOT / ".cache" / "pipeline")
+    out_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "out" / "pipeline")
+    seed: int = 0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _chunk_seed(seed: int, keys: list[str]) -> int:
+    return seed + int(hashlib.sha256("\n".join(keys).encode()).hexdigest()[:8], 16)
+
+
+class Pipeline:
+    """Holds a run's configuration, caches and (lazily) the model and clients."""
+
+    def __init__(self, cfg: Config, model=None, tokenizer=None, generation_client=None, judge_client=None,
+                 progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self._model, self._tokenizer = model, tokenizer
+        self._generation_client, self._judge_client = generation_client, judge_client
+        self.cache = cfg.cache_dir / _slug(cfg.model)
+        self.out = cfg.out_dir / _slug(cfg.model)
+        self.responses = JsonlStore(self.cache / "responses.jsonl")
+        self.judgements = JsonlStore(self.cache / "judgements.jsonl")
+        self.roles = load_roles()
+        unknown = [r for r in cfg.roles if r not in self.roles]
+        if unknown:
+            raise SystemExit(f"Unknown role(s): {unknown}. See data/roles/role_list.json for the 275 names.")
+        self.questions = load_questions()[: cfg.n_questions]
+        self.defaults = list(load_default_prompts(short_model_name(cfg.model)).values())
+        self.seconds: dict[str, float] = {}
+
+    # -- lazily loaded resources -------------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            from utils.models import load_model
+
+            self._model, self._tokenizer = load_model(self.cfg.model)
+        return self._model
+
+    @property
+    def tokenizer(self):
+        _ = self.model
+        return self._tokenizer
+
+    def system_prompt(self, item: Item) -> str:
+        prompts = self.defaults if item.persona == DEFAULT else self.roles[item.persona].system_prompts
+        return prompts[item.prompt]
+
+    def items(self) -> list[Item]:
+        cfg = self.cfg
+        items = [Item(DEFAULT, p, q) for p in range(min(cfg.n_prompts, len(self.defaults)))
+                 for q in range(len(self.questions))]
+        items += [Item(r, p, q) for r in cfg.roles for p in range(cfg.n_prompts) for q in range(len(self.questions))]
+        items.sort()
+        return items[: cfg.limit] if cfg.limit else items
+
+    def conversation(self, item: Item, response: str | None = None) -> list[dict]:
+        return chat_messages(self.system_prompt(item), self.questions[item.question], response)
+
+    # -- stage 1: generate -------------------------------------------------------------------------
+    def generate(self) -> None:
+        todo = [it for it in self.items() if not self.responses.ok(it.key)]
+        if not todo:
+            return
+        if self.cfg.backend == "local":
+            self._generate_local(todo)
+        else:
+            self._generate_api(todo)
+
+    def _generate_local(self, todo: list[Item]) -> None:
+        from utils.backends import generate_batch
+
+        # Fixed chunks of the full sorted item list, so a chunk redone after a crash is the same batch.
+        all_items = self.items()
+        chunks = [all_items[i:i + self.cfg.chunk_size] for i in range(0, len(all_items), self.cfg.chunk_size)]
+        pending = set(todo)
+        bar = tqdm(total=len(todo), desc="1/5 generate (local)", disable=not self.progress)
+        for chunk in chunks:
+            if not pending.intersection(chunk):
+                continue
+            keys = [it.key for it in chunk]
+            texts = generate_batch(self.model, self.tokenizer, [self.conversation(it) for it in chunk],
+                                   self.cfg.max_tokens, self.cfg.temperature, self.cfg.top_p,
+                                   seed=_chunk_seed(self.cfg.seed, keys))
+            for item, text in zip(chunk, texts):
+                if item not in pending:
+                    continue
+                record = {"key": item.key, "response": text} if text else {
+                    "key": item.key, "error": "EmptyResponse: the model produced no text"}
+                self.responses.put(record)
+                bar.update(1)
+        bar.close()
+
+    def _generate_api(self, todo: list[Item]) -> None:
+        client = self._generation_client or _api_client()
+        model_name = self.cfg.generation_model or self.cfg.model
+        gemma = "gemma" in model_name.lower()
+
+        def one(item: Item) -> None:
+            system, question = self.system_prompt(item), self.questions[item.question]
+            messages = [{"role": "user", "content": question}]
+            if system.strip():
+                if gemma:
+                    messages = [{"role": "user", "content": f"{system}\n\n{question}"}]
+                else:
+                    messages.insert(0, {"role": "system", "content": system})
+
+            def call() -> str:
+                text = _completion_text(client.chat.completions.create(
+                    model=model_name, messages=messages, max_tokens=self.cfg.max_tokens,
+                    temperature=self.cfg.temperature, top_p=self.cfg.top_p))
+                if not text.strip():
+                    raise MalformedReply("empty response")
+                return text.strip()
+
+            try:
+                text, attempts = call_with_retries(call)
+                self.responses.put({"key": item.key, "response": text, "attempts": attempts})
+            except PermanentFailure as exc:
+                self.responses.put({"key": item.key, "error": str(exc)})
+
+        _run_threads(one, todo, self.cfg.workers, "1/5 generate (api)", self.progress)
+
+    # -- stage 2: judge ----------------------------------------------------------------------------
+    def judge(self) -> None:
+        todo = [it for it in self.items() if it.persona != DEFAULT and self.responses.ok(it.key)
+                and not self.judgements.ok(it.key)]
+        if not todo:
+            return
+        if self._judge_client is not None:
+            client = self._judge_client
+        elif self.cfg.judge == "api":
+            client = _api_client()
+        else:
+            from utils.backends import OfflineRuleJudge
+
+            client = OfflineRuleJudge()
+
+        def one(item: Item) -> None:
+            prompt = self.roles[item.persona].judge_prompt.format(
+                question=self.questions[item.question], answer=self.responses.records[item.key]["response"])
+
+            def call() -> int:
+                reply = _completion_text(client.chat.completions.create(
+                    model=self.cfg.judge_model, messages=[{"role": "user", "content": prompt}], max_tokens=8,
+                    temperature=0.0)).strip()
+                tagged = re.findall(r"<score>\s*(\d+)\s*</score>", reply)
+                found = tagged if tagged else ([reply] if re.fullmatch(r"\d+", reply) else [])
+                if len(found) != 1 or not 0 <= int(found[0]) <= 3:
+                    raise MalformedReply(f"judge reply {reply[:80]!r} holds no single 0-3 score")
+                return int(found[0])
+
+            try:
+                score, attempts = call_with_retries(call)
+                self.judgements.put({"key": item.key, "score": score, "attempts": attempts})
+            except PermanentFailure as exc:
+                self.judgements.put({"key": item.key, "error": str(exc)})
+
+        _run_threads(one, todo, self.cfg.workers, "2/5 judge", self.progress)
+
+    # -- stage 3: extract --------------------------------------------------------------------------
+    def _activation_chunks(self) -> list[list[Item]]:
+        usable = [it for it in self.items() if self.responses.ok(it.key)]
+        return [usable[i:i + 256] for i in range(0, len(usable), 256)]
+
+    def _chunk_path(self, chunk: list[Item]) -> Path:
+        digest = hashlib.sha256("\n".join(
+            f"{it.key}\t{self.responses.records[it.key]['response']}" for it in chunk).encode()).hexdigest()[:16]
+        layers = "-".join(map(str, self.cfg.layers))
+        return self.cache / "activations" / f"L{layers}_{digest}.safetensors"
+
+    def extract(self) -> None:
+        from safetensors.torch import save_file
+
+        from utils.activations import extract_mean_activations
+
+        chunks = [c for c in self._activation_chunks() if not self._chunk_path(c).exists()]
+        bar = tqdm(total=sum(map(len, chunks)), desc="3/5 extract", disable=not self.progress)
+        for chunk in chunks:
+            convs = [self.conversation(it, self.responses.records[it.key]["response"]) for it in chunk]
+            acts = extract_mean_activations(self.model, self.tokenizer, convs, self.cfg.layers, progress=False)
+            path = self._chunk_path(chunk)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({it.key: acts[i].contiguous() for i, it in enumerate(chunk)}, str(tmp))
+            tmp.rename(path)  # atomic: a chunk file is either complete or absent
+            bar.update(len(chunk))
+        bar.close()
+
+    def activations(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        out: dict[str, torch.Tensor] = {}
+        for chunk in self._activation_chunks():
+            out.update(load_file(str(self._chunk_path(chunk))))
+        return out
+
+    # -- stages 4 and 5: vectors and axis ----------------------------------------------------------
+    def vectors_and_axis(self) -> dict:
+        from safetensors.torch import save_file
+
+        acts = self.activations()
+        default_keys = [k for k in acts if Item.from_key(k).persona == DEFAULT]
+        if not default_keys:
+            raise RuntimeError("No default responses survived generation; the axis needs them. See the failures.")
+        default_vector = torch.stack([acts[k] for k in default_keys]).mean(0)
+        role_vectors, too_few = {}, {}
+        for role in self.cfg.roles:
+            keys = [k for k in acts if Item.from_key(k).persona == role and self.judgements.ok(k)
+                    and self.judgements.records[k]["score"] >= self.cfg.min_score]
+            if len(keys) >= self.cfg.min_count:
+                role_vectors[role] = torch.stack([acts[k] for k in keys]).mean(0)
+            else:
+                too_few[role] = len(keys)
+        self.out.mkdir(parents=True, exist_ok=True)
+        meta = {"model": self.cfg.model, "layers": json.dumps(self.cfg.layers),
+                "convention": "layer i = output of model.model.layers[i] = hidden_states[i + 1]"}
+        save_file({"vector": default_vector.contiguous()}, str(self.out / "default_vector.safetensors"), metadata=meta)
+        summary: dict = {"roles_with_vectors": len(role_vectors), "roles_below_min_count": too_few}
+        if role_vectors:
+            save_file({r: v.contiguous() for r, v in role_vectors.items()}, str(self.out / "role_vectors.safetensors"),
+                      metadata=meta)
+            axis = default_vector - torch.stack(list(role_vectors.values())).mean(0)
+            save_file({"axis": axis.contiguous(), "axis_unit": (axis / axis.norm(dim=-1, keepdim=True)).contiguous()},
+                      str(self.out / "axis.safetensors"), metadata=meta)
+        else:
+            summary["axis"] = (f"not computed: no role has {self.cfg.min_count} responses with score >= "
+                               f"{self.cfg.min_score} (lower --min-count for small runs)")
+        return summary
+
+    # -- the whole run -----------------------------------------------------------------------------
+    def run(self) -> dict:
+        for name, stage in (("generate", self.generate), ("judge", self.judge), ("extract", self.extract)):
+            t0 = time.perf_counter()
+            stage()
+            self.seconds[name] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        result = self.vectors_and_axis()
+        self.seconds["vectors_axis"] = round(time.perf_counter() - t0, 1)
+        items = self.items()
+        gen_fail = {it.key: self.responses.records[it.key]["error"] for it in items
+                    if it.key in self.responses.records and not self.responses.ok(it.key)}
+        judged = [it for it in items if it.persona != DEFAULT and self.responses.ok(it.key)]
+        judge_fail = {it.key: self.judgements.records[it.key]["error"] for it in judged
+                      if it.key in self.judgements.records and not self.judgements.ok(it.key)}
+        summary = {
+            "model": self.cfg.model, "layers": self.cfg.layers, "items": len(items),
+            "responses": sum(self.responses.ok(it.key) for it in items),
+            "generation_failures": len(gen_fail), "judged": sum(self.judgements.ok(it.key) for it in judged),
+            "judge_failures": len(judge_fail), "failures": {**gen_fail, **judge_fail},
+            "cache": str(self.cache), "out": str(self.out), "seconds": self.seconds, **result,
+        }
+        missing = [it.key for it in items if it.key not in self.responses.records]
+        if missing:  # cannot happen unless a stage was skipped; never silently
+            raise RuntimeError(f"{len(missing)} items have no record at all, e.g. {missing[:3]}")
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _run_threads(fn, items, workers: int, desc: str, progress: bool) -> None:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, it) for it in items]
+        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
+            future.result()  # errors are recorded inside fn; anything else is a bug and propagates
+
+
+def _api_client():
+    from utils.backends import make_api_client
+
+    # Retries happen here, with backoff, so the client itself does not retry.
+    return make_api_client(max_retries=0)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(description="Resumable Assistant Axis pipeline (generate, judge, extract, vectors, axis).")
+    p.add_argument("--model", required=True, help="course model name or hub id (activations are read from it)")
+    p.add_argument("--roles", default="all", help="'all', a number N (the first N roles), or a comma list")
+    p.add_argument("--questions", type=int, default=240)
+    p.add_argument("--prompts", type=int, default=5, help="system prompts per role (and defaults), at most 5")
+    p.add_argument("--layers", default=None, help="comma list of block indices (default: the paper's or half depth)")
+    p.add_argument("--backend", choices=["local", "api"], default="local")
+    p.add_argument("--judge", choices=["offline", "api"], default="offline")
+    p.add_argument("--generation-model", default=None, help="API model name (default: --model)")
+    p.add_argument("--judge-model", default="openai/gpt-4.1-mini")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--min-score", type=int, default=3)
+    p.add_argument("--min-count", type=int, default=50, help="score-3 responses a role needs for a vector (paper: 50)")
+    p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (for small runs)")
+    p.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache" / "pipeline")
+    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "out" / "pipeline")
+    a = p.parse_args(argv)
+    all_roles = sorted(load_roles())
+    if a.roles == "all":
+        roles = all_roles
+    elif a.roles.isdigit():
+        roles = all_roles[: int(a.roles)]
+    else:
+        roles = [r.strip() for r in a.roles.split(",") if r.strip()]
+    if a.layers:
+        layers = [int(x) for x in a.layers.split(",")]
+    else:
+        from transformers import AutoConfig
+
+        from utils.models import SMOLLM2, TINY, smollm2_path, tiny_gemma2_path
+
+        path = {TINY: tiny_gemma2_path, SMOLLM2: smollm2_path}.get(a.model)
+        n_layers = AutoConfig.from_pretrained(str(path()) if path else a.model).num_hidden_layers
+        layers = [default_layer(a.model, n_layers)]
+    return Config(model=a.model, roles=roles, n_questions=a.questions, n_prompts=min(a.prompts, 5), layers=layers,
+                  backend=a.backend, judge=a.judge, generation_model=a.generation_model, judge_model=a.judge_model,
+                  max_tokens=a.max_tokens, temperature=a.temperature, min_score=a.min_score, min_count=a.min_count,
+                  workers=a.workers, limit=a.limit, cache_dir=a.cache_dir, out_dir=a.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    pipeline = Pipeline(cfg)
+    n = len(pipeline.items())
+    print(f"{cfg.model}: {len(cfg.roles)} roles x {cfg.n_prompts} prompts x {cfg.n_questions} questions "
+          f"+ defaults = {n} items; layers {cfg.layers}; cache {pipeline.cache}", flush=True)
+    summary = pipeline.run()
+    printable = {k: v for k, v in summary.items() if k != "failures"}
+    print(json.dumps(printable, indent=2))
+    for key, error in list(summary["failures"].items())[:20]:
+        print(f"FAILED {key}: {error}")
+    if summary["failures"]:
+        print(f"{len(summary['failures'])} item(s) failed; run the same command again to retry them.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
