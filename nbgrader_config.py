@@ -15,14 +15,13 @@ import re
 import tempfile
 from pathlib import Path
 
-from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
-from nbgrader.preprocessors import ClearHiddenTests, GetGrades
+from nbgrader.converters import Autograde, GenerateFeedback
+from nbgrader.preprocessors import ClearHiddenTests, GetGrades, OverwriteCells
 from traitlets import List
 
 c = get_config()  # noqa: F821 (provided by traitlets when it loads this file)
 
 REPO = Path(__file__).resolve().parent  # traitlets sets __file__ to this file's path
-ASSIGNMENT = "part1_persona_space"
 
 # --- Course root --------------------------------------------------------------------------------------
 # An absolute root, so that running nbgrader from anywhere never leaves a stray gradebook.db behind.
@@ -40,7 +39,7 @@ c.Exchange.root = str(COURSE_ROOT / "exchange")
 # Autograding runs every submission in a fresh kernel. With no settings the notebook would pick Gemma 2
 # 27B (on a big GPU) or SmolLM2-135M and generate 15 questions x 21 personas x 64 tokens: minutes per
 # student, and an API if a key is set. For grading, the kernel instead uses the bundled 2 MB random
-# tiny-gemma2 and the test sizes: a submission then takes about 20 s on a laptop CPU, with no network.
+# tiny-gemma2 and the test sizes: a submission then takes 10-25 s on a laptop CPU, with no network.
 # The checks compute their expected numbers on tiny-gemma2 whatever model the notebook loaded (plus a
 # quick smoke test on that model), so this changes how long grading takes, not what is checked.
 #
@@ -89,6 +88,40 @@ c.Execute.timeout = 120
 # Locked cells (every check and explanation) are restored from the gradebook when a student edited them
 # (nbgrader always does this, by checksum); deleted check cells are put back too.
 c.OverwriteCells.add_missing_cells = True
+
+
+class RestoreDeletedCells(OverwriteCells):
+    """nbgrader's OverwriteCells, with deleted check cells put back in the right place, always.
+
+    nbgrader 0.9.6 puts a deleted check cell after the source cell just before it, and crashes
+    (KeyError, the student is not graded at all) when that cell is gone too, e.g. a student who deleted
+    an exercise together with its check. Here a deleted check goes after the nearest earlier cell that
+    is still there.
+    """
+
+    def add_missing_grade_cells(self, nb, resources):
+        source_nb = self.gradebook.find_notebook(self.notebook_id, self.assignment_id)
+        source_cells = {cell.name: cell for cell in source_nb.source_cells}
+        order = list(source_cells)  # the order generate_assignment stored them in: the notebook's
+        grade_cells = {cell.name: cell for cell in source_nb.grade_cells}
+        solution_ids = {cell.name for cell in source_nb.solution_cells}
+        for grade_id in [name for name in order if name in grade_cells]:
+            present = [cell.metadata.get("nbgrader", {}).get("grade_id") for cell in nb.cells]
+            if grade_id in present:
+                continue
+            self.log.warning("Missing grade cell %s encountered, adding to notebook", grade_id)
+            cell = self.missing_cell_transform(source_cells[grade_id], grade_cells[grade_id].max_score,
+                                               is_solution=grade_id in solution_ids)
+            ids = {c.get("id") for c in nb.cells}
+            cell_id = re.sub(r"[^A-Za-z0-9_-]", "-", grade_id)[:60]
+            cell["id"] = cell_id if cell_id not in ids else f"{cell_id[:50]}-restored"
+            earlier = [name for name in reversed(order[:order.index(grade_id)]) if name in present]
+            nb.cells.insert(present.index(earlier[0]) + 1 if earlier else 0, cell)
+        return nb, resources
+
+
+c.Autograde.sanitize_preprocessors = [RestoreDeletedCells if p is OverwriteCells else p
+                                      for p in Autograde.class_traits()["sanitize_preprocessors"].default()]
 
 
 # --- Feedback without hidden tests --------------------------------------------------------------------
@@ -140,4 +173,7 @@ class HideHiddenTestsInFeedback(ClearHiddenTests):
                          if not any(s in self._ansi.sub("", line) for s in secrets))
 
 
-c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTestsInFeedback, CSSHTMLHeaderPreprocessor]
+c.GenerateFeedback.preprocessors = [
+    p for default in GenerateFeedback.class_traits()["preprocessors"].default()
+    for p in ([default, HideHiddenTestsInFeedback] if default is GetGrades else [default])
+]

@@ -16,8 +16,11 @@ sentences, no generation):
 - ``fast``: :func:`utils.activations.extract_mean_activations` (hooks, early stop, length-sorted
   batches from a token budget).
 
-Memory is the peak RSS during extraction minus the RSS after the model is loaded (and warmed up on
-one short conversation). The last line printed is one JSON object with the headline numbers.
+Each variant is timed ``--repeats`` times in its subprocess and the best time counts (the machine
+may be shared: the table also shows how many cores *other* processes kept busy during each variant,
+from ``/proc/stat``; a value well above 0 means the timings are contended). Memory is the peak RSS
+during extraction minus the RSS after the model is loaded (and warmed up on one short conversation).
+The last line printed is one JSON object with the headline numbers.
 """
 
 from __future__ import annotations
@@ -149,6 +152,35 @@ class PeakRSS:
             self.peak = max(self.peak, hwm)
 
 
+class ForeignLoad:
+    """How many CPU cores other processes kept busy while active (Linux ``/proc/stat``; else None)."""
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                vals = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+    @staticmethod
+    def _own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    def __enter__(self) -> ForeignLoad:
+        self.cores: float | None = None
+        self._busy, self._own, self._wall = self._busy_seconds(), self._own_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy = self._busy_seconds()
+        wall = time.perf_counter() - self._wall
+        if busy is not None and self._busy is not None and wall > 0:
+            self.cores = max(0.0, (busy - self._busy - (self._own_seconds() - self._own)) / wall)
+
+
 # ----------------------------------------------------------------------------- variants
 
 
@@ -198,8 +230,9 @@ def fast(model, tokenizer, conversations, layer: int):
     return extract_mean_activations(model, tokenizer, conversations, layer, progress=False)
 
 
-def run_worker(variant: str, model_name: str, n: int, layer: int, out_path: str) -> None:
-    """Load the model, warm up, then time one variant and record its memory; write JSON + tensor."""
+def run_worker(variant: str, model_name: str, n: int, layer: int, repeats: int, out_path: str) -> None:
+    """Load the model, warm up, then time one variant ``repeats`` times and record its peak memory;
+    write JSON + the result tensor."""
     import torch
 
     from utils.models import load_model
@@ -216,13 +249,16 @@ def run_worker(variant: str, model_name: str, n: int, layer: int, out_path: str)
     shortest = min(conversations, key=lambda m: len(m[-1]["content"]))
     fn(model, tokenizer, [shortest], layer)  # warm-up: one short conversation
     rss_loaded = rss_bytes()
-    with PeakRSS() as mem:
-        t0 = time.perf_counter()
-        result = fn(model, tokenizer, conversations, layer)
-        seconds = time.perf_counter() - t0
+    times = []
+    with PeakRSS() as mem, ForeignLoad() as load:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            result = fn(model, tokenizer, conversations, layer)
+            times.append(time.perf_counter() - t0)
     torch.save(result.float().cpu(), out_path + ".pt")
     Path(out_path).write_text(json.dumps({
-        "variant": variant, "seconds": seconds, "tokens": n_tokens, "rss_loaded": rss_loaded,
+        "variant": variant, "seconds": min(times), "times": times, "foreign_cores": load.cores,
+        "tokens": n_tokens, "rss_loaded": rss_loaded,
         "rss_peak": mem.peak, "rss_added": max(0, mem.peak - rss_loaded),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
     }))
@@ -254,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n", type=int, default=64, help="number of conversations")
     parser.add_argument("--layer", type=int, default=20, help="block output to average (0-indexed)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the best counts")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        run_worker(args.worker, args.model, args.n, args.layer, args.out)
+        run_worker(args.worker, args.model, args.n, args.layer, args.repeats, args.out)
         return 0
 
     import torch
@@ -289,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in VARIANTS:
             out = str(Path(tmp) / variant)
             cmd = [sys.executable, "-m", "benchmarks.extraction", "--worker", variant, "--model", args.model,
-                   "--n", str(args.n), "--layer", str(args.layer), "--out", out]
+                   "--n", str(args.n), "--layer", str(args.layer), "--repeats", str(args.repeats), "--out", out]
             env = dict(os.environ, TQDM_DISABLE="1")
             proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -299,12 +336,15 @@ def main(argv: list[str] | None = None) -> int:
             results[variant]["tensor"] = torch.load(out + ".pt")
 
     mib = 2 ** 20
-    print(f"{'variant':<18}{'seconds':>9}{'tokens/s':>10}{'RSS loaded':>12}{'peak':>10}{'added':>10}")
+    print(f"{'variant':<18}{'best s':>8}{'tokens/s':>10}{'RSS loaded':>12}{'peak':>10}{'added':>10}"
+          f"{'other load':>12}  all runs (s)")
     for v in VARIANTS:
         r = results[v]
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
-        print(f"{LABELS[v]:<18}{r['seconds']:>9.2f}{r['tokens_per_s']:>10.0f}{r['rss_loaded'] / mib:>9.0f}MiB"
-              f"{r['rss_peak'] / mib:>7.0f}MiB{r['rss_added'] / mib:>7.0f}MiB")
+        other = "n/a" if r["foreign_cores"] is None else f"{r['foreign_cores']:.2f} cores"
+        print(f"{LABELS[v]:<18}{r['seconds']:>8.2f}{r['tokens_per_s']:>10.0f}{r['rss_loaded'] / mib:>9.0f}MiB"
+              f"{r['rss_peak'] / mib:>7.0f}MiB{r['rss_added'] / mib:>7.0f}MiB{other:>12}  "
+              + " ".join(f"{t:.2f}" for t in r["times"]))
 
     fast_r, single_r, batched_r = results["fast"], results["seed_single"], results["seed_batched"]
     max_abs_diff = (fast_r["tensor"] - single_r["tensor"]).abs().max().item()
@@ -328,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_abs_diff": max_abs_diff,
         "max_abs_diff_vs_seed_batched": max_abs_diff_batched,
         "max_abs_value": scale,
+        "repeats": args.repeats,
+        "other_load_cores": {v: results[v]["foreign_cores"] for v in VARIANTS},
         "flops_limit_ratio": round(full_flops / part_flops, 3),
     }
     print(f"speed-up: {summary['speedup_vs_seed_batched']:.2f}x vs seed batched, "

@@ -67,15 +67,35 @@ class CheckFailure(AssertionError):
     """A check found a mistake; the message says which, and how to fix it."""
 
 
-def _fail(message: str, section: str | None = None) -> None:
+def _fail(message: str, section: str | None = None, cause: BaseException | None = None) -> None:
     where = f"\n(See {section} in the notebook.)" if section else ""
-    raise CheckFailure(message + where)
+    raise CheckFailure(message + where) from cause
+
+
+def _call(what: str, section: str, hint: str, fn, *args, **kwargs):
+    """Call the learner's function; an unexpected exception becomes a CheckFailure that says what was being
+    checked (the original traceback stays attached, as the cause)."""
+    try:
+        with torch.random.fork_rng(devices=[]):  # seeded, so randomised answers (torch.pca_lowrank) are reproducible,
+            torch.manual_seed(0)                  # and the learner's own random state is left as it was
+            return fn(*args, **kwargs)
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"{what} raised {type(exc).__name__}: {_clip(str(exc))}{' ' + hint if hint else ''}", section, exc)
+
+
+def _clip(text: str, n: int = 240) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _short(x, n: int = 6) -> str:
     if isinstance(x, torch.Tensor):
-        flat = x.detach().flatten()[:n].tolist()
-        return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype}, first={[round(v, 4) for v in flat]})"
+        if x.device.type == "meta":
+            return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device=meta)"
+        flat = x.detach().cpu().flatten()[:n].float().tolist()
+        where = "" if x.device.type == "cpu" else f", device={x.device}"
+        return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype}{where}, first={[round(v, 4) for v in flat]})"
     text = repr(x)
     return text if len(text) < 160 else text[:157] + "..."
 
@@ -135,6 +155,18 @@ def tiny_chatml_tokenizer():
     return tok
 
 
+@lru_cache(maxsize=1)
+def tiny_untrimmed_tokenizer():
+    """tiny-gemma2's tokenizer with Gemma's template minus its ``| trim``: no system role, and whitespace at the
+    start of a turn is kept (so a stray blank line shows)."""
+    from utils.tiny_gemma2 import GEMMA2_CHAT_TEMPLATE
+
+    tok = copy.deepcopy(tiny_gemma2()[1])
+    tok.chat_template = GEMMA2_CHAT_TEMPLATE.replace("message['content'] | trim", "message['content']")
+    assert tok.chat_template != GEMMA2_CHAT_TEMPLATE, "Gemma's template changed: update tiny_untrimmed_tokenizer"
+    return tok
+
+
 def _with_padding_side(tokenizer, side: str):
     tok = copy.deepcopy(tokenizer)
     tok.padding_side = side
@@ -142,10 +174,10 @@ def _with_padding_side(tokenizer, side: str):
 
 
 def _tokenizers_to_check(learner_tokenizer) -> list[tuple[str, object]]:
-    out = [("tiny-gemma2 (Gemma 2 template)", tiny_gemma2()[1]), ("a ChatML template with a system role",
-                                                                  tiny_chatml_tokenizer())]
-    if learner_tokenizer is not None and learner_tokenizer.chat_template not in (tiny_gemma2()[1].chat_template,
-                                                                                 CHATML_TEMPLATE):
+    out = [("tiny-gemma2 (Gemma 2 template)", tiny_gemma2()[1]),
+           ("a Gemma-style template without a system role that keeps whitespace", tiny_untrimmed_tokenizer()),
+           ("a ChatML template with a system role", tiny_chatml_tokenizer())]
+    if learner_tokenizer is not None and learner_tokenizer.chat_template not in [t.chat_template for _, t in out]:
         out.append((f"your tokenizer ({type(learner_tokenizer).__name__})", learner_tokenizer))
     return out
 
@@ -215,19 +247,36 @@ class FakeChatClient:
 # --------------------------------------------------------------------------------------------------
 
 def test_judge_prompt_template(template: str) -> None:
+    import string
+
     section = "Section 1, Exercise 1"
     if not isinstance(template, str):
         _fail(f"JUDGE_PROMPT_TEMPLATE should be a str, got {type(template).__name__}.", section)
-    missing = [p for p in ("{character}", "{question}", "{response}") if p not in template]
-    if missing:
-        _fail(f"JUDGE_PROMPT_TEMPLATE is missing the placeholder(s) {missing}; the judge would never see them.",
-              section)
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        fields = None
+        parse_error = exc
+    if fields is not None:
+        missing = [f"{{{p}}}" for p in ("character", "question", "response") if p not in fields]
+        if missing:
+            hint = ""
+            if "answer" in fields and "{response}" in missing:
+                hint = (" You wrote {answer}: that is the slot name of the paper's per-role prompts (eval_prompt); "
+                        "this template's slot is {response}.")
+            elif any(f"{{{{{p[1:-1]}}}}}" in template for p in missing):
+                hint = (" A placeholder written with doubled braces, like {{response}}, is literal text, not a slot: "
+                        "use single braces.")
+            _fail(f"JUDGE_PROMPT_TEMPLATE is missing the placeholder(s) {missing}; the judge would never see them.{hint}",
+                  section)
     try:
         prompt = template.format(character="bard", question="Q-TEXT", response="R-TEXT")
     except (KeyError, IndexError, ValueError) as exc:
         _fail(f"JUDGE_PROMPT_TEMPLATE.format(character=..., question=..., response=...) failed with "
               f"{type(exc).__name__}: {exc}. Use only those three placeholders, and write literal braces as "
-              "{{ and }}.", section)
+              "{{ and }}.", section, exc)
+    if fields is None:  # pragma: no cover - format() above fails first on a malformed template
+        _fail(f"JUDGE_PROMPT_TEMPLATE is not a valid format string: {parse_error}.", section)
     if "**bard**" not in prompt:
         _fail("Put the character's name in bold, **{character}**, as the paper's judge prompts do "
               "(the offline judge reads the role from there).", section)
@@ -266,14 +315,24 @@ def test_judge_role_response(fn) -> None:
             got = fn("What is law?", "Hear ye!", "bard", client, "judge-model")
         except NotImplementedError:
             raise
-        except ValueError:
+        except CheckFailure:
+            raise
+        except ValueError as exc:
             if expected is not None:
-                _fail(f"For the judge reply {reply!r} you raised, but the score is {expected}: {meaning}.", section)
+                if reply.strip() != f"<score>{expected}</score>" and f"<score>{expected}</score>" in reply:
+                    meaning = ("text around the tag is allowed: search for <score>N</score> anywhere in the reply, "
+                               "do not require the whole reply to be the tag")
+                _fail(f"For the judge reply {reply!r} you raised {type(exc).__name__}, but the score is {expected}: "
+                      f"{meaning}.", section, exc)
             continue
         except Exception as exc:
-            _fail(f"For the judge reply {reply!r} you raised {type(exc).__name__}: {exc}. Raise JudgeParseError "
-                  "(a ValueError) for a reply you cannot parse, and return the score otherwise.", section)
+            _fail(f"For the judge reply {reply!r} you raised {type(exc).__name__}: {_clip(str(exc))}. Raise "
+                  "JudgeParseError (a ValueError) for a reply you cannot parse, and return the score otherwise.",
+                  section, exc)
         if expected is None:
+            if got == 0 and "0" not in reply:
+                meaning = (f"{meaning}. You returned 0 for a reply with no valid score: a reply you cannot parse must "
+                           "raise JudgeParseError, not default to 0")
             _fail(f"For the judge reply {reply!r} you returned {got!r}; expected an error: {meaning}.", section)
         if not isinstance(got, int) or isinstance(got, bool) or got != expected:
             _fail(f"For the judge reply {reply!r} you returned {got!r} ({type(got).__name__}); expected the int "
@@ -290,7 +349,9 @@ def test_judge_role_response(fn) -> None:
                       f"of JUDGE_PROMPT_TEMPLATE. Prompt sent: {_short(prompt)}", section)
     paper_prompt = "Role: **ghost**.\n[QUESTION START]\n{question}\n[QUESTION END]\n[ANSWER START]\n{answer}\n[ANSWER END]\nJust the number."
     client = FakeJudgeClient("2")
-    got = fn("Who are you?", "Boo.", "ghost", client, "judge-model", eval_prompt=paper_prompt)
+    got = _call("With eval_prompt given (one of the paper's per-role prompts), judge_role_response", section,
+                "Fill it with eval_prompt.format(question=..., answer=...): the paper's slots are {question} and "
+                "{answer}.", fn, "Who are you?", "Boo.", "ghost", client, "judge-model", eval_prompt=paper_prompt)
     sent = client.calls[0]["messages"][-1]["content"] if client.calls else None
     if sent != paper_prompt.format(question="Who are you?", answer="Boo."):
         _fail("With eval_prompt given, send eval_prompt.format(question=..., answer=...) (the paper's slots are "
@@ -306,9 +367,11 @@ def test_judge_role_response(fn) -> None:
 
 def test_generate_response_api(fn) -> None:
     section = "Section 2, Exercise 2a"
+    what = "generate_response_api"
     # A model with a system role.
     client = FakeChatClient(reply="  Hear me sing.  \n")
-    got = fn(client, "some/model", "You are a bard.", "What is law?", max_tokens=33, temperature=0.5)
+    got = _call(what, section, "", fn, client, "some/model", "You are a bard.", "What is law?", max_tokens=33,
+                temperature=0.5)
     msgs = client.calls[0]["messages"] if client.calls else None
     expected = [{"role": "system", "content": "You are a bard."}, {"role": "user", "content": "What is law?"}]
     if msgs != expected:
@@ -321,36 +384,49 @@ def test_generate_response_api(fn) -> None:
     if got != "Hear me sing.":
         _fail(f"Return the reply text stripped of surrounding whitespace: expected 'Hear me sing.', got {got!r}.",
               section)
-    # Gemma: no system role.
-    client = FakeChatClient(reply="ok")
-    fn(client, "google/gemma-2-27b-it", "You are a bard.", "What is law?")
-    msgs = client.calls[0]["messages"]
-    expected = [{"role": "user", "content": "You are a bard.\n\nWhat is law?"}]
-    if msgs != expected:
-        _fail(f"Gemma 2 has no system role: send {expected}; you sent {msgs}.", section)
+    # Gemma: no system role, whatever the capitalisation of the model's name.
+    for model_name in ("google/gemma-2-27b-it", "Google/Gemma-2-9B-IT"):
+        client = FakeChatClient(reply="ok")
+        _call(what, section, "", fn, client, model_name, "You are a bard.", "What is law?")
+        msgs = client.calls[0]["messages"]
+        expected = [{"role": "user", "content": "You are a bard.\n\nWhat is law?"}]
+        if msgs != expected:
+            hint = ""
+            if model_name != model_name.lower():
+                hint = (" The right messages went to 'google/gemma-2-27b-it' but not to this name: detect Gemma "
+                        "case-insensitively (\"gemma\" in model_name.lower()).")
+            _fail(f"Gemma 2 has no system role: for model {model_name!r} send {expected}; you sent {msgs}.{hint}",
+                  section)
     # Empty system prompt: nothing added, for either kind of model.
     for model_name in ("google/gemma-2-27b-it", "some/model"):
         client = FakeChatClient(reply="ok")
-        fn(client, model_name, "", "What is law?")
+        _call(what, section, "", fn, client, model_name, "", "What is law?")
         msgs = client.calls[0]["messages"]
         if msgs != [{"role": "user", "content": "What is law?"}]:
             _fail(f"An empty system prompt should add nothing (model {model_name!r}); you sent {msgs}. "
                   "A stray system message or a leading blank line changes the default persona's prompt.", section)
-    # Empty replies are errors.
+    # Empty replies are errors. (An API returns content=None, e.g. after a content filter.)
     for reply in ("", "   \n", None):
         client = FakeChatClient(reply=reply)
         try:
             got = fn(client, "some/model", "You are a bard.", "What is law?")
+        except (NotImplementedError, CheckFailure):
+            raise
         except ValueError:
             continue
+        except Exception as exc:
+            _fail(f"The client replied with content={reply!r} and you raised {type(exc).__name__}: {_clip(str(exc))}. "
+                  "An API can return None as the content: treat None like an empty reply and raise "
+                  "EmptyResponseError (a ValueError).", section, exc)
         _fail(f"The client replied {reply!r} and you returned {got!r}: raise EmptyResponseError (a ValueError) "
               "so the empty answer is recorded as a failure, not averaged over.", section)
     # Failures propagate.
     client = FakeChatClient()
     try:
         got = fn(client, "some/model", "You are a bard.", "FAIL please")
-    except RuntimeError:
-        pass
+    except Exception as exc:  # the client's RuntimeError, or your own error type wrapping it
+        if isinstance(exc, (NotImplementedError, CheckFailure)):
+            raise
     else:
         _fail(f"The client raised an error and you returned {got!r}: let the exception propagate; never turn a "
               "failed call into a string.", section)
@@ -362,33 +438,45 @@ def test_generate_all_responses(fn) -> None:
     personas = {"default_empty": "", "bard": "You are a bard.", "ghost": "You are a ghost."}
     questions = ["What is law?", "FAIL on purpose", "Describe the sea.", "EMPTY reply please"]
     client = FakeChatClient(barrier=True)
-    result = fn(client, "some/model", personas, questions, max_workers=4, max_tokens=21)
+    try:
+        result = fn(client, "some/model", personas, questions, max_workers=4, max_tokens=21)
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:  # which failed call escapes first varies from run to run: the message must not
+        _fail("generate_all_responses raised an exception instead of returning (the error is shown above). Some "
+              "calls here fail on purpose (questions 1 and 3): catch each call's exception and record it in "
+              "`failures` as text; one failed call must not stop the others.", section, exc)
     if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, dict) for r in result)):
         _fail(f"Return a tuple (responses, failures) of two dicts; got {_short(result)}.", section)
     responses, failures = result
     expected_keys = {(p, q) for p in personas for q in range(len(questions))}
-    bad = [k for k in list(responses) + list(failures)
-           if not (isinstance(k, tuple) and len(k) == 2 and isinstance(k[0], str) and isinstance(k[1], int))]
+    bad = sorted((k for k in list(responses) + list(failures)
+                  if not (isinstance(k, tuple) and len(k) == 2 and isinstance(k[0], str) and isinstance(k[1], int))),
+                 key=repr)  # sorted: completion order varies between runs, the message must not
     if bad:
-        _fail(f"Key every result by (persona_name, question_index), e.g. ('bard', 0); found keys like {bad[:3]}.",
-              section)
+        _fail("Key every result by (persona_name, question_index), e.g. ('bard', 0), in one flat dict; found keys "
+              f"like {bad[:3]}.", section)
     overlap = set(responses) & set(failures)
     if overlap:
-        _fail(f"These keys are both responses and failures: {sorted(overlap)[:4]}.", section)
+        _fail(f"These keys are both responses and failures: {sorted(overlap)[:4]}. A failed call goes in `failures` "
+              "only.", section)
+    extra = (set(responses) | set(failures)) - expected_keys
     missing = expected_keys - set(responses) - set(failures)
+    if extra:
+        hint = ""
+        if all((p, q - 1) in expected_keys for p, q in extra):
+            hint = " Your indices look 1-based: the question index is 0-based (enumerate(questions) starts at 0)."
+        _fail(f"Unexpected keys {sorted(extra)[:4]}: the question index is its position in `questions`.{hint}", section)
     if missing:
         _fail(f"{len(missing)} of {len(expected_keys)} results were dropped, e.g. {sorted(missing)[:4]}. Every call "
               "must end up in responses or in failures.", section)
-    extra = (set(responses) | set(failures)) - expected_keys
-    if extra:
-        _fail(f"Unexpected keys {sorted(extra)[:4]}: the question index is its position in `questions`.", section)
     should_fail = {(p, q) for p in personas for q in (1, 3)}
-    wrongly_ok = {k: responses[k] for k in should_fail if k in responses}
+    wrongly_ok = {k: responses[k] for k in sorted(should_fail) if k in responses}
     if wrongly_ok:
         k, v = next(iter(wrongly_ok.items()))
         _fail(f"The call for {k} failed (or returned nothing), yet responses[{k}] = {v!r}. Record failures in "
               "`failures`, never as an empty or placeholder string.", section)
-    not_text = {k: v for k, v in failures.items() if not isinstance(v, str) or not v.strip()}
+    not_text = {k: failures[k] for k in sorted(failures) if not isinstance(failures[k], str) or not failures[k].strip()}
     if not_text:
         _fail(f"Record each failure's error as text, e.g. 'RuntimeError: HTTP 500'; got {_short(not_text)}.", section)
     if "RuntimeError" not in failures[("bard", 1)] and "500" not in failures[("bard", 1)]:
@@ -450,22 +538,40 @@ def test_normalize_messages(fn, tokenizer=None) -> None:
     for tok_name, tok in _tokenizers_to_check(tokenizer):
         system_ok = supports_system_role(tok)
         for description, messages, without_system, with_system in NORMALIZE_CASES:
-            original = copy.deepcopy(messages)
-            got = fn(messages, tok)
+            given = copy.deepcopy(messages)  # the learner's function gets its own copy of the case
+            got = _call(f"_normalize_messages, for {description} with {tok_name},", section, "", fn, given, tok)
             expected = with_system if system_ok else without_system
-            if messages != original:
+            if given != messages:
                 _fail(f"_normalize_messages changed its input list for {description}; build new dicts instead.",
                       section)
             if got != expected:
-                hint = ""
-                if not system_ok and got and got[0].get("role") == "system":
-                    hint = " This template has no system role: merge the system prompt into the first user turn."
-                elif description.startswith("an empty") or description.startswith("a whitespace"):
-                    hint = " An empty system prompt must add nothing: no system message and no leading blank line."
-                elif description == "a multi-turn conversation":
-                    hint = " Merge into the first user turn only."
-                _fail(f"For {description} with {tok_name}:\n  expected {expected}\n  got      {got}.{hint}", section)
+                _fail(f"For {description} with {tok_name}:\n  expected {expected}\n  got      {got}."
+                      f"{_normalize_hint(description, messages, expected, got, system_ok)}", section)
     _passed("test_normalize_messages")
+
+
+def _normalize_hint(description: str, messages, expected, got, system_ok: bool) -> str:
+    if not isinstance(got, list) or not all(isinstance(m, dict) for m in got):
+        return " Return a list of {'role': ..., 'content': ...} dicts."
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    got_roles = [m.get("role") for m in got]
+    if not system_ok and "system" in got_roles:
+        if system is not None and not system.strip():
+            return " An empty system prompt must add nothing: no system message and no leading blank line."
+        return " This template has no system role: merge the system prompt into the first user turn."
+    if system is not None and not system.strip():
+        return " An empty system prompt must add nothing: no system message and no leading blank line."
+    if system_ok and got_roles[:1] != ["system"] and expected[:1] and expected[0]["role"] == "system":
+        return (" This template accepts a system role: keep the system message as it is (decide by trying the "
+                "template, e.g. with supports_system_role(tokenizer), not by the model's name).")
+    users = [m.get("content", "") for m in got if m.get("role") == "user"]
+    if system and users and not users[0].startswith(system):
+        return " You dropped the system prompt: merge it into the first user turn instead."
+    if system and users and users[0].startswith(system) and not users[0].startswith(system + "\n\n"):
+        return " Separate the system prompt from the user's text with a blank line (\"\\n\\n\"), as in Exercise 2a."
+    if system and sum(u.startswith(system) for u in users) > 1:
+        return " Merge into the first user turn only."
+    return ""
 
 
 FORMAT_CASES = [
@@ -498,15 +604,24 @@ def test_format_messages_response_index(fn, tokenizer=None) -> None:
     section = "Section 3, Exercise 3"
     for tok_name, tok in _tokenizers_to_check(tokenizer):
         for description, messages in FORMAT_CASES:
-            got = fn(copy.deepcopy(messages), tok)
+            hint = ""
+            if not supports_system_role(tok) and messages[0]["role"] == "system":
+                hint = ("This template has no system role (Gemma 2): normalise the messages with _normalize_messages "
+                        "before applying the chat template.")
+            got = _call(f"format_messages, for {description} with {tok_name},", section, hint, fn,
+                        copy.deepcopy(messages), tok)
             if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], str) and isinstance(got[1], int)):
                 _fail(f"Return (full_prompt: str, response_start_idx: int); got {_short(got)}.", section)
             full_prompt, start = got
-            expected_prompt = tok.apply_chat_template(merge_system_prompt(messages, supports_system_role(tok)),
-                                                      tokenize=False)
+            normalized = merge_system_prompt(messages, supports_system_role(tok))
+            expected_prompt = tok.apply_chat_template(normalized, tokenize=False)
             if full_prompt != expected_prompt:
+                why = ""
+                if messages[0]["role"] == "system" and not messages[0]["content"].strip():
+                    why = (" An empty system prompt must add nothing: no system message and no leading blank line "
+                           "before the question.")
                 _fail(f"For {description} with {tok_name}, full_prompt is not the chat template of the normalised "
-                      f"messages (use _normalize_messages, then apply_chat_template(..., tokenize=False)).\n"
+                      f"messages (use _normalize_messages, then apply_chat_template(..., tokenize=False)).{why}\n"
                       f"  expected {_short(expected_prompt)}\n  got      {_short(full_prompt)}", section)
             ids, expected = _expected_start(full_prompt, tok, messages)
             bos = tok.bos_token_id
@@ -514,15 +629,29 @@ def test_format_messages_response_index(fn, tokenizer=None) -> None:
                 _fail(f"full_prompt holds {ids.count(bos)} BOS tokens; the template adds one.", section)
             if start != expected:
                 tokens = tok.convert_ids_to_tokens(ids)
-                around = " ".join(("[" + t + "]" if i == expected else t) for i, t in
-                                  enumerate(tokens[max(0, expected - 4):expected + 3], start=max(0, expected - 4)))
+                lo, hi = max(0, min(start, expected) - 3), min(len(tokens), max(start, expected) + 3)
+                marks = []
+                for i in range(lo, hi):
+                    t = repr(tokens[i])
+                    marks.append(f"[{t}]" if i == expected else f"<{t}>" if i == start else t)
+                around = " ".join(marks)
                 diff = start - expected
+                prefix = tok.apply_chat_template(normalized[:-1], tokenize=False, add_generation_prompt=True)
+                bare = tok.apply_chat_template(normalized[:-1], tokenize=False)
+                offsets = tok(full_prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                marker_start = next((i for i, (s, _) in enumerate(offsets) if s >= len(bare)), None)
                 if diff == 1 and bos is not None:
                     hint = ("Your index is 1 too large: the prefix was probably tokenised with special tokens, which "
                             "adds a second BOS. Use add_special_tokens=False on templated text.")
                 elif diff == -1:
                     hint = ("Your index is 1 too small: it points at the newline after the turn marker. Count the "
                             "prefix rendered with add_generation_prompt=True.")
+                elif start == len(prefix):
+                    hint = ("Your index is the prefix's length in characters: count the prefix's tokens (tokenised "
+                            "with add_special_tokens=False), not its characters.")
+                elif start == marker_start:
+                    hint = ("Your index points at the assistant's turn marker: render the prefix with "
+                            "add_generation_prompt=True, so that it ends with the marker and its newline.")
                 elif "multi-turn" in description and start < expected:
                     hint = "You found the first assistant turn; the response is the last one."
                 elif start == 0:
@@ -530,7 +659,7 @@ def test_format_messages_response_index(fn, tokenizer=None) -> None:
                 else:
                     hint = f"Your index is off by {diff} tokens."
                 _fail(f"For {description} with {tok_name}: response_start_idx should be {expected}, got {start}. "
-                      f"{hint}\n  tokens around the response start (expected one in brackets): {around}", section)
+                      f"{hint}\n  tokens around the response start ([expected], <yours>): {around}", section)
     _passed("test_format_messages_response_index")
 
 
@@ -538,11 +667,26 @@ def test_format_messages_response_index(fn, tokenizer=None) -> None:
 # Exercise 4: extraction
 # --------------------------------------------------------------------------------------------------
 
+EXTRACT_CALL_HINT = ("A size mismatch often means a mean or sum over the wrong dimension: average over the token "
+                     "dimension (dim 1 of hidden [batch, seq, d_model]) to get one d_model vector per conversation.")
+BATCHED_CHECK_SIZE = 3  # the batch size the batched check uses (its fixtures of known mistakes assume it)
+
+
 def _check_activation_tensor(got, n: int, d_model: int, section: str, name: str) -> None:
     if not isinstance(got, torch.Tensor):
         _fail(f"{name} should return a torch.Tensor, got {type(got).__name__}.", section)
     if tuple(got.shape) != (n, d_model):
-        hint = " Did you take the mean over the wrong dimension?" if d_model in got.shape else ""
+        hint = ""
+        if got.dim() == 2 and got.shape[1] == d_model and got.shape[0] > n:
+            hint = (" You returned one row per token: take the mean over the token dimension, one row per "
+                    "conversation.")
+        elif got.dim() == 2 and got.shape[1] == d_model and got.shape[0] < n:
+            hint = (f" You returned fewer rows than conversations ({got.shape[0]} < {n}): is the last partial batch "
+                    "dropped? range(0, len(conversations), batch_size) covers them all.")
+        elif d_model not in got.shape:
+            hint = " Did you take the mean over the wrong dimension (d_model instead of the tokens)?"
+        else:
+            hint = " Did you take the mean over the wrong dimension?"
         _fail(f"{name} returned shape {tuple(got.shape)}; expected [n_conversations, d_model] = {(n, d_model)}.{hint}",
               section)
     if got.dtype != torch.float32:
@@ -561,71 +705,192 @@ EXTRACTION_DIAGNOSES = [  # fixture name, the likely mistake
     ("extract_with_end_of_turn", "your mean includes the end-of-turn tokens; the paper averages over the response's "
                                  "content tokens only (stop at len(ids) - turn_suffix_len(tokenizer))"),
     ("extract_with_prompt", "your mean includes the prompt tokens; start the mask at response_start_idx"),
+    ("extract_all_tokens", "your mean is over every token of the conversation: it includes the prompt tokens and the "
+                           "end-of-turn tokens (an attention mask is not a response mask); average over "
+                           "[response_start_idx, len(ids) - turn_suffix_len(tokenizer)) only"),
     ("extract_from_marker", "your span starts one token early (at the newline after the turn marker)"),
     ("extract_final_norm_layer", "you read the last hidden state, which has the final norm applied"),
+    ("extract_double_bos", "the model saw a second BOS: full_prompt already starts with <bos>, so tokenise it with "
+                           "add_special_tokens=False (with the extra BOS every position shifts by one)"),
 ]
 
 
-def _diagnose(got: torch.Tensor, expected: torch.Tensor, layer: int) -> str:
+def _bf16_exact(t: torch.Tensor) -> bool:
+    """Whether every value is exactly a bfloat16 number: a float32 mean of many bf16 values almost never is."""
+    return bool(torch.equal(t, t.to(torch.bfloat16).float()))
+
+
+def _diagnose(got: torch.Tensor, expected: torch.Tensor, layer: int = EXTRACTION_LAYER) -> str:
     for name, meaning in EXTRACTION_DIAGNOSES:
         candidate = fixture(name)
         if candidate.shape == got.shape and torch.allclose(got, candidate, atol=ATOL, rtol=ATOL):
             return meaning
+    if _bf16_exact(got):
+        return ("every value is exactly a bfloat16 number: the mean was computed (or rounded) in bf16. Cast the hidden "
+                "states to float32 before averaging")
+    close = lambda a, b: torch.allclose(a, b, atol=ATOL, rtol=ATOL)  # noqa: E731
+    match = [next((j for j in range(len(expected)) if close(got[i], expected[j])), None) for i in range(len(got))]
+    if all(j is not None for j in match) and sorted(match) == list(range(len(expected))) and \
+            match != list(range(len(expected))):
+        return (f"your rows are the right means in the wrong order (row i holds conversation {match}[i]): return them "
+                "in the order of `conversations` (if you sort by length, undo the sort)")
+    factors = (got * expected).sum(dim=1) / (expected * expected).sum(dim=1)
+    if torch.allclose(got, factors[:, None] * expected, atol=ATOL, rtol=1e-3) and \
+            not torch.allclose(factors, torch.ones_like(factors), atol=1e-3):
+        return (f"each row is a multiple of the right mean (factors {[round(float(f), 3) for f in factors]}): divide "
+                "each row's masked sum by the number of tokens in its own span, not by another count (a sum is not a "
+                "mean; the padded length is not the span length)")
     err = (got - expected).abs().amax(dim=1)
     worst = int(err.argmax())
-    return f"the largest error is in conversation {worst} (max |diff| {float(err[worst]):.3g})"
+    return f"{UNKNOWN_MISTAKE} conversation {worst} (max |diff| {float(err[worst]):.3g})"
+
+
+UNKNOWN_MISTAKE = "no common mistake matches; the largest error is in"
+
+
+def _rows(got: torch.Tensor, expected: torch.Tensor) -> str:
+    """Expected against actual for the first conversation that differs."""
+    bad = [i for i in range(len(expected)) if not torch.allclose(got[i], expected[i], atol=ATOL, rtol=ATOL)]
+    i = bad[0] if bad else 0
+    pad = " " * (len(f"conversation {i}: ") + 2)
+    return f"\n  conversation {i}: expected {_short(expected[i])}\n{pad}got      {_short(got[i])}"
 
 
 def _compare_extraction(got, expected, section, name) -> None:
     if not torch.allclose(got, expected, atol=ATOL, rtol=ATOL):
         _fail(f"{name} on tiny-gemma2 (layer {EXTRACTION_LAYER}) does not match the expected means: "
-              f"{_diagnose(got, expected, EXTRACTION_LAYER)}.\n  expected {_short(expected[0])}\n  got      "
-              f"{_short(got[0])}", section)
+              f"{_diagnose(got, expected, EXTRACTION_LAYER)}.{_rows(got, expected)}", section)
+
+
+@lru_cache(maxsize=1)
+def _tiny_bf16_master():
+    model = copy.deepcopy(tiny_gemma2()[0]).to(torch.bfloat16)
+    model.requires_grad_(True)
+    return model
+
+
+def _bf16_grad_run(fn, section: str, name: str, **kwargs) -> None:
+    """Run on tiny-gemma2 in bf16 (like Gemma 2 27B on a GPU), with gradients enabled and weights that require
+    them (as outside this notebook, which disables them globally)."""
+    model = copy.deepcopy(_tiny_bf16_master())  # a fresh copy: nothing the function does to it can leak out
+    tok = _with_padding_side(tiny_gemma2()[1], "left")
+    convs = copy.deepcopy([EXTRACTION_CONVERSATIONS[0], EXTRACTION_CONVERSATIONS[4]])
+    where = "on tiny-gemma2 in bfloat16 (as Gemma 2 27B runs on a GPU)"
+    with torch.enable_grad():
+        got = _call(f"{name} {where}", section, EXTRACT_CALL_HINT, fn, model, tok, convs, EXTRACTION_LAYER, **kwargs)
+    if not isinstance(got, torch.Tensor) or tuple(got.shape) != (2, model.config.hidden_size):
+        _fail(f"{name} {where} should return [2, {model.config.hidden_size}]; got {_short(got)}.", section)
+    if got.dtype != torch.float32:
+        _fail(f"{name} {where} returned dtype {got.dtype}: cast the hidden states to float32 (.float()) before "
+              "averaging, and return float32.", section)
+    if got.device.type != "cpu":
+        _fail(f"{name} {where} returned a tensor on {got.device}; move it to the CPU with .cpu().", section)
+    if got.requires_grad:
+        _fail(f"With gradients enabled and weights that require grad, {name} returned a tensor that requires grad "
+              "(it keeps the whole autograd graph alive): run the model under torch.inference_mode() or "
+              "torch.no_grad(), or .detach() the result.", section)
+    if not torch.isfinite(got).all():
+        _fail(f"{name} {where} returned NaN or inf values.", section)
+    if _bf16_exact(got):
+        _fail(f"{name} {where} returned float32 values that are all exactly bf16 numbers: the mean was computed in "
+              "bf16 and cast afterwards, which keeps only ~3 significant digits. Cast the hidden states to float32 "
+              "first, then average.", section)
 
 
 def _learner_model_smoke(fn, model, tokenizer, d_model, num_layers, section, name, **kwargs) -> None:
-    if model is None:
+    if model is None:  # called without the learner's model (e.g. from the test suite): tiny-gemma2 covers it
         return
     convs = EXTRACTION_CONVERSATIONS[1:3]
-    got = fn(model, tokenizer, convs, min(num_layers - 1, max(0, num_layers // 2)), **kwargs)
+    got = _call(f"{name} on your model", section, EXTRACT_CALL_HINT, fn, model, tokenizer, copy.deepcopy(convs),
+                min(num_layers - 1, max(0, num_layers // 2)), **kwargs)
     _check_activation_tensor(got, len(convs), d_model, section, f"{name} on your model")
 
 
 def test_extract_response_activations(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 4, Exercise 4a"
+    name = "extract_response_activations"
     tiny, tiny_tok = tiny_gemma2()
     expected = fixture("extract_expected")
-    got = fn(tiny, tiny_tok, copy.deepcopy(EXTRACTION_CONVERSATIONS), EXTRACTION_LAYER)
-    _check_activation_tensor(got, len(EXTRACTION_CONVERSATIONS), tiny.config.hidden_size, section,
-                             "extract_response_activations")
-    _compare_extraction(got, expected, section, "extract_response_activations")
-    _learner_model_smoke(fn, model, tokenizer, d_model, num_layers, section, "extract_response_activations")
+    got = _call(f"{name} on tiny-gemma2", section, EXTRACT_CALL_HINT, fn, tiny, tiny_tok,
+                copy.deepcopy(EXTRACTION_CONVERSATIONS), EXTRACTION_LAYER)
+    _check_activation_tensor(got, len(EXTRACTION_CONVERSATIONS), tiny.config.hidden_size, section, name)
+    _compare_extraction(got, expected, section, name)
+    _bf16_grad_run(fn, section, name)
+    _learner_model_smoke(fn, model, tokenizer, d_model, num_layers, section, name)
     _passed("test_extract_response_activations")
+
+
+def _token_lengths(tokenizer) -> list[int]:
+    from utils.conversation import encode, render
+
+    return [len(encode(render(c, tokenizer), tokenizer)) for c in EXTRACTION_CONVERSATIONS]
+
+
+def _padded_rows(lengths: list[int], batch_size: int) -> set[int]:
+    rows = set()
+    for b in range(0, len(lengths), batch_size):
+        width = max(lengths[b:b + batch_size])
+        rows |= {b + i for i, n in enumerate(lengths[b:b + batch_size]) if n < width}
+    return rows
+
+
+def _padding_diagnosis(got, expected, side: str, tokenizer) -> str | None:
+    """If exactly the rows that needed padding are wrong, say so (and name the mistake when a fixture knows it)."""
+    ok = [torch.allclose(got[i], expected[i], atol=ATOL, rtol=ATOL) for i in range(len(expected))]
+    padded = _padded_rows(_token_lengths(tokenizer), BATCHED_CHECK_SIZE)
+    wrong = {i for i, good in enumerate(ok) if not good}
+    if not wrong or not wrong <= padded:
+        return None
+    if side == "left":
+        for name, meaning in (
+                ("extract_batched_left_unshifted_mask",
+                 "Your batched extraction is right with right padding but wrong with LEFT padding, which is what Gemma "
+                 "uses: a mask built as `position >= response_start_idx` shifts under left padding (it pulls prompt "
+                 "tokens in and drops the last response tokens). Offset each row's span by its own padding length "
+                 "(or build the mask from token spans)."),
+                ("extract_batched_left_no_attention_mask",
+                 "Your batched extraction is right with right padding but wrong with LEFT padding: the model did not "
+                 "get the attention_mask, so the real tokens attended to the padding before them. Pass "
+                 "attention_mask to the model (model(**enc) passes everything the tokenizer returned).")):
+            if torch.allclose(got, fixture(name), atol=ATOL, rtol=ATOL):
+                return meaning
+        return ("Your batched extraction is right with right padding but wrong with LEFT padding, which is what Gemma "
+                f"uses: the rows that were left-padded ({sorted(wrong)}) are wrong. Either the mask does not shift "
+                "with each row's padding (a mask built as `position >= response_start_idx` shifts under left padding), "
+                "or the attention_mask is not passed to the model.")
+    return (f"Only the rows that needed padding are wrong ({sorted(wrong)}); the rows without padding are right. "
+            f"Padding is in your mean, or your span is measured against the padded length, or the padding side is "
+            f"assumed: this run used tokenizer.padding_side = {side!r}. Build each row's mask from its own span, "
+            "offset by its own padding, and never average over padding.")
 
 
 def test_extract_response_activations_batched(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 4, Exercise 4b"
+    name = "extract_response_activations_batched"
     tiny, tiny_tok = tiny_gemma2()
     expected = fixture("extract_expected")
     results = {}
     for side in ("right", "left"):
         tok = _with_padding_side(tiny_tok, side)
-        got = fn(tiny, tok, copy.deepcopy(EXTRACTION_CONVERSATIONS), EXTRACTION_LAYER, batch_size=3)
+        got = _call(f"{name} on tiny-gemma2 ({side} padding, batch_size={BATCHED_CHECK_SIZE})", section,
+                    EXTRACT_CALL_HINT, fn, tiny, tok, copy.deepcopy(EXTRACTION_CONVERSATIONS), EXTRACTION_LAYER,
+                    batch_size=BATCHED_CHECK_SIZE)
         _check_activation_tensor(got, len(EXTRACTION_CONVERSATIONS), tiny.config.hidden_size, section,
-                                 f"extract_response_activations_batched ({side} padding)")
+                                 f"{name} ({side} padding)")
         results[side] = torch.allclose(got, expected, atol=ATOL, rtol=ATOL)
         if not results[side]:
-            if side == "left" and results.get("right"):
-                _fail("Your batched extraction is right with right padding but wrong with LEFT padding, which is "
-                      "what Gemma uses: a mask built as `position >= response_start_idx` shifts under left padding. "
-                      "Offset each row's span by its own padding length (or build the mask from token spans).",
-                      section)
-            _fail(f"With {side} padding (batch_size=3): {_diagnose(got, expected, EXTRACTION_LAYER)}. If single "
-                  "sequences pass but batches fail, check that padding is masked out of the mean and that the "
-                  "attention_mask is passed to the model.\n  expected "
-                  f"{_short(expected[0])}\n  got      {_short(got[0])}", section)
-    _learner_model_smoke(fn, model, tokenizer, d_model, num_layers, section, "extract_response_activations_batched",
-                         batch_size=2)
+            padding = _padding_diagnosis(got, expected, side, tok)
+            if padding and (side == "right" or results.get("right")):
+                _fail(f"{padding}{_rows(got, expected)}", section)
+            diagnosis = _diagnose(got, expected, EXTRACTION_LAYER)
+            generic = ""
+            if diagnosis.startswith(UNKNOWN_MISTAKE):
+                generic = (" If single sequences pass but batches fail, check that padding is masked out of the mean "
+                           "and that the attention_mask is passed to the model.")
+            _fail(f"With {side} padding (batch_size={BATCHED_CHECK_SIZE}): {diagnosis}.{generic}{_rows(got, expected)}",
+                  section)
+    _bf16_grad_run(fn, section, name, batch_size=2)
+    _learner_model_smoke(fn, model, tokenizer, d_model, num_layers, section, name, batch_size=2)
     _passed("test_extract_response_activations_batched")
 
 
@@ -637,45 +902,81 @@ def test_extract_persona_vectors(fn, model=None, tokenizer=None, d_model=None, n
     section = "Section 5, Exercise 5"
     tiny, tiny_tok = tiny_gemma2()
     case = copy.deepcopy(PERSONA_CASE)
+    kept_text = "(bard keeps questions 0 and 2; ghost keeps 0 and 1; default_empty is unjudged and keeps all 3.)"
     try:
         got = fn(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], case["scores"],
                  case["layer"], min_score=3, batch_size=4)
+    except (NotImplementedError, CheckFailure):
+        raise
     except ValueError as exc:
-        _fail(f"Every persona here has responses to keep, yet you raised ValueError: {exc}. Responses whose key is "
-              "not in `scores` (the unjudged defaults) must be kept.", section)
-    if not isinstance(got, dict) or set(got) != set(case["personas"]):
-        _fail(f"Return a dict with one vector per persona, keys {sorted(case['personas'])}; got "
-              f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.", section)
-    for persona, vec in got.items():
-        if not isinstance(vec, torch.Tensor) or tuple(vec.shape) != (tiny.config.hidden_size,):
-            _fail(f"The vector for {persona!r} should have shape [d_model] = [{tiny.config.hidden_size}]; got "
-                  f"{_short(vec)}.", section)
-        if vec.dtype != torch.float32 or not torch.isfinite(vec).all():
-            _fail(f"The vector for {persona!r} should be finite float32; got {_short(vec)}.", section)
-        expected = fixture(f"persona_{persona}")
-        if not torch.allclose(vec, expected, atol=ATOL, rtol=ATOL):
-            hint = "check which responses you kept"
-            for variant, meaning in (("nofilter", "you ignored the judge scores (every response was kept)"),
-                                     ("inverted", "your filter is inverted: keep responses with score >= min_score")):
-                candidate = fixture(f"persona_{persona}_{variant}")
-                if torch.allclose(vec, candidate, atol=ATOL, rtol=ATOL):
-                    hint = meaning
-                    break
-            _fail(f"The vector for {persona!r} is wrong: {hint}. (bard keeps questions 0 and 2; ghost keeps 0 and 1; "
-                  f"default_empty is unjudged and keeps all 3.)\n  expected {_short(expected)}\n  got      "
-                  f"{_short(vec)}", section)
+        _fail(f"Every persona here has responses to keep, yet you raised ValueError: {_clip(str(exc))}. Keep a "
+              "response if its key is not in `scores` (the unjudged defaults) or if its score is >= min_score "
+              f"(not >). {kept_text}", section, exc)
+    except Exception as exc:
+        _fail(f"extract_persona_vectors raised {type(exc).__name__}: {_clip(str(exc))}", section, exc)
+    expected = {p: fixture(f"persona_{p}") for p in case["personas"]}
+    _check_persona_result(got, expected, case, tiny.config.hidden_size, section, kept_text)
+    # min_score is a parameter: with min_score=2 the ghost keeps all three of its responses.
+    got2 = _call("extract_persona_vectors with min_score=2", section, "", fn, tiny, tiny_tok, case["personas"],
+                 case["questions"], case["responses"], case["scores"], case["layer"], min_score=2, batch_size=4)
+    expected2 = dict(expected, ghost=fixture("persona_ghost_nofilter"))
+    _check_persona_result(got2, expected2, case, tiny.config.hidden_size, section,
+                          "(With min_score=2, ghost keeps all three responses: use the min_score argument, do not "
+                          "hard-code 3.)")
     # A persona with nothing left must raise, naming it.
     scores = dict(case["scores"])
     scores.update({("ghost", q): 1 for q in range(3)})
     try:
-        fn(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], scores, case["layer"], min_score=3)
+        result = fn(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], scores, case["layer"],
+                    min_score=3)
+    except (NotImplementedError, CheckFailure):
+        raise
     except ValueError as exc:
         if "ghost" not in str(exc):
             _fail(f"The error for a persona with no responses left should name it ('ghost'); it says: {exc}", section)
+    except Exception as exc:
+        _fail(f"When every response of 'ghost' scores below min_score you raised {type(exc).__name__}: "
+              f"{_clip(str(exc))}. Raise a ValueError that names 'ghost'.", section, exc)
     else:
-        _fail("When every response of 'ghost' scores below min_score, raise a ValueError that names 'ghost' instead of "
-              "returning a NaN vector (the mean of nothing).", section)
+        what = "left it out"
+        if isinstance(result, dict) and "ghost" in result:
+            vec = result["ghost"]
+            what = (f"returned {_short(vec)}" + (" (NaN: the mean of nothing)" if isinstance(vec, torch.Tensor)
+                                                 and torch.isnan(vec).any() else ""))
+        _fail("When every response of 'ghost' scores below min_score, raise a ValueError that names 'ghost' instead "
+              f"of returning a vector (you {what}): a NaN or made-up vector would flow silently into the geometry.",
+              section)
     _passed("test_extract_persona_vectors")
+
+
+def _check_persona_result(got, expected, case, d_model: int, section: str, kept_text: str) -> None:
+    if not isinstance(got, dict) or set(got) != set(case["personas"]):
+        _fail(f"Return a dict with one vector per persona, keys {sorted(case['personas'])}; got "
+              f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.", section)
+    for persona, vec in got.items():
+        if not isinstance(vec, torch.Tensor) or tuple(vec.shape) != (d_model,):
+            _fail(f"The vector for {persona!r} should have shape [d_model] = [{d_model}]; got {_short(vec)}.", section)
+        if vec.dtype != torch.float32 or not torch.isfinite(vec).all():
+            _fail(f"The vector for {persona!r} should be finite float32; got {_short(vec)}.", section)
+    for persona, vec in got.items():
+        if torch.allclose(vec, expected[persona], atol=ATOL, rtol=ATOL):
+            continue
+        hint = "check which responses you kept"
+        for variant, meaning in (("nofilter", "you ignored the judge scores (every response was kept)"),
+                                 ("inverted", "your filter is inverted: keep responses with score >= min_score"),
+                                 ("token_weighted", "you averaged over all the kept responses' tokens at once, so "
+                                                    "long answers weigh more; a persona vector is the mean of the "
+                                                    "responses' means (one mean per response, then their mean)")):
+            if torch.allclose(vec, fixture(f"persona_{persona}_{variant}"), atol=ATOL, rtol=ATOL):
+                hint = meaning
+                break
+        else:
+            other = [p for p in expected if p != persona and torch.allclose(vec, expected[p], atol=ATOL, rtol=ATOL)]
+            if other:
+                hint = (f"it is the expected vector of {other[0]!r}: you averaged another persona's responses (check "
+                        "how rows of the extracted activations are matched to personas)")
+        _fail(f"The vector for {persona!r} is wrong: {hint}. {kept_text}\n  expected {_short(expected[persona])}\n"
+              f"  got      {_short(vec)}", section)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -695,42 +996,55 @@ def _check_square(got, n: int, section: str, name: str) -> None:
 
 def test_compute_cosine_similarity_matrix(fn) -> None:
     section = "Section 6, Exercise 6a"
+    name = "compute_cosine_similarity_matrix"
     v = _geometry_inputs()
-    got = fn(v.clone())
-    _check_square(got, len(v), section, "compute_cosine_similarity_matrix")
-    scaled = v * torch.arange(1, len(v) + 1, dtype=torch.float32)[:, None]
-    if not torch.allclose(fn(scaled), got, atol=ATOL):
-        _fail("Cosine similarity does not depend on a vector's length, but yours changed when rows were scaled: "
-              "divide each row by its norm (you may be computing dot products).", section)
-    if not torch.allclose(got, got.T, atol=ATOL) or not torch.allclose(torch.diagonal(got), torch.ones(len(v)), atol=ATOL):
-        _fail("A cosine-similarity matrix is symmetric with ones on the diagonal; yours is not. Normalise rows "
-              f"(dim=1), not columns.\n  diagonal: {_short(torch.diagonal(got))}", section)
+    got = _call(f"{name} on an [8, 32] input", section, "Divide each row by its norm with keepdim=True "
+                "(v.norm(dim=1, keepdim=True)), so that [n, d] / [n, 1] broadcasts.", fn, v.clone())
+    _check_square(got, len(v), section, name)
+    diagonal = torch.diagonal(got)
+    if not torch.allclose(diagonal, torch.ones(len(v)), atol=ATOL):
+        if torch.allclose(diagonal, (v * v).sum(dim=1), rtol=1e-3):
+            _fail("The diagonal holds the squared norms: these are dot products. Divide each row by its norm first.\n"
+                  f"  diagonal: {_short(diagonal)}", section)
+        _fail("A cosine-similarity matrix has ones on the diagonal; yours does not. Normalise rows (dim=1), not "
+              f"columns.\n  diagonal: {_short(diagonal)}", section)
+    if not torch.allclose(got, got.T, atol=ATOL):
+        _fail("A cosine-similarity matrix is symmetric; yours is not.", section)
     expected = fixture("cosine_raw")
     if not torch.allclose(got, expected, atol=ATOL):
         if torch.allclose(got, fixture("cosine_centered"), atol=ATOL):
             _fail("This is the centred similarity; compute_cosine_similarity_matrix should not centre.", section)
         _fail(f"Wrong values.\n  expected {_short(expected[0])}\n  got      {_short(got[0])}", section)
-    half = fn(v.to(torch.bfloat16))
-    if half.dtype != torch.float32:
-        _fail(f"Given bf16 vectors you returned {half.dtype}; cast to float32 before computing.", section)
+    scaled = v * torch.arange(1, len(v) + 1, dtype=torch.float32)[:, None]
+    if not torch.allclose(_call(f"{name} on rescaled rows", section, "", fn, scaled), got, atol=ATOL):
+        _fail("Cosine similarity does not depend on a vector's length, but yours changed when rows were scaled: "
+              "divide each row by its norm (you may be computing dot products).", section)
+    half = _call(f"{name} on bf16 vectors", section, "Cast to float32 first.", fn, v.to(torch.bfloat16))
+    if not isinstance(half, torch.Tensor) or half.dtype != torch.float32:
+        _fail(f"Given bf16 vectors you returned {_short(half)}; cast to float32 before computing.", section)
     _passed("test_compute_cosine_similarity_matrix")
 
 
 def test_compute_cosine_similarity_matrix_centered(fn) -> None:
     section = "Section 6, Exercise 6a"
+    name = "compute_cosine_similarity_matrix_centered"
     v = _geometry_inputs()
-    got = fn(v.clone())
-    _check_square(got, len(v), section, "compute_cosine_similarity_matrix_centered")
+    got = _call(f"{name} on an [8, 32] input", section, "", fn, v.clone())
+    _check_square(got, len(v), section, name)
     expected = fixture("cosine_centered")
     if torch.allclose(got, fixture("cosine_raw"), atol=ATOL):
         _fail("These are the raw cosines: subtract the mean vector (the mean over personas, dim=0) first.", section)
     if torch.allclose(got, fixture("cosine_centered_wrong_dim"), atol=ATOL):
         _fail("You centred each vector on its own mean (dim=1). Subtract the mean over personas (dim=0): the "
               "shared component is a direction in d_model space.", section)
-    shifted = fn(v + 100.0 * torch.linspace(-1, 1, v.shape[1]))
+    shifted = _call(f"{name} on shifted vectors", section, "", fn, v + 100.0 * torch.linspace(-1, 1, v.shape[1]))
     if not torch.allclose(shifted, got, atol=1e-3):
-        _fail("Adding the same vector to every persona changed your centred similarities; centring should remove it.",
-              section)
+        _fail("Adding the same vector to every persona changed your centred similarities; centring should remove it. "
+              "Subtract v.mean(dim=0) (one mean vector over the personas, not a single number), and centre before "
+              "normalising.", section)
+    if not torch.allclose(torch.diagonal(got), torch.ones(len(v)), atol=ATOL):
+        _fail("The diagonal should be all ones: after centring, normalise each row (these look like dot products).\n"
+              f"  diagonal: {_short(torch.diagonal(got))}", section)
     if not torch.allclose(got, expected, atol=ATOL):
         _fail(f"Wrong values (check the normalisation).\n  expected {_short(expected[0])}\n  got      {_short(got[0])}",
               section)
@@ -742,21 +1056,39 @@ def test_pca_decompose_persona_vectors(fn) -> None:
     v = _geometry_inputs()
     n, d = v.shape
     k = 3
-    got = fn(v.clone(), n_components=k)
+    got = _call("pca_decompose_persona_vectors(vectors [8, 32], n_components=3)", section, "", fn, v.clone(),
+                n_components=k)
     if not (isinstance(got, tuple) and len(got) == 3):
         _fail(f"Return (projections, explained_variance_ratio, components); got {_short(got)}.", section)
     proj, ratio, comps = (torch.as_tensor(x) for x in got)
     if tuple(proj.shape) != (n, k) or tuple(ratio.shape) != (k,) or tuple(comps.shape) != (k, d):
+        hint = " Did you respect n_components?"
+        if comps.dim() == 2 and comps.shape[0] == k and comps.shape[1] != d:
+            hint = (f" Each component is a direction in d_model space (length {d}): take the rows of Vh (the columns "
+                    f"of V), not the columns of U, which live in persona space (length {n}).")
         _fail(f"Shapes should be projections [{n}, {k}], explained_variance_ratio [{k}], components [{k}, {d}]; got "
-              f"{tuple(proj.shape)}, {tuple(ratio.shape)}, {tuple(comps.shape)}. Did you respect n_components?", section)
+              f"{tuple(proj.shape)}, {tuple(ratio.shape)}, {tuple(comps.shape)}.{hint}", section)
     proj, ratio, comps = proj.float(), ratio.float(), comps.float()
-    expected_ratio = fixture("pca_ratio")[:k]
+    full_ratio = fixture("pca_ratio")
+    expected_ratio = full_ratio[:k]
     if torch.allclose(ratio, fixture("pca_ratio_uncentred")[:k], atol=1e-3):
         _fail("Your PCA is on uncentred vectors: the first component is just the shared mean. Subtract the mean over "
               "personas first.", section)
     if not torch.allclose(ratio, expected_ratio, atol=1e-3):
+        singular = full_ratio.clamp(min=0).sqrt()
+        hint = ""
+        if torch.allclose(ratio, (singular / singular.sum())[:k], atol=1e-3):
+            hint = " You used the singular values; the variance along a component is the squared singular value, s**2."
+        elif torch.allclose(ratio, expected_ratio / expected_ratio.sum(), atol=1e-3):
+            hint = " Yours sum to 1 over the kept components: divide by the variance of all of them."
+        elif torch.allclose(ratio, full_ratio.flip(0)[:k], atol=1e-3):
+            hint = " Yours are the smallest components, ascending (torch.linalg.eigh sorts ascending: flip it)."
+        elif torch.allclose(ratio[:1], expected_ratio[:1], atol=1e-3):
+            hint = (" The first is right but not the others: if you used torch.pca_lowrank, it is randomised and "
+                    "approximate unless q covers all components (q=min(n, d_model)); or use an exact SVD.")
         _fail(f"explained_variance_ratio should be the fraction of the TOTAL variance (all components) explained by "
-              f"each, in descending order.\n  expected {_short(expected_ratio)}\n  got      {_short(ratio)}", section)
+              f"each, in descending order.{hint}\n  expected {_short(expected_ratio)}\n  got      {_short(ratio)}",
+              section)
     gram = comps @ comps.T
     if not torch.allclose(gram, torch.eye(k), atol=1e-3):
         _fail("The components should be orthonormal rows (unit norm, mutually orthogonal).", section)
@@ -764,7 +1096,8 @@ def test_pca_decompose_persona_vectors(fn) -> None:
     alignment = (comps @ expected_comps.T).diagonal().abs()
     if not torch.all(alignment > 0.999):
         _fail(f"The components point in the wrong directions (|cos| with the expected ones: {_short(alignment)}). "
-              "Each principal direction is a row of Vh (a column of V), in d_model space.", section)
+              "Each principal direction is a row of Vh (a column of V), in d_model space. (torch.pca_lowrank is "
+              "approximate unless q=min(n, d_model).)", section)
     signs = torch.sign((comps * expected_comps).sum(dim=1))  # a component's sign is arbitrary
     if not torch.allclose(proj * signs, fixture("pca_projections")[:, :k], atol=1e-3):
         _fail("projections should be the centred vectors' coordinates on the components: (v - mean) @ components.T.",
@@ -776,9 +1109,12 @@ def test_compute_assistant_axis(fn) -> None:
     section = "Section 6, Exercise 6c"
     v = _geometry_inputs()
     defaults, roles = v[:3], v[3:]
-    got = fn(defaults.clone(), roles.clone())
+    got = _call("compute_assistant_axis(defaults [3, 32], roles [5, 32])", section,
+                "Take each group's mean over its rows (dim=0): the groups have different sizes, their means do not.",
+                fn, defaults.clone(), roles.clone())
     if not isinstance(got, torch.Tensor) or tuple(got.shape) != (v.shape[1],):
-        _fail(f"The axis should be a [d_model] = [{v.shape[1]}] tensor; got {_short(got)}.", section)
+        _fail(f"The axis should be a [d_model] = [{v.shape[1]}] tensor; got {_short(got)}. Average each group over its "
+              "rows (dim=0).", section)
     if got.dtype != torch.float32:
         _fail(f"Return float32; got {got.dtype}.", section)
     if abs(float(got.norm()) - 1) > 1e-4:
@@ -801,7 +1137,7 @@ def test_characterize_axis(fn) -> None:
     axis = fixture("axis")
     names = [f"p{i}" for i in range(len(v))]
     vectors = {n: centred[i].clone() for i, n in enumerate(names)}
-    got = fn(axis.clone(), vectors)
+    got = _call("characterize_axis", section, "", fn, axis.clone(), vectors)
     if not isinstance(got, list) or not all(isinstance(x, tuple) and len(x) == 2 for x in got):
         _fail(f"Return a list of (name, cosine) tuples; got {_short(got)}.", section)
     if sorted(n for n, _ in got) != sorted(names):
@@ -821,6 +1157,11 @@ def test_characterize_axis(fn) -> None:
                   "not dot products.", section)
         worst = max(names, key=lambda n: abs(got_map[n] - expected[n]))
         _fail(f"Wrong cosine for {worst}: expected {expected[worst]:.4f}, got {got_map[worst]:.4f}.", section)
+    longer = {n: float(c) for n, c in _call("characterize_axis with a longer axis", section, "", fn, axis * 7.0,
+                                            {n: x.clone() for n, x in vectors.items()})}
+    if any(abs(longer[n] - got_map[n]) > 1e-3 for n in names):
+        _fail("Your values changed when the axis was multiplied by 7: a cosine does not depend on the axis's length. "
+              "Divide by the axis's norm too (the axis you are given need not be unit-norm).", section)
     _passed("test_characterize_axis")
 
 
@@ -832,18 +1173,22 @@ def test_compute_trait_vector(fn) -> None:
     section = "Section 7, Exercise 7"
     v = _geometry_inputs()
     pos, neg = v[:5], v[5:]
-    got = fn(pos.clone(), neg.clone())
+    got = _call("compute_trait_vector(pos [5, 32], neg [3, 32])", section,
+                "Take each side's mean over its rows (dim=0): the two sides have different numbers of rows.",
+                fn, pos.clone(), neg.clone())
     if not isinstance(got, torch.Tensor) or tuple(got.shape) != (v.shape[1],):
-        _fail(f"Return a [d_model] = [{v.shape[1]}] tensor; got {_short(got)}.", section)
+        _fail(f"Return a [d_model] = [{v.shape[1]}] tensor; got {_short(got)}. Average each side over its rows "
+              "(dim=0).", section)
     expected = fixture("trait_vector")
     if torch.allclose(got, -expected, atol=ATOL):
         _fail("Your trait vector points the wrong way: it is mean(pos) - mean(neg).", section)
     if not torch.allclose(got, expected, atol=ATOL):
         _fail(f"Expected mean(pos) - mean(neg) (means over rows, dim=0).\n  expected {_short(expected)}\n  got      "
               f"{_short(got)}", section)
-    half = fn(pos.to(torch.bfloat16), neg.to(torch.bfloat16))
-    if half.dtype != torch.float32:
-        _fail(f"Given bf16 activations you returned {half.dtype}; compute in float32.", section)
+    half = _call("compute_trait_vector on bf16 activations", section, "", fn, pos.to(torch.bfloat16),
+                 neg.to(torch.bfloat16))
+    if not isinstance(half, torch.Tensor) or half.dtype != torch.float32:
+        _fail(f"Given bf16 activations you returned {_short(half)}; compute in float32.", section)
     _passed("test_compute_trait_vector")
 
 
@@ -859,7 +1204,7 @@ AUC_CASES = [  # scores, positive labels, AUC
 def test_axis_auc(fn) -> None:
     section = "Section 8, Exercise 8"
     for scores, labels, expected in AUC_CASES:
-        got = fn(torch.tensor(scores), torch.tensor(labels))
+        got = _call(f"axis_auc({scores}, {labels})", section, "", fn, torch.tensor(scores), torch.tensor(labels))
         if not isinstance(got, float) or abs(got - expected) > 1e-6:
             hint = " Ties count one half." if expected == 0.5 or expected == 0.875 else ""
             if isinstance(got, float) and abs(got - (1 - expected)) < 1e-6 and expected != 0.5:
@@ -867,8 +1212,13 @@ def test_axis_auc(fn) -> None:
             _fail(f"axis_auc({scores}, {labels}) should be the float {expected:.4f}; got {_short(got)}.{hint}", section)
     try:
         got = fn(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))
+    except (NotImplementedError, CheckFailure):
+        raise
     except ValueError:
         pass
+    except Exception as exc:
+        _fail(f"With no negative examples you raised {type(exc).__name__}: {_clip(str(exc))}. Check for an empty class "
+              "first and raise ValueError.", section, exc)
     else:
         _fail(f"With no negative examples AUC is undefined: raise ValueError (you returned {got!r}).", section)
     _passed("test_axis_auc")
@@ -888,7 +1238,8 @@ def hidden_test_judge_with_every_paper_prompt(fn) -> None:
         got = fn("Q?", "A.", name, client, "judge-model", eval_prompt=role.judge_prompt)
         sent = client.calls[0]["messages"][-1]["content"]
         if got != 3 or sent != role.judge_prompt.format(question="Q?", answer="A."):
-            _fail(f"The paper's judge prompt for {name!r} was not filled or parsed correctly.")
+            _fail(f"The paper's judge prompt for {name!r} was not filled or parsed correctly (returned {got!r}; "
+                  "fill it with eval_prompt.format(question=..., answer=...)).", "Section 1, Exercise 1")
     _passed("hidden_test_judge_with_every_paper_prompt")
 
 
@@ -900,6 +1251,10 @@ def hidden_test_extract_batch_sizes(fn) -> None:
         for batch_size in (1, 2, 5, 8):
             got = fn(tiny, _with_padding_side(tiny_tok, side), copy.deepcopy(EXTRACTION_CONVERSATIONS),
                      EXTRACTION_LAYER, batch_size=batch_size)
-            if not torch.allclose(got, expected, atol=ATOL, rtol=ATOL):
-                _fail(f"Batched extraction is wrong with batch_size={batch_size} and {side} padding.")
+            if not isinstance(got, torch.Tensor) or got.shape != expected.shape or \
+                    not torch.allclose(got, expected, atol=ATOL, rtol=ATOL):
+                shown = _rows(got, expected) if isinstance(got, torch.Tensor) and got.shape == expected.shape else \
+                    f"\n  got {_short(got)}"
+                _fail(f"Batched extraction is wrong with batch_size={batch_size} and {side} padding.{shown}",
+                      "Section 4, Exercise 4b")
     _passed("hidden_test_extract_batch_sizes")

@@ -68,7 +68,9 @@ def _with_note(nb: nbformat.NotebookNode, part: str, kind: str) -> nbformat.Note
 
 
 def nbgrader_source(part: str) -> nbformat.NotebookNode:
-    return _with_note(read_source(part), part, "nbgrader source, with solutions")
+    # nbgrader hands the note cell out unchanged, so it must read as the exercises' note: the release then
+    # equals exercises/<part>.ipynb.
+    return _with_note(read_source(part), part, "exercises")
 
 
 def solution_notebook(part: str) -> nbformat.NotebookNode:

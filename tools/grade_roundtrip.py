@@ -18,7 +18,12 @@ The steps, each one nbgrader command run in the course root (default ``nbgrader/
 4. ``feedback``: ``nbgrader generate_feedback``: HTML per student in ``<root>/feedback/``, hidden tests removed.
 5. ``export``: ``nbgrader export`` to ``<root>/grades.csv``.
 
-Nothing is written outside the course root. Each notebook takes about 20 s to grade on one CPU core.
+(On a JupyterHub with nbgrader's exchange, use ``nbgrader release_assignment`` and ``nbgrader collect``
+for steps 1-2 instead; the other steps are the same.)
+
+Nothing is written outside the course root, except each graded run's figures, in one scratch folder in
+the system's temporary directory. Each notebook takes 10-25 s to grade on one CPU core.
+Run it with this project's Python (``.venv/bin/python``): nbgrader runs in it, and so do the notebooks.
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ COURSE_CONFIG = f'''{CONFIG_HEADER} Settings belong in the repository's nbgrader
 # formgrader) run from here use it.
 import os
 
-load_subconfig({str(ROOT / "nbgrader_config.py")!r})  # noqa: F821
+_repo_config = {str(ROOT / "nbgrader_config.py")!r}
+if not os.path.exists(_repo_config):  # load_subconfig would skip it silently, and grading use nbgrader's defaults
+    raise FileNotFoundError(f"{{_repo_config}} is gone: rerun `python -m tools.grade_roundtrip --steps generate`.")
+load_subconfig(_repo_config)  # noqa: F821
 _here = os.path.dirname(os.path.abspath(__file__))
 c = get_config()  # noqa: F821
 c.CourseDirectory.root = _here
@@ -69,7 +77,9 @@ def nbgrader(course_root: Path, *args: str, echo: bool = True) -> str:
                           text=True)
     if echo and proc.stdout.strip():
         print(proc.stdout.rstrip(), flush=True)
-    if proc.returncode != 0:
+    # nbgrader only logs a broken config file and goes on with its defaults (no time limit to speak of,
+    # the default model, an API if a key is set): never grade like that.
+    if proc.returncode != 0 or "Exception while loading config file" in proc.stdout:
         raise RoundTripError(f"`nbgrader {' '.join(args)}` failed (exit {proc.returncode}) in {course_root}:\n"
                              f"{proc.stdout}")
     return proc.stdout
@@ -159,6 +169,7 @@ def roundtrip(course_root: Path, submissions: Mapping[str, Path] | None = None,
     if unknown:
         raise RoundTripError(f"Unknown steps {sorted(unknown)}; choose from {', '.join(STEPS)}.")
     seconds: dict[str, float] = {}
+    failed_autograde = None
     for step in STEPS:
         if step not in steps:
             continue
@@ -172,12 +183,19 @@ def roundtrip(course_root: Path, submissions: Mapping[str, Path] | None = None,
                 if echo:
                     print(f"   {path.relative_to(course_root)}")
         elif step == "autograde":
-            autograde(course_root, echo)
+            try:
+                autograde(course_root, echo)
+            except RoundTripError as exc:
+                # nbgrader grades every submission it can and exits 1 if one failed (an unreadable
+                # notebook, say): still give the others their feedback and grades, then report it.
+                failed_autograde = exc
         elif step == "feedback":
             feedback(course_root, echo)
         elif step == "export":
             export(course_root, echo)
         seconds[step] = time.perf_counter() - t0
+    if failed_autograde is not None:
+        raise failed_autograde
     return seconds
 
 

@@ -24,19 +24,48 @@ JSON = checks.FIXTURES / "part1_persona_space.json"
 
 
 def _span_means(model, tokenizer, conversations, layer: int, ref, *, hidden_index: int | None = None,
-                start_shift: int = 0, from_zero: bool = False, include_suffix: bool = False) -> torch.Tensor:
+                start_shift: int = 0, from_zero: bool = False, include_suffix: bool = False,
+                special_tokens: bool = False) -> torch.Tensor:
     """Means over variants of the response span, to recognise common mistakes."""
     suffix = turn_suffix_len(tokenizer)
     rows = []
     for messages in conversations:
         full_prompt, start = ref["format_messages"](messages, tokenizer)
-        ids = tokenizer(full_prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = tokenizer(full_prompt, add_special_tokens=special_tokens, return_tensors="pt").input_ids
         end = ids.shape[1] if include_suffix else ids.shape[1] - suffix
         start = 0 if from_zero else start + start_shift
         with torch.inference_mode():
             hs = model(ids, output_hidden_states=True).hidden_states
         rows.append(hs[layer + 1 if hidden_index is None else hidden_index][0, start:end].float().mean(0))
     return torch.stack(rows)
+
+
+def _left_padded_mistake(model, tokenizer, conversations, layer: int, ref, batch_size: int, *,
+                         shift_mask: bool = True, attention_mask: bool = True) -> torch.Tensor:
+    """Batched means under LEFT padding with one of two known mistakes: the mask not shifted by each row's
+    padding, or no attention_mask passed to the model."""
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "left"
+    suffix = turn_suffix_len(tok)
+    out = []
+    for b in range(0, len(conversations), batch_size):
+        prompts, spans = [], []
+        for messages in conversations[b:b + batch_size]:
+            full_prompt, start = ref["format_messages"](messages, tok)
+            n = len(tok(full_prompt, add_special_tokens=False).input_ids)
+            prompts.append(full_prompt)
+            spans.append((start, n - suffix, n))
+        enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        width = enc.input_ids.shape[1]
+        mask = torch.zeros(len(prompts), width)
+        for row, (start, end, n) in enumerate(spans):
+            offset = width - n if shift_mask else 0
+            mask[row, offset + start:offset + end] = 1.0
+        inputs = dict(enc) if attention_mask else {"input_ids": enc.input_ids}
+        with torch.inference_mode():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[layer + 1].float()
+        out.append((hidden * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True))
+    return torch.cat(out)
 
 
 def geometry_vectors() -> torch.Tensor:
@@ -61,6 +90,13 @@ def build() -> tuple[dict[str, torch.Tensor], dict]:
     t["extract_from_marker"] = _span_means(model, tokenizer, convs, layer, ref, start_shift=-1)
     t["extract_final_norm_layer"] = _span_means(model, tokenizer, convs, layer, ref,
                                                 hidden_index=model.config.num_hidden_layers)
+    t["extract_all_tokens"] = _span_means(model, tokenizer, convs, layer, ref, from_zero=True, include_suffix=True)
+    t["extract_double_bos"] = _span_means(model, tokenizer, convs, layer, ref, special_tokens=True)
+    size = checks.BATCHED_CHECK_SIZE
+    t["extract_batched_left_unshifted_mask"] = _left_padded_mistake(model, tokenizer, convs, layer, ref, size,
+                                                                    shift_mask=False)
+    t["extract_batched_left_no_attention_mask"] = _left_padded_mistake(model, tokenizer, convs, layer, ref, size,
+                                                                       attention_mask=False)
 
     case = copy.deepcopy(checks.PERSONA_CASE)
     fn = ref["extract_persona_vectors"]
@@ -73,6 +109,17 @@ def build() -> tuple[dict[str, torch.Tensor], dict]:
     inverted = {k: 3 if s < 3 else 0 for k, s in case["scores"].items()}  # keeps exactly the low scores
     for name, vec in fn(*args, inverted, case["layer"]).items():
         t[f"persona_{name}_inverted"] = vec
+    # A known mistake: one mean over all the kept responses' tokens (long answers weigh more), not a mean of means.
+    from utils.conversation import response_token_span
+
+    for name in case["personas"]:
+        keys = [k for k in case["responses"] if k[0] == name and (k not in case["scores"] or case["scores"][k] >= 3)]
+        convs = [[{"role": "system", "content": case["personas"][p]}, {"role": "user", "content": case["questions"][q]},
+                  {"role": "assistant", "content": case["responses"][(p, q)]}] for p, q in keys]
+        means = ref["extract_response_activations"](model, tokenizer, convs, case["layer"])
+        lengths = torch.tensor([float(end - start) for _, start, end in (response_token_span(c, tokenizer)
+                                                                         for c in convs)])
+        t[f"persona_{name}_token_weighted"] = (means * lengths[:, None]).sum(0) / lengths.sum()
     v = geometry_vectors()
     t["geometry_vectors"] = v
     t["cosine_raw"] = ref["compute_cosine_similarity_matrix"](v)

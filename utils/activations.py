@@ -210,16 +210,17 @@ def extract_mean_activations(
     d_model = int(model.config.hidden_size)
     out = torch.zeros((len(items), len(unique), d_model), dtype=torch.float32)
 
-    # Per-batch state shared with the hooks: the span mask [B, 1, L] in, one [B, d_model] sum per layer out.
+    # Per-batch state shared with the hooks: the span mask [B, L, 1] in, one [B, d_model] sum per layer out.
     batch_mask: list[torch.Tensor] = []
     sums: dict[int, torch.Tensor] = {}
 
     def make_hook(slot: int, layer: int):
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output  # 4.x: tuple; 5.x: tensor
-            mask = batch_mask[0].to(h.device)  # [B, 1, L] float32
-            # [B, 1, L] @ [B, L, d] -> [B, 1, d]: the masked sum, in float32, without a [B, L, d] product.
-            sums[slot] = torch.bmm(mask, h.float()).squeeze(1).to("cpu")
+            mask = batch_mask[0].to(h.device)  # [B, L, 1] float32
+            # Masked sum over positions in float32 ([B, L, d] -> [B, d]); elementwise, so exact
+            # whatever the matmul precision settings (TF32) are.
+            sums[slot] = (h.float() * mask).sum(1).to("cpu")
             if layer == deepest:
                 raise _StopForward
         return hook
@@ -231,7 +232,7 @@ def extract_mean_activations(
             for batch in batches:
                 enc = _pad_batch([items[i] for i in batch], pad_id, side)
                 sums.clear()
-                batch_mask[:] = [enc["span_mask"].unsqueeze(1)]
+                batch_mask[:] = [enc["span_mask"].unsqueeze(-1)]
                 try:
                     model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                           position_ids=enc["position_ids"].to(device), use_cache=False)

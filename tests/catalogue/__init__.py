@@ -1,0 +1,128 @@
+"""A catalogue of realistic mistakes and alternative correct answers, for every notebook check.
+
+Each check in ``tests/part1_persona_space.py`` is exercised here by
+
+- **mistakes**: small wrong implementations a learner could plausibly write, each with a piece of the
+  message the check must show (the message names the mistake, so the learner knows what to fix);
+- **variants**: correct implementations written differently from the reference solution (another
+  parser, asyncio instead of threads, forward hooks instead of ``output_hidden_states``, numpy PCA,
+  ...), which every check must accept.
+
+``tests/test_catalogue.py`` turns the catalogue into pytest cases, and ``python -m tools.check_catalogue``
+(``make check-catalogue``) prints the mutation-style summary per exercise.
+
+This package is for maintainers: the learner-facing checks never import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A wrong answer, and a piece of the message the check must reject it with (case-insensitive)."""
+
+    name: str
+    fn: Any
+    message: str
+    note: str = ""  # how the mistake is simulated, where that is not obvious
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A correct answer written differently from the reference; every check must accept it."""
+
+    name: str
+    fn: Any
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The catalogue of one check: the visible check, plus any hidden checks variants must also pass."""
+
+    exercise: str  # the row of the summary table, e.g. "judge"
+    check: str  # a function name in tests.part1_persona_space
+    mistakes: tuple[Mistake, ...]
+    variants: tuple[Variant, ...]
+    hidden: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What running one catalogue item through its check(s) gave."""
+
+    entry: str
+    kind: str  # "mistake" or "variant"
+    name: str
+    ok: bool  # mistake: rejected with the expected message; variant: accepted by every check
+    outcome: str  # "accepted", "CheckFailure", or the type of an unexpected exception
+    message: str
+    seconds: float
+
+    def key(self) -> tuple:
+        """Everything that must be identical between runs (not the timing)."""
+        return (self.entry, self.kind, self.name, self.ok, self.outcome, self.message)
+
+
+def call_check(check_name: str, fn: Callable) -> None:
+    """Run one check the way the notebook does, with tiny-gemma2 standing in for the learner's model."""
+    from tests import part1_persona_space as checks
+
+    check = getattr(checks, check_name)
+    if check_name in ("test_normalize_messages", "test_format_messages_response_index"):
+        return check(fn, checks.tiny_gemma2()[1])
+    if check_name.startswith("test_extract"):
+        model, tok = checks.tiny_gemma2()
+        return check(fn, model, tok, model.config.hidden_size, model.config.num_hidden_layers)
+    return check(fn)
+
+
+def _attempt(check_name: str, fn) -> tuple[str, str]:
+    """(outcome, message) of one check run; stdout (the checks' ticks, tqdm) is swallowed."""
+    from tests.part1_persona_space import CheckFailure
+
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            call_check(check_name, fn)
+    except CheckFailure as exc:
+        return "CheckFailure", str(exc)
+    except Exception as exc:  # a check must never crash on a wrong answer: this counts against it
+        return type(exc).__name__, f"{type(exc).__name__}: {exc}"
+    return "accepted", ""
+
+
+def judge_mistake(entry: Entry, mistake: Mistake) -> Verdict:
+    start = time.perf_counter()
+    outcome, message = _attempt(entry.check, mistake.fn)
+    ok = outcome == "CheckFailure" and mistake.message.lower() in message.lower()
+    return Verdict(entry.check, "mistake", mistake.name, ok, outcome, message, time.perf_counter() - start)
+
+
+def judge_variant(entry: Entry, variant: Variant) -> Verdict:
+    start = time.perf_counter()
+    outcome, message = "accepted", ""
+    for check_name in (entry.check, *entry.hidden):
+        outcome, message = _attempt(check_name, variant.fn)
+        if outcome != "accepted":
+            message = f"[{check_name}] {message}"
+            break
+    return Verdict(entry.check, "variant", variant.name, outcome == "accepted", outcome, message,
+                   time.perf_counter() - start)
+
+
+def run_catalogue(entries=None) -> list[Verdict]:
+    """Every mistake and every variant of every entry, in catalogue order."""
+    if entries is None:
+        from tests.catalogue.part1 import CATALOGUE as entries
+    verdicts = []
+    for entry in entries:
+        verdicts += [judge_mistake(entry, m) for m in entry.mistakes]
+        verdicts += [judge_variant(entry, v) for v in entry.variants]
+    return verdicts

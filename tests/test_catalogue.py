@@ -1,0 +1,126 @@
+"""The mutation catalogue (tests/catalogue/): every check accepts every alternative correct implementation,
+rejects every catalogued mistake with the message that names it, and gives the same verdicts run after run."""
+
+import ast
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import part1_persona_space as checks
+from tests.catalogue import call_check, judge_mistake, judge_variant, run_catalogue
+from tests.catalogue.part1 import CATALOGUE
+
+
+def _id(*parts: str) -> str:
+    return "::".join(re.sub(r"[^A-Za-z0-9_.+-]+", "-", p).strip("-") for p in parts)
+
+
+MISTAKES = [pytest.param(e, m, id=_id(e.check.removeprefix("test_"), m.name)) for e in CATALOGUE for m in e.mistakes]
+VARIANTS = [pytest.param(e, v, id=_id(e.check.removeprefix("test_"), v.name)) for e in CATALOGUE for v in e.variants]
+
+
+@pytest.mark.parametrize("entry,variant", VARIANTS)
+def test_correct_variant_is_accepted(entry, variant, monkeypatch):
+    from tests.catalogue import part1
+
+    def no_reference():
+        raise AssertionError("a correct variant must be its own code path, not call the reference solution")
+
+    monkeypatch.setattr(part1, "ref", no_reference)
+    verdict = judge_variant(entry, variant)
+    assert verdict.ok, f"{entry.check} rejected a correct implementation ({variant.name}): {verdict.message}"
+
+
+@pytest.mark.parametrize("entry,mistake", MISTAKES)
+def test_mistake_is_rejected_with_its_message(entry, mistake):
+    verdict = judge_mistake(entry, mistake)
+    assert verdict.outcome == "CheckFailure", (
+        f"{entry.check} should reject {mistake.name!r} with a CheckFailure; got {verdict.outcome}: {verdict.message}")
+    assert mistake.message.lower() in verdict.message.lower(), (
+        f"{entry.check} rejected {mistake.name!r}, but its message does not say {mistake.message!r}:\n"
+        f"{verdict.message}")
+    assert "(See Section" in verdict.message, f"the message does not point to the notebook: {verdict.message}"
+
+
+def test_catalogue_covers_every_check():
+    defined = {name for name in dir(checks) if name.startswith("test_") and callable(getattr(checks, name))}
+    covered = {e.check for e in CATALOGUE}
+    assert covered == defined
+    hidden = {name for name in dir(checks) if name.startswith("hidden_test_")}
+    assert {h for e in CATALOGUE for h in e.hidden} == hidden
+
+
+def test_catalogue_is_large_enough():
+    """At least five mistakes and three correct variants for every exercise (most checks have more)."""
+    for entry in CATALOGUE:
+        assert len(entry.mistakes) >= 5, entry.check
+        assert len(entry.variants) >= 3, entry.check
+        names = [m.name for m in entry.mistakes] + [v.name for v in entry.variants]
+        assert len(names) == len(set(names)), f"duplicate names in {entry.check}"
+
+
+def test_verdicts_are_identical_over_three_runs():
+    """Seeded, offline, no wall-clock races: three full passes over the catalogue give the same verdicts and the
+    same messages."""
+    runs = [[v.key() for v in run_catalogue(CATALOGUE)] for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_every_check_with_the_reference_takes_under_10_s_of_cpu(reference):
+    """Measured in CPU time of this process, so that other jobs on the machine do not make it flaky."""
+    from tests.test_checks import CHECKS
+
+    checks.tiny_gemma2()  # loading the model once is not part of a check
+    for check_name, ref_name in CHECKS.items():
+        start = time.process_time()
+        call_check(check_name, reference[ref_name])
+        assert time.process_time() - start < 10.0, check_name
+
+
+def test_no_check_skips_itself_or_returns_early():
+    tree = ast.parse(Path(checks.__file__).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name.startswith(("test_", "hidden_test_")):
+            for sub in ast.walk(node):
+                assert not isinstance(sub, ast.Return), f"{node.name} returns early (line {sub.lineno})"
+                if isinstance(sub, ast.Attribute):
+                    assert sub.attr not in ("skip", "skipif", "xfail"), f"{node.name} can skip itself"
+
+
+def test_a_missing_fixture_is_a_clear_failure(monkeypatch, tmp_path):
+    monkeypatch.setattr(checks, "FIXTURES", tmp_path)
+    checks._tensor_fixtures.cache_clear()
+    try:
+        with pytest.raises(checks.CheckFailure, match="fixture file .* is missing"):
+            checks.test_compute_trait_vector(lambda pos, neg: pos.float().mean(0) - neg.float().mean(0))
+    finally:
+        monkeypatch.undo()
+        checks._tensor_fixtures.cache_clear()
+
+
+def test_the_summary_fails_unless_everything_is_as_catalogued(capsys):
+    """`make check-catalogue` exits non-zero when a mistake slips through or a correct variant is rejected."""
+    from tests.catalogue import Entry, Mistake, Variant
+    from tools.check_catalogue import main
+
+    def right(pos, neg):
+        return pos.float().mean(0) - neg.float().mean(0)
+
+    def wrong(pos, neg):
+        return neg.float().mean(0) - pos.float().mean(0)
+
+    good = Entry("traits", "test_compute_trait_vector", (Mistake("swapped", wrong, "wrong way"),),
+                 (Variant("right", right),))
+    assert main([], entries=[good]) == 0
+    slipped = Entry("traits", "test_compute_trait_vector", (Mistake("not a mistake", right, "wrong way"),),
+                    (Variant("right", right),))
+    assert main([], entries=[slipped]) == 1
+    rejected = Entry("traits", "test_compute_trait_vector", (Mistake("swapped", wrong, "wrong way"),),
+                     (Variant("not correct", wrong),))
+    assert main([], entries=[rejected]) == 1
+    wrong_message = Entry("traits", "test_compute_trait_vector", (Mistake("swapped", wrong, "ties"),),
+                          (Variant("right", right),))
+    assert main([], entries=[wrong_message]) == 1
+    assert "0/1" in capsys.readouterr().out
