@@ -16,10 +16,11 @@ sentences, no generation):
 - ``fast``: :func:`utils.activations.extract_mean_activations` (hooks, early stop, length-sorted
   batches from a token budget).
 
-Each variant is timed ``--repeats`` times in its subprocess and the best time counts (the machine
-may be shared: the table also shows how many cores *other* processes kept busy during each variant,
-from ``/proc/stat``; a value well above 0 means the timings are contended). Memory is the peak RSS
-during extraction minus the RSS after the model is loaded (and warmed up on one short conversation).
+In its subprocess each variant is warmed up on one short conversation, run once to measure memory
+(peak RSS during extraction minus the RSS after loading and warm-up; the warm-up pages in the
+weights a variant touches, so only activations count), then timed ``--repeats`` times with the
+best time counting. The machine may be shared: the table shows how many cores *other* processes
+kept busy during the timed runs (from ``/proc/stat``); a value well above 0 means contended timings.
 The last line printed is one JSON object with the headline numbers.
 """
 
@@ -231,8 +232,8 @@ def fast(model, tokenizer, conversations, layer: int):
 
 
 def run_worker(variant: str, model_name: str, n: int, layer: int, repeats: int, out_path: str) -> None:
-    """Load the model, warm up, then time one variant ``repeats`` times and record its peak memory;
-    write JSON + the result tensor."""
+    """Load the model, warm up, measure one variant's peak memory in one run, then time it
+    ``repeats`` times; write JSON + the result tensor."""
     import torch
 
     from utils.models import load_model
@@ -249,8 +250,11 @@ def run_worker(variant: str, model_name: str, n: int, layer: int, repeats: int, 
     shortest = min(conversations, key=lambda m: len(m[-1]["content"]))
     fn(model, tokenizer, [shortest], layer)  # warm-up: one short conversation
     rss_loaded = rss_bytes()
+    # Memory in a pass of its own: the sampling thread would otherwise steal CPU from the timed runs.
+    with PeakRSS() as mem:
+        fn(model, tokenizer, conversations, layer)
     times = []
-    with PeakRSS() as mem, ForeignLoad() as load:
+    with ForeignLoad() as load:
         for _ in range(repeats):
             t0 = time.perf_counter()
             result = fn(model, tokenizer, conversations, layer)

@@ -32,8 +32,13 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def tiny():
-    model, tokenizer = load_model("tiny-gemma2")
-    return model, tokenizer
+    # The model is tiny: one thread is fastest and avoids spin-waiting on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield load_model("tiny-gemma2")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _hidden_states(model, tokenizer, messages) -> tuple[tuple[torch.Tensor, ...], int, int]:
