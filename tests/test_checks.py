@@ -76,6 +76,27 @@ def test_check_passes_the_reference(check_name, reference, tiny, capsys):
     assert "all checks passed" in capsys.readouterr().out
 
 
+MODEL_CHECKS = [name for name in CHECKS
+                if name in ("test_normalize_messages", "test_format_messages_response_index")
+                or name.startswith("test_extract")]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real offline model learners load (dequantised once into .cache/models)."""
+    from utils.models import SMOLLM2, load_model
+
+    return load_model(SMOLLM2)
+
+
+@pytest.mark.parametrize("check_name", MODEL_CHECKS)
+def test_check_passes_the_reference_on_smollm2(check_name, reference, smollm2, capsys):
+    """The demo and learners call these checks with SmolLM2 (ChatML, a BOS-like <|im_start|> on every turn,
+    right padding): they must pass the reference there too, not only on tiny-gemma2."""
+    _run(check_name, reference[CHECKS[check_name]], smollm2)
+    assert "all checks passed" in capsys.readouterr().out
+
+
 def test_notebook_calls_every_check_right_after_its_exercise():
     from tools.build_notebooks import read_source
 
