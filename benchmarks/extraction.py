@@ -2,7 +2,12 @@
 
 Run::
 
-    python -m benchmarks.extraction --model smollm2-135m-instruct [--n 64] [--layer 20]
+    python -m benchmarks.extraction --model smollm2-135m-instruct [--n 64] [--layer 15]
+
+``--layer`` defaults to the layer the course extracts for that model (:func:`utils.models.default_layer`:
+the paper's 22 for Gemma 2 27B, half depth otherwise, so 15 of 30 for SmolLM2). The later the layer, the
+less there is to skip: the FLOPs limit printed with the results says how much speed-up stopping early
+can give at most.
 
 Variants, each timed in a fresh subprocess (so its memory is measured cleanly), on the same
 deterministic synthetic conversations (role system prompts from ``data/roles/instructions``,
@@ -293,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--n", type=int, default=64, help="number of conversations")
-    parser.add_argument("--layer", type=int, default=20, help="block output to average (0-indexed)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="block output to average (0-indexed; default: the course's layer for the model)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant; the best counts")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -305,11 +311,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from utils.models import load_model
+    from utils.models import default_layer, load_model
 
     torch.set_num_threads(NUM_THREADS)
     model, tokenizer = load_model(args.model)
     n_layers = model.config.num_hidden_layers
+    if args.layer is None:
+        args.layer = default_layer(args.model, n_layers)
     if not 0 <= args.layer < n_layers:
         parser.error(f"--layer must be in 0..{n_layers - 1} for {args.model}")
     conversations = synthetic_conversations(tokenizer, args.n)
@@ -337,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(proc.stdout + proc.stderr)
                 raise SystemExit(f"variant {variant} failed (exit {proc.returncode})")
             results[variant] = json.loads(Path(out).read_text())
-            results[variant]["tensor"] = torch.load(out + ".pt")
+            results[variant]["tensor"] = torch.load(out + ".pt", weights_only=True)
 
     mib = 2 ** 20
     print(f"{'variant':<18}{'best s':>8}{'tokens/s':>10}{'RSS loaded':>12}{'peak':>10}{'added':>10}"

@@ -191,3 +191,24 @@ def test_mean_embeddings_control(tiny):
     with torch.no_grad():
         expected = model.get_input_embeddings()(torch.tensor(ids[start:end])).mean(0)
     torch.testing.assert_close(got[0], expected, atol=ATOL, rtol=0)
+
+
+def test_benchmark_script_runs_and_reports_its_headline_numbers():
+    """A smoke test of ``benchmarks.extraction`` on tiny-gemma2 (not a timing test: no speed is asserted).
+    Its last line is one JSON object with the keys the issue asks for, and the three variants agree."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.extraction", "--model", "tiny-gemma2", "--n", "4",
+                           "--repeats", "1"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("speedup_vs_seed_batched", "speedup_vs_seed_single", "memory_added_ratio_vs_seed_batched",
+                "max_abs_diff", "flops_limit_ratio"):
+        assert isinstance(summary[key], float), key
+    assert summary["layer"] == 3  # the course's default: half depth of tiny-gemma2's layers
+    assert summary["max_abs_diff"] <= 1e-5 * max(1.0, summary["max_abs_value"])
+    assert summary["flops_limit_ratio"] > 1.0
