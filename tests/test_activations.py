@@ -187,10 +187,14 @@ def test_mean_embeddings_control(tiny):
     model, tokenizer = tiny
     got = extract_mean_embeddings(model, tokenizer, CONVERSATIONS)
     assert got.shape == (len(CONVERSATIONS), model.config.hidden_size) and got.dtype == torch.float32
-    ids, start, end = response_token_span(CONVERSATIONS[0], tokenizer)
-    with torch.no_grad():
-        expected = model.get_input_embeddings()(torch.tensor(ids[start:end])).mean(0)
-    torch.testing.assert_close(got[0], expected, atol=ATOL, rtol=0)
+    # hidden_states[0], the residual stream's input (with Gemma's sqrt(d_model) scale in 4.x and 5.x alike)
+    for i, messages in enumerate(CONVERSATIONS):
+        ids, start, end = response_token_span(messages, tokenizer)
+        with torch.no_grad():
+            h0 = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[0][0]
+        torch.testing.assert_close(got[i], h0[start:end].float().mean(0), atol=ATOL, rtol=0)
+    raw = model.get_input_embeddings().weight[torch.tensor(ids[start:end])].float().mean(0)
+    assert (got[-1] - raw).abs().max() > 0.1  # the scale is really there (tiny-gemma2 is a Gemma)
 
 
 def test_benchmark_script_runs_and_reports_its_headline_numbers():

@@ -92,6 +92,8 @@ def test_smollm2_cache_is_float32_safetensors_with_top_level_rope_theta():
     assert cfg["rope_theta"] == 100000.0
     tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
     assert not isinstance(tok_cfg.get("extra_special_tokens"), list)  # would crash transformers 4.57
+    assert tok_cfg.get("tokenizer_class") != "TokenizersBackend"  # 5.x only: 4.57 cannot load it
+    assert "quantization_config" not in cfg  # the folder is float32, not GGUF-quantised
     model, tok = load_model(models.SMOLLM2)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert next(model.parameters()).dtype == torch.float32
@@ -99,3 +101,59 @@ def test_smollm2_cache_is_float32_safetensors_with_top_level_rope_theta():
                                   add_generation_prompt=True, return_dict=True, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_smollm2_tokenizer_is_the_same_whatever_transformers_read_the_gguf():
+    """4.57 reads the GGUF's vocabulary into a Llama-style tokenizer (a BOS on every text, byte fallback, no
+    padding token, EOS <|im_start|>); 5.x into SmolLM2's own. ``_smollm2_tokenizer`` must turn both into
+    the same tokenizer. Simulate 4.57's version by perturbing the cached one."""
+    from tokenizers import Tokenizer, processors
+
+    from transformers import PreTrainedTokenizerFast
+
+    cached = load_model(models.SMOLLM2)[1]
+    data = json.loads(cached.backend_tokenizer.to_str())
+    data["model"].update(unk_token="<|endoftext|>", fuse_unk=True, byte_fallback=True)
+    llama_style_backend = Tokenizer.from_str(json.dumps(data))
+    llama_style_backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B", special_tokens=[("<|im_start|>", 1)])
+    llama_style = PreTrainedTokenizerFast(tokenizer_object=llama_style_backend, bos_token="<|im_start|>",
+                                          eos_token="<|im_start|>", unk_token="<|endoftext|>")
+    llama_style.chat_template = cached.chat_template
+    assert llama_style("Hi").input_ids[0] == 1  # the perturbation took
+
+    texts = ["Hello world!", "  spaces\nand newlines\n\n", "Ünïcödé, emoji 🎭, 中文", "<|im_start|>user\nHi<|im_end|>"]
+    messages = [{"role": "system", "content": "You are a bard."}, {"role": "user", "content": "Who are you?"},
+                {"role": "assistant", "content": "A humble singer of tales."}]
+    for source in (cached, llama_style):
+        tok = models._smollm2_tokenizer(source)
+        assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.padding_side) == \
+            ("<|im_start|>", "<|im_end|>", "<|im_end|>", "right")
+        for text in texts:
+            assert tok(text).input_ids == cached(text, add_special_tokens=False).input_ids  # nothing added
+            assert tok.decode(tok(text).input_ids) == text
+        assert "token_type_ids" not in tok(texts[0])
+        assert tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] == \
+            cached.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_an_older_smollm2_cache_is_rebuilt_not_reused(tmp_path, monkeypatch):
+    """A cache without this version's stamp (e.g. one with 5.x's TokenizersBackend class, which 4.57 cannot
+    load) is rebuilt from the GGUF; a current one is reused."""
+    import shutil
+
+    class Rebuilding(Exception):
+        pass
+
+    def gguf_path():
+        raise Rebuilding
+
+    src = models.smollm2_path(progress=False)
+    monkeypatch.setenv("PERSONA_COURSE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "smollm2_gguf_path", gguf_path)
+    cached = tmp_path / "models" / models.SMOLLM2
+    shutil.copytree(src, cached)
+    assert models.smollm2_path(progress=False) == cached  # current stamp: reused
+    (cached / "COURSE_CACHE_VERSION").write_text("1\n")
+    with pytest.raises(Rebuilding):
+        models.smollm2_path(progress=False)

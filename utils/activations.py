@@ -266,12 +266,12 @@ def extract_mean_activations(
 
 
 def extract_mean_embeddings(model, tokenizer, conversations: Sequence[list[Message]]) -> torch.Tensor:
-    """Mean input-token embedding over each response's content tokens: a no-context control.
+    """Mean input embedding over each response's content tokens: a no-context control.
 
-    Uses ``model.get_input_embeddings()`` on the same spans as :func:`extract_mean_activations`.
-    In transformers 4.x Gemma's ``sqrt(d_model)`` scale is applied in the model's forward, while in
-    5.x it is inside the embedding module; the two differ by that constant factor only, which does
-    not change cosine similarities.
+    This is the residual stream's input, ``hidden_states[0]``, on the same spans as
+    :func:`extract_mean_activations`, computed from the embedding matrix alone. Gemma scales its
+    embeddings by ``sqrt(d_model)``: transformers 5.x does it inside the embedding module, 4.x in the
+    model's forward, so it is applied here when the module does not, and both versions agree.
 
     Returns:
         float32 CPU tensor ``[n, d_model]`` in the order of ``conversations``.
@@ -279,9 +279,13 @@ def extract_mean_embeddings(model, tokenizer, conversations: Sequence[list[Messa
     items = _tokenise(conversations, tokenizer)
     embed = model.get_input_embeddings()
     device = embed.weight.device
+    scale = 1.0
+    if not hasattr(embed, "embed_scale") and str(getattr(model.config, "model_type", "")).startswith("gemma"):
+        # As 4.x's Gemma forward does: the scale in the weights' dtype (bf16 rounds it).
+        scale = torch.tensor(model.config.hidden_size ** 0.5, dtype=embed.weight.dtype).item()
     rows = []
     with torch.inference_mode():
         for it in items:
             ids = torch.tensor(it.ids[it.start:it.end], dtype=torch.long, device=device)
-            rows.append(embed(ids).float().mean(0).cpu())
+            rows.append((embed(ids) * scale).float().mean(0).cpu())
     return torch.stack(rows)

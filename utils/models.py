@@ -28,6 +28,8 @@ TINY = "tiny-gemma2"
 SMOLLM2 = "smollm2-135m-instruct"
 OFFLINE_MODELS = (TINY, SMOLLM2)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the dequantised folder's contents change: an older cache is then rebuilt, not reused.
+SMOLLM2_CACHE_VERSION = "2"
 # Gemma 2 27B in bf16 needs ~54 GB for weights, plus activations.
 GEMMA2_27B_MIN_GPU_GB = 60
 
@@ -77,7 +79,13 @@ def save_model_folder(model, out_dir: Path) -> None:
 
 
 def _fix_tokenizer_config_for_4x(out_dir: Path) -> None:
-    """5.x writes ``extra_special_tokens`` as a list, which crashes 4.57: rename it."""
+    """Make a tokenizer folder saved by 5.x load in 4.57 too.
+
+    5.x writes ``extra_special_tokens`` as a list, which crashes 4.57: it becomes
+    ``additional_special_tokens``. 5.x names a fast tokenizer's class ``TokenizersBackend``, which
+    4.57 does not know: it becomes ``PreTrainedTokenizerFast``, which both versions load, with
+    ``model_input_names`` set so that 4.57 returns no ``token_type_ids``.
+    """
     path = out_dir / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
     extra = cfg.pop("extra_special_tokens", None)
@@ -85,7 +93,22 @@ def _fix_tokenizer_config_for_4x(out_dir: Path) -> None:
         cfg.setdefault("additional_special_tokens", extra)
     elif isinstance(extra, dict) and extra:
         cfg["extra_special_tokens"] = extra
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if cfg.get("tokenizer_class") == "PreTrainedTokenizerFast":
+        # 4.57's PreTrainedTokenizerFast also returns token_type_ids, which generate() rejects.
+        cfg.setdefault("model_input_names", ["input_ids", "attention_mask"])
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _drop_gguf_quantization_config(out_dir: Path) -> None:
+    """The dequantised float32 folder is not quantised: drop the ``quantization_config`` the GGUF load left
+    in its config (4.57 warns about the unknown ``gguf`` method on every load)."""
+    path = out_dir / "config.json"
+    cfg = json.loads(path.read_text())
+    if (cfg.get("quantization_config") or {}).get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
 def tiny_gemma2_path() -> Path:
@@ -119,11 +142,45 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _smollm2_tokenizer(gguf_tokenizer):
+    """SmolLM2-Instruct's tokenizer, the same whichever transformers version read the GGUF file.
+
+    The GGUF holds the byte-level BPE vocabulary and merges. 5.x turns them into SmolLM2's own
+    tokenizer; 4.57 builds a Llama-style one instead (a BOS added to every text, byte fallback, no
+    padding token, ``<|im_start|>`` as end of sequence). We keep the vocabulary and merges, and fix the
+    rest to SmolLM2-Instruct's configuration: byte-level pre-tokenizer and decoder, nothing added
+    around a text (the chat template writes its markers), BOS ``<|im_start|>``, EOS and padding
+    ``<|im_end|>`` on the right.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(gguf_tokenizer.backend_tokenizer.to_str())
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    data["normalizer"] = None
+    data["pre_tokenizer"] = byte_level
+    data["post_processor"] = {"type": "TemplateProcessing", "special_tokens": {},
+                              "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}
+    data["decoder"] = dict(byte_level, add_prefix_space=True)
+    data["model"].update(unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
+                         fuse_unk=False, byte_fallback=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", unk_token="<|endoftext|>", padding_side="right", clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"])
+    tokenizer.chat_template = gguf_tokenizer.chat_template
+    return tokenizer
+
+
 def smollm2_path(progress: bool = True) -> Path:
     """Dequantise the GGUF once to a float32 safetensors folder (~17 s), then reuse it (<1 s)."""
     path = cache_dir() / "models" / SMOLLM2
-    if (path / "model.safetensors").exists() and (path / "tokenizer_config.json").exists():
+    stamp = path / "COURSE_CACHE_VERSION"
+    if (path / "model.safetensors").exists() and stamp.exists() and stamp.read_text().strip() == SMOLLM2_CACHE_VERSION:
         return path
+    if path.exists() and progress:
+        print(f"The cached SmolLM2 at {path} was built by an older version of the course: rebuilding it.", flush=True)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,7 +194,7 @@ def smollm2_path(progress: bool = True) -> Path:
         raise ModelLoadError("Loading a GGUF file needs the `gguf` package: `pip install gguf`.") from exc
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                       dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = _smollm2_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
     # save_pretrained refuses GGUF-loaded models: rebuild from the config and copy the weights.
     fresh = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
     missing, unexpected = fresh.load_state_dict(gguf_model.state_dict(), strict=False)
@@ -151,6 +208,8 @@ def smollm2_path(progress: bool = True) -> Path:
     save_model_folder(fresh, tmp)
     tokenizer.save_pretrained(tmp)
     _fix_tokenizer_config_for_4x(tmp)
+    _drop_gguf_quantization_config(tmp)
+    (tmp / "COURSE_CACHE_VERSION").write_text(SMOLLM2_CACHE_VERSION + "\n")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     if progress:
