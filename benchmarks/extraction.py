@@ -79,8 +79,9 @@ def _questions() -> list[str]:
     return [json.loads(line)["question"] for line in lines if line.strip()]
 
 
-def synthetic_conversations(tokenizer, n: int) -> list[list[dict[str, str]]]:
-    """``n`` deterministic conversations whose responses have 100-150 tokens (by this tokenizer)."""
+def synthetic_conversations(tokenizer, n: int, min_response_tokens: int = 100) -> list[list[dict[str, str]]]:
+    """``n`` deterministic conversations whose responses have ``min_response_tokens`` to 50 more tokens
+    (by this tokenizer)."""
     from utils.conversation import chat_messages
 
     prompts, questions = _system_prompts(), _questions()
@@ -88,7 +89,7 @@ def synthetic_conversations(tokenizer, n: int) -> list[list[dict[str, str]]]:
     for i in range(n):
         role, system = prompts[(7 * i) % len(prompts)]
         question = questions[(11 * i) % len(questions)]
-        target = 100 + (37 * i) % 51
+        target = min_response_tokens + (37 * i) % 51
         topic = question.rstrip("?.!").split(" ", 3)[-1].lower()
         parts: list[str] = []
         k = i

@@ -148,7 +148,7 @@ def test_flaky_api_loses_nothing_and_resumes(tmp_path, tiny, monkeypatch):
 def test_gpu_measurement_script_runs_on_a_cpu_at_tiny_shape(capsys):
     from benchmarks import gpu_extraction
 
-    assert gpu_extraction.main(["--shape", "tiny", "--n", "16", "--tokens", "64", "--layer", "3"]) == 0
+    assert gpu_extraction.main(["--shape", "tiny", "--n", "8", "--response-tokens", "40", "--layer", "3"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tokens_per_s"] > 0 and result["blocks_built"] == 4 and result["layer"] == 3
     assert result["projected_hours_for_paper_scale"] > 0
