@@ -83,8 +83,7 @@ def _fix_tokenizer_config_for_4x(out_dir: Path) -> None:
 
     5.x writes ``extra_special_tokens`` as a list, which crashes 4.57: it becomes
     ``additional_special_tokens``. 5.x names a fast tokenizer's class ``TokenizersBackend``, which
-    4.57 does not know: it becomes ``PreTrainedTokenizerFast``, which both versions load, with
-    ``model_input_names`` set so that 4.57 returns no ``token_type_ids``.
+    4.57 does not know: it becomes ``PreTrainedTokenizerFast``, which both versions load.
     """
     path = out_dir / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
@@ -95,9 +94,6 @@ def _fix_tokenizer_config_for_4x(out_dir: Path) -> None:
         cfg["extra_special_tokens"] = extra
     if cfg.get("tokenizer_class") == "TokenizersBackend":
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    if cfg.get("tokenizer_class") == "PreTrainedTokenizerFast":
-        # 4.57's PreTrainedTokenizerFast also returns token_type_ids, which generate() rejects.
-        cfg.setdefault("model_input_names", ["input_ids", "attention_mask"])
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
@@ -150,7 +146,7 @@ def _smollm2_tokenizer(gguf_tokenizer):
     padding token, ``<|im_start|>`` as end of sequence). We keep the vocabulary and merges, and fix the
     rest to SmolLM2-Instruct's configuration: byte-level pre-tokenizer and decoder, nothing added
     around a text (the chat template writes its markers), BOS ``<|im_start|>``, EOS and padding
-    ``<|im_end|>`` on the right.
+    ``<|im_end|>`` on the right, and no ``token_type_ids`` (4.57's ``generate`` rejects them).
     """
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
