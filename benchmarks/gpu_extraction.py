@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     shape = GEMMA2_27B_SHAPE if a.shape == "gemma2-27b" else TINY_SHAPE
     layer = a.layer if a.shape == "gemma2-27b" else min(a.layer, shape["num_hidden_layers"] - 1)
+    if layer < 1:
+        p.error("--layer must be at least 1: the correctness check compares layer - 1 with hidden_states[layer]")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.shape == "gemma2-27b" and device == "cpu":
         raise SystemExit("The gemma2-27b shape needs a CUDA GPU (~30 GB for the first 23 blocks). "

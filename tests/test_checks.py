@@ -9,12 +9,20 @@ from tests import part1_persona_space as checks
 from tests.part1_persona_space import CheckFailure
 
 
+TOKENIZER_CHECKS = ("test_normalize_messages", "test_format_messages_response_index")  # called as check(fn, tokenizer)
+
+
+def _takes_model(check_name) -> bool:
+    """Extraction checks take (fn, model, tokenizer, d_model, num_layers)."""
+    return check_name.startswith("test_extract")
+
+
 def _run(check_name, fn, tiny):
     model, tok = tiny
     check = getattr(checks, check_name)
-    if check_name in ("test_normalize_messages", "test_format_messages_response_index"):
+    if check_name in TOKENIZER_CHECKS:
         return check(fn, tok)
-    if check_name.startswith("test_extract"):
+    if _takes_model(check_name):
         return check(fn, model, tok, model.config.hidden_size, model.config.num_hidden_layers)
     return check(fn)
 
@@ -76,9 +84,7 @@ def test_check_passes_the_reference(check_name, reference, tiny, capsys):
     assert "all checks passed" in capsys.readouterr().out
 
 
-MODEL_CHECKS = [name for name in CHECKS
-                if name in ("test_normalize_messages", "test_format_messages_response_index")
-                or name.startswith("test_extract")]
+MODEL_CHECKS = [name for name in CHECKS if name in TOKENIZER_CHECKS or _takes_model(name)]
 
 
 @pytest.fixture(scope="module")
