@@ -9,7 +9,11 @@ How the checks work:
   from the reference solution by ``make fixtures`` and kept current by the test suite), from literal
   cases written out here, and from properties every correct answer has.
 - A failing check raises :class:`CheckFailure` (an ``AssertionError``) whose message names the likely
-  mistake, shows expected against actual, and points to the notebook section that explains it.
+  mistake, shows expected against actual, and points to the notebook section that explains it. It shows
+  as that message in the notebook, not as a traceback through this file (``tests/checking.py``).
+- Each check grades its own exercise: where an exercise calls an earlier one, the check swaps in the
+  course's reference for the earlier one while it runs, and a learner's function that hangs fails its
+  check within ``COURSE_CHECK_TIMEOUT`` seconds.
 """
 
 from __future__ import annotations
@@ -63,45 +67,30 @@ PERSONA_CASE = dict(
 )
 
 
-class CheckFailure(AssertionError):
-    """A check found a mistake; the message says which, and how to fix it."""
+from tests.checking import (CheckFailure, call as _call, check, clip as _clip, fail as _fail,  # noqa: E402
+                            limited, passed as _passed, short as _short)
 
 
-def _fail(message: str, section: str | None = None, cause: BaseException | None = None) -> None:
-    where = f"\n(See {section} in the notebook.)" if section else ""
-    raise CheckFailure(message + where) from cause
+# --------------------------------------------------------------------------------------------------
+# The course's references for earlier exercises (its utils machinery), swapped in by checks of later ones
+# --------------------------------------------------------------------------------------------------
+
+def _reference_normalize_messages(messages, tokenizer):
+    from utils.conversation import normalize_messages
+
+    return normalize_messages(messages, tokenizer)
 
 
-def _call(what: str, section: str, hint: str, fn, *args, **kwargs):
-    """Call the learner's function; an unexpected exception becomes a CheckFailure that says what was being
-    checked (the original traceback stays attached, as the cause)."""
-    try:
-        with torch.random.fork_rng(devices=[]):  # seeded, so randomised answers (torch.pca_lowrank) are reproducible,
-            torch.manual_seed(0)                  # and the learner's own random state is left as it was
-            return fn(*args, **kwargs)
-    except (NotImplementedError, CheckFailure):
-        raise
-    except Exception as exc:
-        _fail(f"{what} raised {type(exc).__name__}: {_clip(str(exc))}{' ' + hint if hint else ''}", section, exc)
+def _reference_format_messages(messages, tokenizer):
+    from utils.conversation import format_messages
+
+    return format_messages(messages, tokenizer)
 
 
-def _clip(text: str, n: int = 240) -> str:
-    return text if len(text) <= n else text[: n - 3] + "..."
+def _reference_batched(model, tokenizer, conversations, layer, batch_size=8):
+    from utils.activations import extract_mean_activations
 
-
-def _short(x, n: int = 6) -> str:
-    if isinstance(x, torch.Tensor):
-        if x.device.type == "meta":
-            return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device=meta)"
-        flat = x.detach().cpu().flatten()[:n].float().tolist()
-        where = "" if x.device.type == "cpu" else f", device={x.device}"
-        return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype}{where}, first={[round(v, 4) for v in flat]})"
-    text = repr(x)
-    return text if len(text) < 160 else text[:157] + "..."
-
-
-def _passed(name: str) -> None:
-    print(f"✓ {name}: all checks passed")
+    return extract_mean_activations(model, tokenizer, conversations, layer, batch_size=batch_size, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +235,7 @@ class FakeChatClient:
 # Exercise 1: the judge
 # --------------------------------------------------------------------------------------------------
 
+@check("Exercise 1 (the judge template)")
 def test_judge_prompt_template(template: str) -> None:
     import string
 
@@ -307,12 +297,13 @@ JUDGE_CASES = [  # (reply, expected score or None for "must raise", what a wrong
 ]
 
 
+@check("Exercise 1 (judge_role_response)")
 def test_judge_role_response(fn) -> None:
     section = "Section 1, Exercise 1"
     for reply, expected, meaning in JUDGE_CASES:
         client = FakeJudgeClient(reply)
         try:
-            got = fn("What is law?", "Hear ye!", "bard", client, "judge-model")
+            got = limited(fn, section)("What is law?", "Hear ye!", "bard", client, "judge-model")
         except NotImplementedError:
             raise
         except CheckFailure:
@@ -365,6 +356,7 @@ def test_judge_role_response(fn) -> None:
 # Exercise 2: generation
 # --------------------------------------------------------------------------------------------------
 
+@check("Exercise 2a")
 def test_generate_response_api(fn) -> None:
     section = "Section 2, Exercise 2a"
     what = "generate_response_api"
@@ -409,7 +401,7 @@ def test_generate_response_api(fn) -> None:
     for reply in ("", "   \n", None):
         client = FakeChatClient(reply=reply)
         try:
-            got = fn(client, "some/model", "You are a bard.", "What is law?")
+            got = limited(fn, section)(client, "some/model", "You are a bard.", "What is law?")
         except (NotImplementedError, CheckFailure):
             raise
         except ValueError:
@@ -423,7 +415,7 @@ def test_generate_response_api(fn) -> None:
     # Failures propagate.
     client = FakeChatClient()
     try:
-        got = fn(client, "some/model", "You are a bard.", "FAIL please")
+        got = limited(fn, section)(client, "some/model", "You are a bard.", "FAIL please")
     except Exception as exc:  # the client's RuntimeError, or your own error type wrapping it
         if isinstance(exc, (NotImplementedError, CheckFailure)):
             raise
@@ -433,13 +425,14 @@ def test_generate_response_api(fn) -> None:
     _passed("test_generate_response_api")
 
 
+@check("Exercise 2b")
 def test_generate_all_responses(fn) -> None:
     section = "Section 2, Exercise 2b"
     personas = {"default_empty": "", "bard": "You are a bard.", "ghost": "You are a ghost."}
     questions = ["What is law?", "FAIL on purpose", "Describe the sea.", "EMPTY reply please"]
     client = FakeChatClient(barrier=True)
     try:
-        result = fn(client, "some/model", personas, questions, max_workers=4, max_tokens=21)
+        result = limited(fn, section)(client, "some/model", personas, questions, max_workers=4, max_tokens=21)
     except (NotImplementedError, CheckFailure):
         raise
     except Exception as exc:  # which failed call escapes first varies from run to run: the message must not
@@ -531,6 +524,7 @@ NORMALIZE_CASES = [  # (description, messages, expected without system role, exp
 ]
 
 
+@check("Exercise 3 (_normalize_messages)")
 def test_normalize_messages(fn, tokenizer=None) -> None:
     from utils.conversation import supports_system_role
 
@@ -598,6 +592,8 @@ def _expected_start(full_prompt: str, tokenizer, messages) -> tuple[list[int], i
     return enc["input_ids"], start
 
 
+@check("Exercise 3 (format_messages)", uses={"_normalize_messages": ("Exercise 3 (_normalize_messages)",
+                                                                    lambda: _reference_normalize_messages)})
 def test_format_messages_response_index(fn, tokenizer=None) -> None:
     from utils.conversation import merge_system_prompt, supports_system_role
 
@@ -804,6 +800,7 @@ def _learner_model_smoke(fn, model, tokenizer, d_model, num_layers, section, nam
     _check_activation_tensor(got, len(convs), d_model, section, f"{name} on your model")
 
 
+@check("Exercise 4a", uses={"format_messages": ("Exercise 3 (format_messages)", lambda: _reference_format_messages)})
 def test_extract_response_activations(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 4, Exercise 4a"
     name = "extract_response_activations"
@@ -862,6 +859,7 @@ def _padding_diagnosis(got, expected, side: str, tokenizer) -> str | None:
             "offset by its own padding, and never average over padding.")
 
 
+@check("Exercise 4b", uses={"format_messages": ("Exercise 3 (format_messages)", lambda: _reference_format_messages)})
 def test_extract_response_activations_batched(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 4, Exercise 4b"
     name = "extract_response_activations_batched"
@@ -896,13 +894,14 @@ def test_extract_response_activations_batched(fn, model=None, tokenizer=None, d_
 # Exercise 5: persona vectors
 # --------------------------------------------------------------------------------------------------
 
+@check("Exercise 5", uses={"extract_response_activations_batched": ("Exercise 4b", lambda: _reference_batched)})
 def test_extract_persona_vectors(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 5, Exercise 5"
     tiny, tiny_tok = tiny_gemma2()
     case = copy.deepcopy(PERSONA_CASE)
     kept_text = "(bard keeps questions 0 and 2; ghost keeps 0 and 1; default_empty is unjudged and keeps all 3.)"
     try:
-        got = fn(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], case["scores"],
+        got = limited(fn, section)(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], case["scores"],
                  case["layer"], min_score=3, batch_size=4)
     except (NotImplementedError, CheckFailure):
         raise
@@ -925,7 +924,7 @@ def test_extract_persona_vectors(fn, model=None, tokenizer=None, d_model=None, n
     scores = dict(case["scores"])
     scores.update({("ghost", q): 1 for q in range(3)})
     try:
-        result = fn(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], scores, case["layer"],
+        result = limited(fn, section)(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], scores, case["layer"],
                     min_score=3)
     except (NotImplementedError, CheckFailure):
         raise
@@ -992,6 +991,7 @@ def _check_square(got, n: int, section: str, name: str) -> None:
         _fail(f"{name} returned {got.dtype}; compute in float32.", section)
 
 
+@check("Exercise 6a (raw cosine)")
 def test_compute_cosine_similarity_matrix(fn) -> None:
     section = "Section 6, Exercise 6a"
     name = "compute_cosine_similarity_matrix"
@@ -1023,6 +1023,7 @@ def test_compute_cosine_similarity_matrix(fn) -> None:
     _passed("test_compute_cosine_similarity_matrix")
 
 
+@check("Exercise 6a (centred cosine)")
 def test_compute_cosine_similarity_matrix_centered(fn) -> None:
     section = "Section 6, Exercise 6a"
     name = "compute_cosine_similarity_matrix_centered"
@@ -1049,6 +1050,7 @@ def test_compute_cosine_similarity_matrix_centered(fn) -> None:
     _passed("test_compute_cosine_similarity_matrix_centered")
 
 
+@check("Exercise 6b")
 def test_pca_decompose_persona_vectors(fn) -> None:
     section = "Section 6, Exercise 6b"
     v = _geometry_inputs()
@@ -1103,6 +1105,7 @@ def test_pca_decompose_persona_vectors(fn) -> None:
     _passed("test_pca_decompose_persona_vectors")
 
 
+@check("Exercise 6c (compute_assistant_axis)")
 def test_compute_assistant_axis(fn) -> None:
     section = "Section 6, Exercise 6c"
     v = _geometry_inputs()
@@ -1128,6 +1131,7 @@ def test_compute_assistant_axis(fn) -> None:
     _passed("test_compute_assistant_axis")
 
 
+@check("Exercise 6c (characterize_axis)")
 def test_characterize_axis(fn) -> None:
     section = "Section 6, Exercise 6c"
     v = _geometry_inputs()
@@ -1167,6 +1171,7 @@ def test_characterize_axis(fn) -> None:
 # Exercises 7 and 8: traits and AUC
 # --------------------------------------------------------------------------------------------------
 
+@check("Exercise 7")
 def test_compute_trait_vector(fn) -> None:
     section = "Section 7, Exercise 7"
     v = _geometry_inputs()
@@ -1199,6 +1204,7 @@ AUC_CASES = [  # scores, positive labels, AUC
 ]
 
 
+@check("Exercise 8")
 def test_axis_auc(fn) -> None:
     section = "Section 8, Exercise 8"
     for scores, labels, expected in AUC_CASES:
@@ -1209,7 +1215,7 @@ def test_axis_auc(fn) -> None:
                 hint = " You have the classes swapped: positives should score higher for AUC 1."
             _fail(f"axis_auc({scores}, {labels}) should be the float {expected:.4f}; got {_short(got)}.{hint}", section)
     try:
-        got = fn(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))
+        got = limited(fn, section)(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))
     except (NotImplementedError, CheckFailure):
         raise
     except ValueError:
@@ -1233,7 +1239,7 @@ def hidden_test_judge_with_every_paper_prompt(fn) -> None:
 
     for name, role in load_roles().items():
         client = FakeJudgeClient("3")
-        got = fn("Q?", "A.", name, client, "judge-model", eval_prompt=role.judge_prompt)
+        got = limited(fn)("Q?", "A.", name, client, "judge-model", eval_prompt=role.judge_prompt)
         sent = client.calls[0]["messages"][-1]["content"]
         if got != 3 or sent != role.judge_prompt.format(question="Q?", answer="A."):
             _fail(f"The paper's judge prompt for {name!r} was not filled or parsed correctly (returned {got!r}; "
@@ -1247,7 +1253,7 @@ def hidden_test_extract_batch_sizes(fn) -> None:
     expected = fixture("extract_expected")
     for side in ("left", "right"):
         for batch_size in (1, 2, 5, 8):
-            got = fn(tiny, _with_padding_side(tiny_tok, side), copy.deepcopy(EXTRACTION_CONVERSATIONS),
+            got = limited(fn)(tiny, _with_padding_side(tiny_tok, side), copy.deepcopy(EXTRACTION_CONVERSATIONS),
                      EXTRACTION_LAYER, batch_size=batch_size)
             if not isinstance(got, torch.Tensor) or got.shape != expected.shape or \
                     not torch.allclose(got, expected, atol=ATOL, rtol=ATOL):

@@ -70,6 +70,20 @@ def merge_system_prompt(messages: list[Message], system_supported: bool) -> list
     return rest
 
 
+def normalize_messages(messages: list[Message], tokenizer) -> list[Message]:
+    """Messages this tokenizer's template accepts: :func:`merge_system_prompt`, deciding the system role
+    from the template (the course's reference for Part 1's ``_normalize_messages``)."""
+    return merge_system_prompt(messages, supports_system_role(tokenizer))
+
+
+def format_messages(messages: list[Message], tokenizer) -> tuple[str, int]:
+    """The templated conversation and the token index where its last message's content starts (in
+    ``encode(full_prompt)``): the course's reference for Part 1's ``format_messages``."""
+    full_prompt = render(messages, tokenizer)
+    prefix = render(messages[:-1], tokenizer, add_generation_prompt=True)
+    return full_prompt, len(encode(prefix, tokenizer))
+
+
 def chat_messages(system_prompt: str, question: str, response: str | None = None) -> list[Message]:
     """The course's one-turn conversation: optional system prompt, a question, optional response."""
     msgs = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]

@@ -1,0 +1,98 @@
+"""The shared check machinery (tests/checking.py): rendering, time limits, one grade per exercise."""
+
+from __future__ import annotations
+
+import linecache
+import time
+
+import pytest
+
+from tests import checking
+from tests.checking import CheckFailure
+
+
+def _learner_namespace(source: str) -> dict:
+    """Run ``source`` as a notebook cell would (IPython also registers cell sources with linecache)."""
+    filename = "/tmp/ipykernel_0/learner_cell.py"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+def test_failure_renders_as_its_message_without_check_frames():
+    with pytest.raises(CheckFailure) as info:
+        checking.fail("Your mask includes padding.", "Section 4")
+    lines = info.value._render_traceback_()
+    text = "\n".join(lines)
+    assert "Your mask includes padding." in text and "(See Section 4 in the notebook.)" in text
+    assert "tests/checking.py" not in text and "Traceback" not in text and "_fail(" not in text
+
+
+def test_learner_frames_stay_visible_when_their_code_raised():
+    ns = _learner_namespace("def f(x):\n    return x['missing']\n")
+    with pytest.raises(CheckFailure) as info:
+        checking.call("f on a dict", "Section 1", "", ns["f"], {})
+    text = "\n".join(info.value._render_traceback_())
+    assert "f on a dict raised KeyError" in text
+    assert "learner_cell.py" in text and "return x['missing']" in text  # the learner's frame
+    assert "checking.py" not in text  # not the check's
+
+
+def test_a_hang_fails_within_the_limit_and_later_calls_fail_at_once(monkeypatch):
+    monkeypatch.setenv("COURSE_CHECK_TIMEOUT", "0.5")
+    ns = _learner_namespace("def spin(n):\n    while True:\n        n += 1\n")
+    start = time.monotonic()
+    with pytest.raises(CheckFailure, match="did not return within 0.5 s"):
+        checking.call("spin(1)", "Section 2", "", ns["spin"], 1)
+    assert time.monotonic() - start < 5
+    assert getattr(ns["spin"], "__course_hung__", False), "the notebook's name now points at the stand-in"
+    start = time.monotonic()
+    with pytest.raises(CheckFailure, match="re-run the cell that defines spin"):
+        ns["spin"](1)  # a later cell calling it
+    assert time.monotonic() - start < 0.5
+
+
+def test_a_learner_except_exception_cannot_swallow_the_time_limit(monkeypatch):
+    monkeypatch.setenv("COURSE_CHECK_TIMEOUT", "0.3")
+    ns = _learner_namespace("def stubborn():\n    while True:\n        try:\n            time.sleep(0.01)\n"
+                            "        except Exception:\n            pass\nimport time\n")
+    with pytest.raises(CheckFailure, match="did not return"):
+        checking.limited(ns["stubborn"], "Section 2")()
+
+
+def test_bad_timeout_setting_is_named(monkeypatch):
+    monkeypatch.setenv("COURSE_CHECK_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="COURSE_CHECK_TIMEOUT"):
+        checking.timeout_seconds()
+
+
+def test_using_reference_swaps_in_and_restores_and_says_so(capsys):
+    ns = _learner_namespace("def helper(x):\n    return -1\n\ndef outer(x):\n    return helper(x) + 1\n")
+    learner_helper = ns["helper"]
+    checking.RESULTS["Exercise 9 (helper)"] = False
+    with checking.using_reference(ns["outer"], "helper", lambda x: x * 10, "Exercise 9 (helper)"):
+        assert ns["outer"](2) == 21
+    assert ns["helper"] is learner_helper
+    assert "Exercise 9 (helper) is still wrong; this check used the course's reference" in capsys.readouterr().out
+    # Restored on an exception too.
+    with pytest.raises(RuntimeError):
+        with checking.using_reference(ns["outer"], "helper", lambda x: x, "Exercise 9 (helper)"):
+            raise RuntimeError
+    assert ns["helper"] is learner_helper
+
+
+def test_check_records_results_and_grades_on_its_own_merit():
+    @checking.check("Exercise 99", uses={"helper": ("Exercise 98", lambda: (lambda x: x * 10))})
+    def check_outer(fn):
+        if fn(2) != 21:
+            checking.fail("outer is wrong")
+        checking.passed("check_outer")
+
+    ns = _learner_namespace("def helper(x):\n    return -1\n\ndef outer(x):\n    return helper(x) + 1\n")
+    check_outer(ns["outer"])  # the learner's helper is wrong, but outer is right
+    assert checking.RESULTS["Exercise 99"] is True
+    ns2 = _learner_namespace("def helper(x):\n    return x * 10\n\ndef outer(x):\n    return helper(x)\n")
+    with pytest.raises(CheckFailure):
+        check_outer(ns2["outer"])
+    assert checking.RESULTS["Exercise 99"] is False
