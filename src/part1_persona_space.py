@@ -49,10 +49,37 @@
 #
 # ## How the exercises work
 #
-# Each exercise is a function with a docstring that states what goes in and what comes out (with
-# tensor shapes). Replace `raise NotImplementedError()` with your code, then run the check in the
-# next cell. A check runs offline in a few seconds and tells you what it expected, what it got, and
-# the likely mistake. Questions marked **Think first** are for you to answer before running a cell.
+# Each exercise is a function with a docstring that states what goes in and what comes out. Tensor
+# shapes are in the signature, with [jaxtyping](https://docs.kidger.site/jaxtyping/):
+# `Float[Tensor, "n_personas d_model"]` is a float tensor with one row per persona. Replace
+# `raise NotImplementedError()` with your code, then run the check in the next cell. A check runs
+# offline in a few seconds and tells you what it expected, what it got, and the likely mistake.
+# Questions marked **Think first** are for you to answer before running a cell. `einops` and
+# scikit-learn's `PCA` are imported for you; plain torch or numpy is accepted everywhere too.
+#
+# ## Coming from the ARENA text?
+#
+# This notebook follows ARENA's *Persona vectors & the Assistant Axis* exercises, and its function
+# names. Where a signature or a convention differs, it is for one of the reasons below. Every one of
+# the text's own solutions is run through these checks in the course's test suite
+# (`tests/test_arena_text.py`): the PCA and `characterize_axis` solutions pass as they are, and each
+# of the others fails with the message that names its difference.
+#
+# | here | in the text | why |
+# |---|---|---|
+# | **layer i = `hidden_states[i + 1]`**, the output of `model.model.layers[i]` | `hidden_states[layer]`, the *input* to block `layer` | the paper's convention (its "layer 22" is block 22's output, and its vectors and steering use it). Reading `hidden_states[layer]` is one block early |
+# | batched masks built from each row's **own token span, offset by its padding** | `position >= response_start_idx` | Gemma pads on the **left**: the text's mask is shifted by the padding there (prompt tokens in, the last response tokens out), and with no end it also takes in the end-of-turn tokens and any right padding |
+# | the mean is over the response's **content tokens** only | up to the end of the sequence | the paper's span: no `<end_of_turn>` tokens in the mean |
+# | templated text is tokenised with `add_special_tokens=False` | the default (`True`) | the template already starts with `<bos>`: a second BOS changes every activation and shifts every index by one |
+# | geometry and trait vectors in **float32**, whatever the input dtype | the vectors' own dtype | the text's persona vectors stay bf16 on a GPU, so its cosines are computed in bf16 (about 3 significant digits) |
+# | `generate_response_api(client, model_name, ...)`, `judge_role_response(..., client, judge_model, ...)` | a global `openrouter_client` | the same code runs offline: the notebook passes a local client (batched `generate`) and a rule-based judge when there is no API key, and the checks pass fake clients |
+# | `generate_all_responses` returns `(responses, failures)` | one dict, with `""` for a failed call | a failed call stored as `""` is later judged, or averaged over, as if it were an answer |
+# | Gemma's system prompt is merged into the first user turn **here**, and kept as a system message for models whose template has one | always merged (and left to the API for generation) | generation and extraction must see the same prompt, so both use one rule; SmolLM2 has a system role. So `_normalize_messages` takes the tokenizer |
+# | the judge also fills the paper's per-role judge prompts (`eval_prompt`, slots `{question}` and `{answer}`), and reads `<score>N</score>` anywhere in the reply | its own template only; the score on the first line | the paper judged each role with its own prompt; judges often explain before they score |
+# | the judge template shows the role as `**{character}**` and the answer between `[ANSWER START]` and `[ANSWER END]` | free layout | the layout of the paper's prompts, which the offline stand-in judge reads |
+# | extraction takes **conversations** (lists of messages) | three parallel lists (system prompts, questions, responses) | one formatting path for one-turn answers, the no-system-prompt control of Section 8, and Part 2's multi-turn transcripts |
+# | `extract_persona_vectors` keeps a response whose key is **not in `scores`** | counts it as score 0 | the defaults are never judged (as in the paper) and keep all their responses; responses whose judging *failed* are removed before this call |
+# | `pca_decompose_persona_vectors` returns `(pca_coords, pca)` | `(assistant_axis, pca_coords, pca)` | one idea per exercise: the axis is Exercise 6c. Returning the text's triple is accepted too |
 
 # %%
 import json
@@ -60,9 +87,13 @@ import os
 import time
 from pathlib import Path
 
+import einops
 import numpy as np
 import torch
 from IPython.display import display
+from jaxtyping import Bool, Float
+from sklearn.decomposition import PCA
+from torch import Tensor
 
 import tests.part1_persona_space as checks
 from utils import choose_model, default_layer, load_model, short_model_name
@@ -529,7 +560,7 @@ print(f"{len(ids)} tokens; exactly one BOS: {ids.count(tokenizer.bos_token_id) <
 # %% nbgrader={"grade": false, "grade_id": "ex_extract_single", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def extract_response_activations(
     model, tokenizer, conversations: list[list[dict[str, str]]], layer: int
-) -> torch.Tensor:
+) -> Float[Tensor, "n_conversations d_model"]:
     """Mean residual-stream activation over each conversation's response content tokens.
 
     Args:
@@ -537,7 +568,7 @@ def extract_response_activations(
         layer: block index; use the output of ``model.model.layers[layer]`` (= ``hidden_states[layer + 1]``).
 
     Returns:
-        float32 CPU tensor of shape [len(conversations), d_model].
+        float32 CPU tensor of shape [n_conversations, d_model], one row per conversation.
     """
     ### BEGIN SOLUTION
     device = next(model.parameters()).device
@@ -566,41 +597,52 @@ checks.test_extract_response_activations(extract_response_activations, model, to
 # the padding length, pulls prompt tokens into the mean and drops the last response tokens. Build each
 # row's mask from its own token span, offset by its own padding, and never average over padding.
 #
+# As in the ARENA text, `einops` makes the position grid say what it is:
+# `einops.repeat(torch.arange(seq_len), "seq -> batch seq", batch=batch_size)` gives every row the
+# positions `0..seq_len-1`; compare it with each row's start and end, `[batch, 1]`, to get a
+# `Bool[Tensor, "batch seq"]` mask. Then the masked sum over positions is
+# `einops.einsum(hidden, mask, "batch seq d_model, batch seq -> batch d_model")`.
+#
 # **Think first:** why must `attention_mask` be passed to the model too, and what happens to position
 # ids under left padding?
 
 # %% nbgrader={"grade": false, "grade_id": "ex_extract_batched", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def extract_response_activations_batched(
     model, tokenizer, conversations: list[list[dict[str, str]]], layer: int, batch_size: int = 8
-) -> torch.Tensor:
+) -> Float[Tensor, "n_conversations d_model"]:
     """Same result as ``extract_response_activations`` (to float32 tolerance), computed in padded batches.
 
     Works for either ``tokenizer.padding_side``. Pass the attention mask to the model.
 
     Returns:
-        float32 CPU tensor of shape [len(conversations), d_model], in the input order.
+        float32 CPU tensor of shape [n_conversations, d_model], in the order of ``conversations``.
     """
     ### BEGIN SOLUTION
     device = next(model.parameters()).device
     suffix = turn_suffix_len(tokenizer)
     out = []
     for b in range(0, len(conversations), batch_size):
-        prompts, spans = [], []
+        prompts, starts, lengths = [], [], []
         for messages in conversations[b:b + batch_size]:
             full_prompt, start = format_messages(messages, tokenizer)
-            n = len(tokenizer(full_prompt, add_special_tokens=False).input_ids)
             prompts.append(full_prompt)
-            spans.append((start, n - suffix, n))
+            starts.append(start)
+            lengths.append(len(tokenizer(full_prompt, add_special_tokens=False).input_ids))
         enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-        width = enc.input_ids.shape[1]
-        mask = torch.zeros(len(prompts), width, device=device)
-        for row, (start, end, n) in enumerate(spans):
-            offset = width - n if tokenizer.padding_side == "left" else 0
-            mask[row, offset + start:offset + end] = 1.0
+        batch, seq_len = enc.input_ids.shape
+        lengths_t, starts_t = torch.tensor(lengths), torch.tensor(starts)
+        # Left padding puts (seq_len - length) pad tokens before a row's tokens; right padding puts them after.
+        offset = seq_len - lengths_t if tokenizer.padding_side == "left" else torch.zeros_like(lengths_t)
+        span_start = einops.rearrange(offset + starts_t, "batch -> batch 1")
+        span_end = einops.rearrange(offset + lengths_t - suffix, "batch -> batch 1")
+        positions = einops.repeat(torch.arange(seq_len), "seq -> batch seq", batch=batch)
+        mask: Bool[Tensor, "batch seq"] = (positions >= span_start) & (positions < span_end)
         with torch.inference_mode():
             hidden = model(**enc, output_hidden_states=True).hidden_states[layer + 1].float()
-        sums = (hidden * mask[:, :, None]).sum(dim=1)
-        out.append((sums / mask.sum(dim=1, keepdim=True)).cpu())
+        weights = mask.to(device=hidden.device, dtype=torch.float32)
+        sums = einops.einsum(hidden, weights, "batch seq d_model, batch seq -> batch d_model")
+        counts = einops.reduce(weights, "batch seq -> batch 1", "sum")
+        out.append((sums / counts).cpu())
     return torch.cat(out)
     ### END SOLUTION
 
@@ -629,17 +671,17 @@ def extract_persona_vectors(
     personas: dict[str, str],
     questions: list[str],
     responses: dict[tuple[str, int], str],
-    scores: dict[tuple[str, int], int],
     layer: int,
-    min_score: int = 3,
+    scores: dict[tuple[str, int], int] | None = None,
+    score_threshold: int = 3,
     batch_size: int = 8,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, Float[Tensor, "d_model"]]:
     """One mean-activation vector per persona.
 
-    A response ``responses[(persona, q_idx)]`` is kept if its key is not in ``scores`` (unjudged, e.g. the
-    defaults) or if ``scores[key] >= min_score``. Use ``extract_response_activations_batched`` on the
-    conversations ``[system, user, assistant]`` built from ``personas[persona]``, ``questions[q_idx]``
-    and the response.
+    A response ``responses[(persona, q_idx)]`` is kept if ``scores`` is None, if its key is not in
+    ``scores`` (unjudged, e.g. the defaults), or if ``scores[key] >= score_threshold``. Use
+    ``extract_response_activations_batched`` (or ``extract_response_activations``) on the conversations
+    ``[system, user, assistant]`` built from ``personas[persona]``, ``questions[q_idx]`` and the response.
 
     Returns:
         persona name -> float32 tensor of shape [d_model], for every persona in ``personas``.
@@ -648,10 +690,13 @@ def extract_persona_vectors(
         ValueError: naming every persona with no response left after filtering.
     """
     ### BEGIN SOLUTION
-    kept = [key for key in responses if key[0] in personas and (key not in scores or scores[key] >= min_score)]
+    scores = {} if scores is None else scores
+    kept = [key for key in responses
+            if key[0] in personas and (key not in scores or scores[key] >= score_threshold)]
     empty = [p for p in personas if not any(key[0] == p for key in kept)]
     if empty:
-        raise ValueError(f"No responses left after filtering (min_score={min_score}) for persona(s): {empty}.")
+        raise ValueError(f"No responses left after filtering (score_threshold={score_threshold}) for "
+                         f"persona(s): {empty}.")
     conversations = [
         [{"role": "system", "content": personas[p]}, {"role": "user", "content": questions[q]},
          {"role": "assistant", "content": responses[(p, q)]}]
@@ -673,7 +718,9 @@ checks.test_extract_persona_vectors(extract_persona_vectors, model, tokenizer, D
 
 # %%
 MIN_SCORE = int(os.environ.get("COURSE_MIN_SCORE", 3 if USE_API else 2))
-kept_counts = {p: sum(1 for k in responses if k[0] == p and (k not in scores or scores[k] >= MIN_SCORE))
+# A role response whose judging failed has no score. Leave it out: kept, it would count as unjudged.
+judged_responses = {k: v for k, v in responses.items() if k not in judge_failures}
+kept_counts = {p: sum(1 for k in judged_responses if k[0] == p and (k not in scores or scores[k] >= MIN_SCORE))
                for p in PERSONAS}
 dropped = [p for p, n in kept_counts.items() if n == 0]
 if dropped:
@@ -681,8 +728,8 @@ if dropped:
 ACTIVE = {p: s for p, s in PERSONAS.items() if p not in dropped}
 print("responses kept per persona:", kept_counts)
 with timer("extract"):
-    persona_vectors = extract_persona_vectors(model, tokenizer, ACTIVE, QUESTIONS, responses, scores, LAYER,
-                                              min_score=MIN_SCORE, batch_size=8)
+    persona_vectors = extract_persona_vectors(model, tokenizer, ACTIVE, QUESTIONS, judged_responses, LAYER, scores,
+                                              score_threshold=MIN_SCORE, batch_size=8)
 names = list(persona_vectors)
 vectors = torch.stack([persona_vectors[n] for n in names])  # [n_personas, d_model], float32
 print(f"persona vectors: {tuple(vectors.shape)}, mean norm {vectors.norm(dim=1).mean():.1f}")
@@ -694,35 +741,47 @@ print(f"persona vectors: {tuple(vectors.shape)}, mean norm {vectors.norm(dim=1).
 #
 # All persona vectors share a large common component (the residual stream's mean direction), so raw
 # cosine similarities are all close to 1 and say little. **Centre first**: subtract the mean over
-# personas (dimension 0), then compare. Work in float32.
+# personas (dimension 0), then compare. Work in float32 whatever the vectors' dtype (bf16 keeps only
+# about 3 significant digits). Both functions take the dict of persona vectors, as in the ARENA text,
+# and return the matrix with the names in the order of its rows. The mean over personas is
+# `einops.reduce(vectors, "n_personas d_model -> d_model", "mean")`, or `vectors.mean(dim=0)`.
 
 # %% nbgrader={"grade": false, "grade_id": "ex_cosine", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def compute_cosine_similarity_matrix(vectors: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity between every pair of rows.
+def compute_cosine_similarity_matrix(
+    persona_vectors: dict[str, Float[Tensor, "d_model"]],
+) -> tuple[Float[Tensor, "n_personas n_personas"], list[str]]:
+    """Cosine similarity between every pair of persona vectors.
 
     Args:
-        vectors: [n, d_model].
+        persona_vectors: persona name -> [d_model] vector (any float dtype).
     Returns:
-        float32 [n, n], symmetric, ones on the diagonal.
+        (similarity, names): float32 [n_personas, n_personas], symmetric with ones on the diagonal, and
+        the persona names in the order of its rows (the dict's order).
     """
     ### BEGIN SOLUTION
-    v = vectors.float()
-    v = v / v.norm(dim=1, keepdim=True)
-    return v @ v.T
+    names = list(persona_vectors)
+    vectors = torch.stack([persona_vectors[name] for name in names]).float()
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    return einops.einsum(unit, unit, "i d_model, j d_model -> i j"), names
     ### END SOLUTION
 
 
-def compute_cosine_similarity_matrix_centered(vectors: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity after subtracting the mean vector (the mean over the n rows).
+def compute_cosine_similarity_matrix_centered(
+    persona_vectors: dict[str, Float[Tensor, "d_model"]],
+) -> tuple[Float[Tensor, "n_personas n_personas"], list[str]]:
+    """Cosine similarity after subtracting the mean persona vector (the mean over the personas).
 
     Args:
-        vectors: [n, d_model].
+        persona_vectors: persona name -> [d_model] vector (any float dtype).
     Returns:
-        float32 [n, n].
+        (similarity, names): float32 [n_personas, n_personas] and the names in the order of its rows.
     """
     ### BEGIN SOLUTION
-    v = vectors.float()
-    return compute_cosine_similarity_matrix(v - v.mean(dim=0, keepdim=True))
+    names = list(persona_vectors)
+    vectors = torch.stack([persona_vectors[name] for name in names]).float()
+    centred = vectors - einops.reduce(vectors, "n_personas d_model -> d_model", "mean")
+    unit = centred / centred.norm(dim=1, keepdim=True)
+    return einops.einsum(unit, unit, "i d_model, j d_model -> i j"), names
     ### END SOLUTION
 
 
@@ -735,40 +794,47 @@ checks.test_compute_cosine_similarity_matrix_centered(compute_cosine_similarity_
 # defaults and assistant-like roles together, fantastical roles together.
 
 # %%
-for title, matrix, fname in [("Raw cosine similarity", compute_cosine_similarity_matrix(vectors), "cosine_raw.html"),
-                             ("Centred cosine similarity", compute_cosine_similarity_matrix_centered(vectors),
-                              "cosine_centered.html")]:
-    fig = plots.similarity_heatmap(matrix, names, title=f"{title} (layer {LAYER}, {MODEL_NAME})")
+for title, fn, fname in [("Raw cosine similarity", compute_cosine_similarity_matrix, "cosine_raw.html"),
+                         ("Centred cosine similarity", compute_cosine_similarity_matrix_centered, "cosine_centered.html")]:
+    matrix, matrix_names = fn(persona_vectors)
+    fig = plots.similarity_heatmap(matrix, matrix_names, title=f"{title} (layer {LAYER}, {MODEL_NAME})")
     plots.save(fig, OUT_DIR / fname)
     fig.show()
 
 # %% [markdown]
 # ### Exercise 6b: PCA
 #
-# PCA finds the directions of greatest variance among the persona vectors. Centre on the mean over
-# personas, then take the SVD (or `np.linalg.svd`, or `torch.pca_lowrank`; any correct PCA is fine).
+# PCA finds the directions of greatest variance among the persona vectors. As in the ARENA text, use
+# scikit-learn: `PCA(n_components=2).fit_transform(X)` centres the rows of the numpy array `X`, fits,
+# and returns each row's coordinates on the first two components; the fitted object then holds
+# `pca.explained_variance_ratio_` (the fraction of the total variance each component explains) and
+# `pca.components_` (`[2, d_model]`, unit rows). numpy has no bfloat16: convert with
+# `.float().cpu().numpy()`.
+#
+# Any correct PCA is accepted: your own SVD of the centred vectors (`torch.linalg.svd`, `np.linalg.svd`)
+# returning `(pca_coords, explained_variance_ratio, components)` instead of the fitted object, or the
+# text's `(assistant_axis, pca_coords, pca)`. A principal component's sign is arbitrary.
 
 # %% nbgrader={"grade": false, "grade_id": "ex_pca", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def pca_decompose_persona_vectors(
-    vectors: torch.Tensor, n_components: int = 5
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PCA of the persona vectors, in float32.
+    persona_vectors: dict[str, Float[Tensor, "d_model"]],
+) -> tuple[Float[np.ndarray, "n_personas 2"], PCA]:
+    """PCA of the persona vectors: the first two principal components.
 
     Args:
-        vectors: [n, d_model].
-        n_components: how many components to keep (at most n).
+        persona_vectors: persona name -> [d_model] vector (any float dtype).
     Returns:
-        projections: [n, n_components], the centred vectors' coordinates on the components.
-        explained_variance_ratio: [n_components], the fraction of total variance each explains, descending.
-        components: [n_components, d_model], unit-norm principal directions.
+        pca_coords: [n_personas, 2], the centred vectors' coordinates on PC1 and PC2, rows in the dict's order.
+        pca: the fitted ``sklearn.decomposition.PCA``: ``pca.explained_variance_ratio_`` [2] (fractions of the
+            total variance, descending) and ``pca.components_`` [2, d_model] (unit-norm directions).
     """
     ### BEGIN SOLUTION
-    v = vectors.float()
-    centred = v - v.mean(dim=0, keepdim=True)
-    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
-    variance = s**2
-    components = vh[:n_components]
-    return centred @ components.T, (variance / variance.sum())[:n_components], components
+    vectors = torch.stack(list(persona_vectors.values())).float().cpu().numpy()
+    # svd_solver="full": exact and deterministic (for a wide matrix such as 21 x 4608, "auto" picks a
+    # randomised solver).
+    pca = PCA(n_components=2, svd_solver="full")
+    pca_coords = pca.fit_transform(vectors)
+    return pca_coords, pca
     ### END SOLUTION
 
 
@@ -779,39 +845,49 @@ checks.test_pca_decompose_persona_vectors(pca_decompose_persona_vectors)
 # ### Exercise 6c: the Assistant Axis
 #
 # The paper defines the axis as **mean(default vectors) − mean(role vectors)**, normalised to unit
-# length, so that it points *toward* the default assistant. Then `characterize_axis` ranks personas by
-# cosine similarity with the axis, most assistant-like first. (Pass it centred vectors, so the shared
-# mean does not dominate every cosine.)
+# length, so that it points *toward* the default assistant. (The ARENA text computes it inside its PCA
+# function; here it is an exercise of its own.) Then `characterize_axis` gives each persona's cosine
+# similarity with the axis, sorted from the lowest (most role-playing) to the highest (most
+# assistant-like), as in the text. Pass it centred vectors, so the shared mean does not dominate every
+# cosine.
 
 # %% nbgrader={"grade": false, "grade_id": "ex_axis", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def compute_assistant_axis(default_vectors: torch.Tensor, role_vectors: torch.Tensor) -> torch.Tensor:
+def compute_assistant_axis(
+    default_vectors: Float[Tensor, "n_defaults d_model"], role_vectors: Float[Tensor, "n_roles d_model"]
+) -> Float[Tensor, "d_model"]:
     """The Assistant Axis: unit vector along mean(defaults) - mean(roles).
 
     Args:
-        default_vectors: [n_defaults, d_model].
-        role_vectors: [n_roles, d_model].
+        default_vectors: [n_defaults, d_model], any float dtype.
+        role_vectors: [n_roles, d_model], any float dtype.
     Returns:
         float32 [d_model], unit norm, pointing toward the defaults.
     """
     ### BEGIN SOLUTION
-    axis = default_vectors.float().mean(dim=0) - role_vectors.float().mean(dim=0)
+    mean_default = einops.reduce(default_vectors.float(), "n_defaults d_model -> d_model", "mean")
+    mean_role = einops.reduce(role_vectors.float(), "n_roles d_model -> d_model", "mean")
+    axis = mean_default - mean_role
     return axis / axis.norm()
     ### END SOLUTION
 
 
-def characterize_axis(axis: torch.Tensor, vectors: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
-    """Rank vectors by cosine similarity with ``axis``.
+def characterize_axis(
+    persona_vectors: dict[str, Float[Tensor, "d_model"]],
+    assistant_axis: Float[Tensor, "d_model"],
+) -> dict[str, float]:
+    """Cosine similarity of each vector with the axis.
 
     Args:
-        axis: [d_model].
-        vectors: name -> [d_model].
+        persona_vectors: name -> [d_model] (centred persona vectors, or trait vectors).
+        assistant_axis: [d_model]; need not be unit norm.
     Returns:
-        (name, cosine similarity) pairs, sorted from the highest cosine to the lowest.
+        name -> cosine similarity, ordered from the lowest cosine (most role-playing) to the highest.
     """
     ### BEGIN SOLUTION
-    a = axis.float() / axis.float().norm()
-    sims = {name: float(v.float() @ a / v.float().norm()) for name, v in vectors.items()}
-    return sorted(sims.items(), key=lambda kv: kv[1], reverse=True)
+    axis = assistant_axis.float()
+    similarities = {name: float(vec.float() @ axis / (vec.float().norm() * axis.norm()))
+                    for name, vec in persona_vectors.items()}
+    return dict(sorted(similarities.items(), key=lambda kv: kv[1]))
     ### END SOLUTION
 
 
@@ -832,10 +908,11 @@ with timer("geometry"):
     axis = compute_assistant_axis(vectors[torch.tensor(is_default)], vectors[~torch.tensor(is_default)])
     centre = vectors.mean(dim=0)
     centred = {n: persona_vectors[n] - centre for n in names}
-    ranking = characterize_axis(axis, centred)
+    ranking = list(characterize_axis(centred, axis).items())[::-1]  # most assistant-like first
     projections = (vectors - centre) @ axis  # [n_personas]
-    pca_proj, explained, components = pca_decompose_persona_vectors(vectors, n_components=min(5, len(names)))
-    pc1_axis_corr = float(np.corrcoef(pca_proj[:, 0].numpy(), projections.numpy())[0, 1])
+    pca_coords, pca = pca_decompose_persona_vectors(persona_vectors)
+    explained = pca.explained_variance_ratio_  # [2]
+    pc1_axis_corr = float(np.corrcoef(pca_coords[:, 0], projections.numpy())[0, 1])
 
 print(f"PC1 explains {explained[0]:.1%} of the variance, PC2 {explained[1]:.1%}")
 print(f"corr(PC1, axis projection) = {pc1_axis_corr:+.3f} (the sign of a principal component is arbitrary)")
@@ -843,7 +920,7 @@ print("Along the axis, most assistant-like first:")
 for name, cos in ranking:
     print(f"  {cos:+.3f}  {name}")
 
-fig = plots.pca_scatter(pca_proj, explained, names, color=projections, color_label="axis projection",
+fig = plots.pca_scatter(pca_coords, explained, names, color=projections, color_label="axis projection",
                         title=f"Persona space: PCA of {len(names)} persona vectors ({MODEL_NAME}, layer {LAYER})")
 plots.save(fig, OUT_DIR / "pca_scatter.html")
 fig.show()
@@ -867,8 +944,10 @@ fig.show()
 # ### Exercise 7: a trait vector
 
 # %% nbgrader={"grade": false, "grade_id": "ex_trait", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def compute_trait_vector(pos_activations: torch.Tensor, neg_activations: torch.Tensor) -> torch.Tensor:
-    """mean(pos) - mean(neg), in float32.
+def compute_trait_vector(
+    pos_activations: Float[Tensor, "n_pos d_model"], neg_activations: Float[Tensor, "n_neg d_model"]
+) -> Float[Tensor, "d_model"]:
+    """mean(pos) - mean(neg), in float32 whatever the inputs' dtype.
 
     Args:
         pos_activations: [n_pos, d_model], responses under the trait-eliciting prompts.
@@ -877,7 +956,9 @@ def compute_trait_vector(pos_activations: torch.Tensor, neg_activations: torch.T
         float32 [d_model].
     """
     ### BEGIN SOLUTION
-    return pos_activations.float().mean(dim=0) - neg_activations.float().mean(dim=0)
+    mean_pos = einops.reduce(pos_activations.float(), "n_pos d_model -> d_model", "mean")
+    mean_neg = einops.reduce(neg_activations.float(), "n_neg d_model -> d_model", "mean")
+    return mean_pos - mean_neg
     ### END SOLUTION
 
 
@@ -917,7 +998,7 @@ with timer("traits"):
         trait_source = (f"computed for {MODEL_NAME} at layer {LAYER} from the paper's trait instructions "
                         f"({len(trait_names)} traits x {len(trait_questions)} questions x 1 prompt pair)")
 print("Trait vectors:", trait_source)
-trait_ranking = characterize_axis(axis, trait_vectors)
+trait_ranking = list(characterize_axis(trait_vectors, axis).items())[::-1]  # toward the assistant first
 fig = plots.trait_bars(trait_ranking, title=f"Trait vectors' cosine with the Assistant Axis ({trait_source[:40]}...)")
 plots.save(fig, OUT_DIR / "traits_on_axis.html")
 fig.show()
@@ -941,7 +1022,7 @@ fig.show()
 # ### Exercise 8: AUC
 
 # %% nbgrader={"grade": false, "grade_id": "ex_auc", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def axis_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
+def axis_auc(scores: Float[Tensor, "n"], positive: Bool[Tensor, "n"]) -> float:
     """Area under the ROC curve: the probability that a random positive outscores a random negative.
 
     Args:
@@ -972,7 +1053,7 @@ separated = [n for n in names if n in assistant_like or n in FANTASTICAL_ROLES]
 labels = torch.tensor([n in assistant_like for n in separated])
 
 
-def axis_projections(vecs: dict[str, torch.Tensor]) -> torch.Tensor:
+def axis_projections(vecs: dict[str, Float[Tensor, "d_model"]]) -> Float[Tensor, "n_separated"]:
     """Projection of each persona in ``separated`` on the axis built from these vectors."""
     stacked = torch.stack([vecs[n] for n in names])
     default_mask = torch.tensor([n in DEFAULT_PERSONA_NAMES for n in names])
@@ -981,12 +1062,13 @@ def axis_projections(vecs: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([(vecs[n] - centre_) @ ax for n in separated])
 
 
-def vectors_from(per_response: torch.Tensor, keys: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+def vectors_from(per_response: Float[Tensor, "n_responses d_model"],
+                 keys: list[tuple[str, int]]) -> dict[str, Float[Tensor, "d_model"]]:
     return {n: per_response[[i for i, k in enumerate(keys) if k[0] == n]].mean(dim=0) for n in names}
 
 
 with timer("controls"):
-    kept_keys = [k for k in responses if k[0] in ACTIVE and (k not in scores or scores[k] >= MIN_SCORE)]
+    kept_keys = [k for k in judged_responses if k[0] in ACTIVE and (k not in scores or scores[k] >= MIN_SCORE)]
     with_prompt = [[{"role": "system", "content": PERSONAS[p]}, {"role": "user", "content": QUESTIONS[q]},
                     {"role": "assistant", "content": responses[(p, q)]}] for p, q in kept_keys]
     without_prompt = [[{"role": "user", "content": QUESTIONS[q]}, {"role": "assistant", "content": responses[(p, q)]}]

@@ -93,6 +93,12 @@ def _reference_batched(model, tokenizer, conversations, layer, batch_size=8):
     return extract_mean_activations(model, tokenizer, conversations, layer, batch_size=batch_size, progress=False)
 
 
+def _reference_single(model, tokenizer, conversations, layer):
+    from utils.activations import extract_mean_activations
+
+    return extract_mean_activations(model, tokenizer, conversations, layer, batch_size=1, progress=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Fixtures and the tiny model
 # --------------------------------------------------------------------------------------------------
@@ -289,6 +295,7 @@ JUDGE_CASES = [  # (reply, expected score or None for "must raise", what a wrong
      "text around the tag is allowed: search for the tag, do not require the whole reply to be it"),
     ("3", 3, "a reply that is exactly one digit is valid (the paper's prompts ask for just the number)"),
     ("<score>7</score>", None, "7 is outside the 0-3 scale: raise instead of returning it"),
+    ("<score>4</score>", None, "4 is outside the 0-3 scale (the scale stops at 3): raise instead of returning it"),
     ("<score>-1</score>", None, "-1 is outside the 0-3 scale: raise instead of returning it"),
     ("I cannot evaluate this response.", None, "a reply with no score must raise, not default to 0"),
     ("The score is 3, maybe 2.", None,
@@ -313,10 +320,20 @@ def test_judge_role_response(fn) -> None:
                 if reply.strip() != f"<score>{expected}</score>" and f"<score>{expected}</score>" in reply:
                     meaning = ("text around the tag is allowed: search for <score>N</score> anywhere in the reply, "
                                "do not require the whole reply to be the tag")
+                    if f"<score>{expected}</score>" not in reply.strip().split("\n")[0]:
+                        meaning += " (nor to be on its first line)"
                 _fail(f"For the judge reply {reply!r} you raised {type(exc).__name__}, but the score is {expected}: "
                       f"{meaning}.", section, exc)
             continue
         except Exception as exc:
+            if expected is not None:
+                first_line = reply.strip().split("\n")[0]
+                if f"<score>{expected}</score>" in reply and f"<score>{expected}</score>" not in first_line:
+                    meaning = ("you read only the first line of the reply; judges often write something before "
+                               "the tag, so search the whole reply for <score>N</score>")
+                _fail(f"For the judge reply {reply!r} you raised {type(exc).__name__}, but the score is {expected}: "
+                      f"{meaning}. (Raise JudgeParseError, a ValueError, only for a reply you cannot parse.)",
+                      section, exc)
             _fail(f"For the judge reply {reply!r} you raised {type(exc).__name__}: {_clip(str(exc))}. Raise "
                   "JudgeParseError (a ValueError) for a reply you cannot parse, and return the score otherwise.",
                   section, exc)
@@ -439,6 +456,13 @@ def test_generate_all_responses(fn) -> None:
         _fail("generate_all_responses raised an exception instead of returning (the error is shown above). Some "
               "calls here fail on purpose (questions 1 and 3): catch each call's exception and record it in "
               "`failures` as text; one failed call must not stop the others.", section, exc)
+    if isinstance(result, dict):
+        blank = sorted((k for k, v in result.items() if isinstance(v, str) and not v.strip()), key=repr)
+        if blank:
+            _fail(f"You returned one dict, in which the failed calls are empty strings (e.g. {blank[:2]}). A failed "
+                  "call stored as \"\" is later judged or averaged over as if it were an answer: return "
+                  "(responses, failures), with each failure's error as text in `failures`, never as an empty string.",
+                  section)
     if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, dict) for r in result)):
         _fail(f"Return a tuple (responses, failures) of two dicts; got {_short(result)}.", section)
     responses, failures = result
@@ -693,19 +717,61 @@ def _check_activation_tensor(got, n: int, d_model: int, section: str, name: str)
         _fail(f"{name} returned NaN or inf values (an empty mask divides by zero).", section)
 
 
+# Mistakes that combine: a fixture holds the means for every combination of them (the ARENA text's extraction
+# solutions make three or four at once), and a check names each mistake of the combination it sees.
+MISTAKE_FLAGS = {
+    "layer": "you read hidden_states[layer], the input to the block; layer i means the output of "
+             "model.model.layers[i] = hidden_states[i + 1]",
+    "bos": "the model saw a second BOS: full_prompt already starts with <bos>, so tokenise it with "
+           "add_special_tokens=False (with the extra BOS every position shifts by one)",
+    "eot": "your mean includes the end-of-turn tokens; the paper averages over the response's content tokens only "
+           "(stop at len(ids) - turn_suffix_len(tokenizer))",
+    "open": "your mask is `position >= response_start_idx` with no end: it takes in the end-of-turn tokens and, "
+            "under right padding, the padding after each sequence (end each row's span at its own length minus "
+            "turn_suffix_len(tokenizer))",
+    "unshifted": "under LEFT padding (Gemma's) a mask built from positions in the unpadded sequence, such as "
+                 "`position >= response_start_idx`, is shifted by each row's padding: it pulls prompt tokens in "
+                 "and drops the last response tokens. Offset each row's span by its own padding length (or build "
+                 "the mask from token spans)",
+}
+
+
+def combination_fixture_name(kind: str, flags: tuple[str, ...]) -> str:
+    """The fixture holding the means for one combination of MISTAKE_FLAGS; ``kind`` is "single", "batched_left"
+    or "batched_right" (batched with BATCHED_CHECK_SIZE)."""
+    return f"extract_{kind}__" + "__".join(flags)
+
+
+def combinations(kind: str) -> list[tuple[str, ...]]:
+    """Every combination of mistakes the fixtures hold for ``kind``, fewest mistakes first."""
+    import itertools
+
+    out = []
+    for layer, bos in itertools.product((False, True), repeat=2):
+        base = ("layer",) * layer + ("bos",) * bos
+        if kind == "single":
+            out += [base + end for end in ((), ("eot",))]
+        elif kind == "batched_right":
+            out.append(base + ("open",))
+        else:  # left padding, the mask not shifted by the padding
+            out += [base + end + ("unshifted",) for end in ((), ("eot",), ("open",))]
+    return sorted((c for c in out if c), key=len)
+
+
+def _name_mistakes(flags: tuple[str, ...]) -> str:
+    if len(flags) == 1:
+        return MISTAKE_FLAGS[flags[0]]
+    return f"{len(flags)} mistakes at once: " + "; ".join(f"({i}) {MISTAKE_FLAGS[f]}" for i, f in
+                                                           enumerate(flags, 1))
+
+
 EXTRACTION_DIAGNOSES = [  # fixture name, the likely mistake
-    ("extract_wrong_layer", "you read hidden_states[layer], the input to the block; layer i means the output of "
-                            "model.model.layers[i] = hidden_states[i + 1]"),
-    ("extract_with_end_of_turn", "your mean includes the end-of-turn tokens; the paper averages over the response's "
-                                 "content tokens only (stop at len(ids) - turn_suffix_len(tokenizer))"),
     ("extract_with_prompt", "your mean includes the prompt tokens; start the mask at response_start_idx"),
     ("extract_all_tokens", "your mean is over every token of the conversation: it includes the prompt tokens and the "
                            "end-of-turn tokens (an attention mask is not a response mask); average over "
                            "[response_start_idx, len(ids) - turn_suffix_len(tokenizer)) only"),
     ("extract_from_marker", "your span starts one token early (at the newline after the turn marker)"),
     ("extract_final_norm_layer", "you read the last hidden state, which has the final norm applied"),
-    ("extract_double_bos", "the model saw a second BOS: full_prompt already starts with <bos>, so tokenise it with "
-                           "add_special_tokens=False (with the extra BOS every position shifts by one)"),
 ]
 
 
@@ -714,15 +780,22 @@ def _bf16_exact(t: torch.Tensor) -> bool:
     return bool(torch.equal(t, t.to(torch.bfloat16).float()))
 
 
-def _diagnose(got: torch.Tensor, expected: torch.Tensor, layer: int = EXTRACTION_LAYER) -> str:
+def _diagnose(got: torch.Tensor, expected: torch.Tensor, side: str | None = None) -> str:
+    """The likely mistake behind ``got``; ``side`` is the padding side of a batched run (None: one at a time)."""
+    close = lambda a, b: a.shape == b.shape and torch.allclose(a, b, atol=ATOL, rtol=ATOL)  # noqa: E731
+    for flags in combinations("single"):
+        if close(got, fixture(combination_fixture_name("single", flags))):
+            return _name_mistakes(flags)
+    if side is not None:
+        for flags in combinations(f"batched_{side}"):
+            if close(got, fixture(combination_fixture_name(f"batched_{side}", flags))):
+                return _name_mistakes(flags)
     for name, meaning in EXTRACTION_DIAGNOSES:
-        candidate = fixture(name)
-        if candidate.shape == got.shape and torch.allclose(got, candidate, atol=ATOL, rtol=ATOL):
+        if close(got, fixture(name)):
             return meaning
     if _bf16_exact(got):
         return ("every value is exactly a bfloat16 number: the mean was computed (or rounded) in bf16. Cast the hidden "
                 "states to float32 before averaging")
-    close = lambda a, b: torch.allclose(a, b, atol=ATOL, rtol=ATOL)  # noqa: E731
     match = [next((j for j in range(len(expected)) if close(got[i], expected[j])), None) for i in range(len(got))]
     if all(j is not None for j in match) and sorted(match) == list(range(len(expected))) and \
             match != list(range(len(expected))):
@@ -753,7 +826,7 @@ def _rows(got: torch.Tensor, expected: torch.Tensor) -> str:
 def _compare_extraction(got, expected, section, name) -> None:
     if not torch.allclose(got, expected, atol=ATOL, rtol=ATOL):
         _fail(f"{name} on tiny-gemma2 (layer {EXTRACTION_LAYER}) does not match the expected means: "
-              f"{_diagnose(got, expected, EXTRACTION_LAYER)}.{_rows(got, expected)}", section)
+              f"{_diagnose(got, expected)}.{_rows(got, expected)}", section)
 
 
 @lru_cache(maxsize=1)
@@ -838,7 +911,7 @@ def _padding_diagnosis(got, expected, side: str, tokenizer) -> str | None:
         return None
     if side == "left":
         for name, meaning in (
-                ("extract_batched_left_unshifted_mask",
+                (combination_fixture_name("batched_left", ("unshifted",)),
                  "Your batched extraction is right with right padding but wrong with LEFT padding, which is what Gemma "
                  "uses: a mask built as `position >= response_start_idx` shifts under left padding (it pulls prompt "
                  "tokens in and drops the last response tokens). Offset each row's span by its own padding length "
@@ -878,7 +951,7 @@ def test_extract_response_activations_batched(fn, model=None, tokenizer=None, d_
             padding = _padding_diagnosis(got, expected, side, tok)
             if padding and (side == "right" or results.get("right")):
                 _fail(f"{padding}{_rows(got, expected)}", section)
-            diagnosis = _diagnose(got, expected, EXTRACTION_LAYER)
+            diagnosis = _diagnose(got, expected, side)
             generic = ""
             if diagnosis.startswith(UNKNOWN_MISTAKE):
                 generic = (" If single sequences pass but batches fail, check that padding is masked out of the mean "
@@ -894,45 +967,52 @@ def test_extract_response_activations_batched(fn, model=None, tokenizer=None, d_
 # Exercise 5: persona vectors
 # --------------------------------------------------------------------------------------------------
 
-@check("Exercise 5", uses={"extract_response_activations_batched": ("Exercise 4b", lambda: _reference_batched)})
+@check("Exercise 5", uses={"extract_response_activations_batched": ("Exercise 4b", lambda: _reference_batched),
+                           "extract_response_activations": ("Exercise 4a", lambda: _reference_single)})
 def test_extract_persona_vectors(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 5, Exercise 5"
     tiny, tiny_tok = tiny_gemma2()
     case = copy.deepcopy(PERSONA_CASE)
     kept_text = "(bard keeps questions 0 and 2; ghost keeps 0 and 1; default_empty is unjudged and keeps all 3.)"
+    args = (tiny, tiny_tok, case["personas"], case["questions"], case["responses"], case["layer"])
     try:
-        got = limited(fn, section)(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], case["scores"],
-                 case["layer"], min_score=3, batch_size=4)
+        got = limited(fn, section)(*args, scores=case["scores"], score_threshold=3)
     except (NotImplementedError, CheckFailure):
         raise
     except ValueError as exc:
         _fail(f"Every persona here has responses to keep, yet you raised ValueError: {_clip(str(exc))}. Keep a "
-              "response if its key is not in `scores` (the unjudged defaults) or if its score is >= min_score "
-              f"(not >). {kept_text}", section, exc)
+              "response if `scores` is None, if its key is not in `scores` (the defaults are never judged, so "
+              "treating a missing key as score 0, e.g. with scores.get(key, 0), drops every default), or if its "
+              f"score is >= score_threshold (not >). {kept_text}", section, exc)
     except Exception as exc:
         _fail(f"extract_persona_vectors raised {type(exc).__name__}: {_clip(str(exc))}", section, exc)
     expected = {p: fixture(f"persona_{p}") for p in case["personas"]}
     _check_persona_result(got, expected, case, tiny.config.hidden_size, section, kept_text)
-    # min_score is a parameter: with min_score=2 the ghost keeps all three of its responses.
-    got2 = _call("extract_persona_vectors with min_score=2", section, "", fn, tiny, tiny_tok, case["personas"],
-                 case["questions"], case["responses"], case["scores"], case["layer"], min_score=2, batch_size=4)
+    # score_threshold is a parameter: with score_threshold=2 the ghost keeps all three of its responses.
+    got2 = _call("extract_persona_vectors with score_threshold=2", section, "", fn, *args, scores=case["scores"],
+                 score_threshold=2)
     expected2 = dict(expected, ghost=fixture("persona_ghost_nofilter"))
     _check_persona_result(got2, expected2, case, tiny.config.hidden_size, section,
-                          "(With min_score=2, ghost keeps all three responses: use the min_score argument, do not "
-                          "hard-code 3.)")
+                          "(With score_threshold=2, ghost keeps all three responses: use the score_threshold "
+                          "argument, do not hard-code 3.)")
+    # Without scores nothing is filtered.
+    got3 = _call("extract_persona_vectors without scores", section, "With scores=None (the default) keep every "
+                 "response.", fn, *args)
+    expected3 = {p: fixture(f"persona_{p}_nofilter") for p in case["personas"]}
+    _check_persona_result(got3, expected3, case, tiny.config.hidden_size, section,
+                          "(Without scores, every response is kept.)")
     # A persona with nothing left must raise, naming it.
     scores = dict(case["scores"])
     scores.update({("ghost", q): 1 for q in range(3)})
     try:
-        result = limited(fn, section)(tiny, tiny_tok, case["personas"], case["questions"], case["responses"], scores, case["layer"],
-                    min_score=3)
+        result = limited(fn, section)(*args, scores=scores, score_threshold=3)
     except (NotImplementedError, CheckFailure):
         raise
     except ValueError as exc:
         if "ghost" not in str(exc):
             _fail(f"The error for a persona with no responses left should name it ('ghost'); it says: {exc}", section)
     except Exception as exc:
-        _fail(f"When every response of 'ghost' scores below min_score you raised {type(exc).__name__}: "
+        _fail(f"When every response of 'ghost' scores below score_threshold you raised {type(exc).__name__}: "
               f"{_clip(str(exc))}. Raise a ValueError that names 'ghost'.", section, exc)
     else:
         what = "left it out"
@@ -940,9 +1020,9 @@ def test_extract_persona_vectors(fn, model=None, tokenizer=None, d_model=None, n
             vec = result["ghost"]
             what = (f"returned {_short(vec)}" + (" (NaN: the mean of nothing)" if isinstance(vec, torch.Tensor)
                                                  and torch.isnan(vec).any() else ""))
-        _fail("When every response of 'ghost' scores below min_score, raise a ValueError that names 'ghost' instead "
-              f"of returning a vector (you {what}): a NaN or made-up vector would flow silently into the geometry.",
-              section)
+        _fail("When every response of 'ghost' scores below score_threshold, raise a ValueError that names 'ghost' "
+              f"instead of returning a vector (you {what}): a NaN or made-up vector would flow silently into the "
+              "geometry.", section)
     _passed("test_extract_persona_vectors")
 
 
@@ -960,7 +1040,8 @@ def _check_persona_result(got, expected, case, d_model: int, section: str, kept_
             continue
         hint = "check which responses you kept"
         for variant, meaning in (("nofilter", "you ignored the judge scores (every response was kept)"),
-                                 ("inverted", "your filter is inverted: keep responses with score >= min_score"),
+                                 ("inverted", "your filter is inverted: keep responses with score >= "
+                                              "score_threshold"),
                                  ("token_weighted", "you averaged over all the kept responses' tokens at once, so "
                                                     "long answers weigh more; a persona vector is the mean of the "
                                                     "responses' means (one mean per response, then their mean)")):
@@ -980,15 +1061,61 @@ def _check_persona_result(got, expected, case, d_model: int, section: str, kept_
 # Exercise 6: geometry
 # --------------------------------------------------------------------------------------------------
 
+# The geometry checks' personas: three defaults, then five roles (the order of the dict, deliberately not sorted).
+GEOMETRY_NAMES = ["default_empty", "default_assistant", "default_llm", "analyst", "editor", "bard", "ghost", "jester"]
+N_GEOMETRY_DEFAULTS = 3
+
+
 def _geometry_inputs() -> torch.Tensor:
     return fixture("geometry_vectors")  # [8, 32] with a large shared mean, like real persona vectors
 
 
-def _check_square(got, n: int, section: str, name: str) -> None:
-    if not isinstance(got, torch.Tensor) or tuple(got.shape) != (n, n):
-        _fail(f"{name} should return a [{n}, {n}] tensor; got {_short(got)}.", section)
-    if got.dtype != torch.float32:
-        _fail(f"{name} returned {got.dtype}; compute in float32.", section)
+def _as_dict(vectors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """name -> row, in the order of GEOMETRY_NAMES (each row its own tensor, so nothing is shared)."""
+    return {name: vectors[i].clone() for i, name in enumerate(GEOMETRY_NAMES)}
+
+
+def _square_and_names(got, section: str, name: str) -> torch.Tensor:
+    """The learner's matrix, rows and columns in the order of GEOMETRY_NAMES, from ``(matrix, names)``."""
+    n = len(GEOMETRY_NAMES)
+    if isinstance(got, torch.Tensor):
+        _fail(f"{name} returns (similarity, names), as in the ARENA text: the [{n}, {n}] matrix and the persona names "
+              "in the order of its rows. You returned only the matrix.", section)
+    if not (isinstance(got, tuple) and len(got) == 2):
+        _fail(f"{name} should return (similarity, names): a [{n}, {n}] tensor and the list of names in the order of "
+              f"its rows; got {_short(got)}.", section)
+    matrix, names = got
+    if not isinstance(matrix, torch.Tensor) or tuple(matrix.shape) != (n, n):
+        _fail(f"{name} should return a [{n}, {n}] similarity matrix first; got {_short(matrix)}.", section)
+    if matrix.dtype != torch.float32:
+        _fail(f"{name} returned {matrix.dtype}; compute in float32.", section)
+    names = list(names) if isinstance(names, (list, tuple)) else names
+    if not isinstance(names, list) or sorted(map(str, names)) != sorted(GEOMETRY_NAMES):
+        _fail(f"The second value should be the list of the {n} persona names (the dict's keys) in the order of the "
+              f"matrix's rows; got {_short(names)}.", section)
+    order = [names.index(n_) for n_ in GEOMETRY_NAMES]
+    return matrix[order][:, order]
+
+
+def _names_out_of_order(got, expected: torch.Tensor) -> bool:
+    """The matrix is right in the dict's order, but the names say another order."""
+    matrix, names = got
+    return list(names) != GEOMETRY_NAMES and torch.allclose(matrix, expected, atol=ATOL)
+
+
+def _check_dtypes(fn, make_args, section: str, name: str, pick=lambda out: out) -> None:
+    """bf16 and float64 inputs must give a float32 result computed in float32."""
+    for dtype, label in ((torch.bfloat16, "bf16"), (torch.float64, "float64")):
+        out = _call(f"{name} on {label} input", section, "Cast the inputs to float32 (.float()) first.", fn,
+                    *make_args(dtype))
+        value = pick(out)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+            _fail(f"Given {label} vectors, {name} returned {_short(value)}: cast the inputs to float32 (.float()) "
+                  f"before computing, and return float32 whatever the input dtype ({label} in, float32 out).", section)
+        if dtype == torch.bfloat16 and _bf16_exact(value) and value.numel() > 4:
+            _fail(f"Given bf16 vectors, {name} returned float32 values that are all exactly bf16 numbers: it computed "
+                  "in bf16 and cast afterwards, which keeps only ~3 significant digits. Cast the inputs to float32 "
+                  "first, then compute.", section)
 
 
 @check("Exercise 6a (raw cosine)")
@@ -996,30 +1123,34 @@ def test_compute_cosine_similarity_matrix(fn) -> None:
     section = "Section 6, Exercise 6a"
     name = "compute_cosine_similarity_matrix"
     v = _geometry_inputs()
-    got = _call(f"{name} on an [8, 32] input", section, "Divide each row by its norm with keepdim=True "
-                "(v.norm(dim=1, keepdim=True)), so that [n, d] / [n, 1] broadcasts.", fn, v.clone())
-    _check_square(got, len(v), section, name)
-    diagonal = torch.diagonal(got)
+    expected = fixture("cosine_raw")
+    got = _call(f"{name} on 8 persona vectors of d_model 32", section, "Stack the dict's values into one "
+                "[n_personas, d_model] tensor, then divide each row by its norm with keepdim=True "
+                "(v.norm(dim=1, keepdim=True)), so that [n, d] / [n, 1] broadcasts.", fn, _as_dict(v))
+    got_matrix = _square_and_names(got, section, name)
+    if _names_out_of_order(got, expected):
+        _fail("Your matrix's rows are in the dict's order but your names are not: return the names in the order of "
+              "the rows (list(persona_vectors) if you stack the values in the dict's order).", section)
+    diagonal = torch.diagonal(got_matrix)
     if not torch.allclose(diagonal, torch.ones(len(v)), atol=ATOL):
         if torch.allclose(diagonal, (v * v).sum(dim=1), rtol=1e-3):
             _fail("The diagonal holds the squared norms: these are dot products. Divide each row by its norm first.\n"
                   f"  diagonal: {_short(diagonal)}", section)
         _fail("A cosine-similarity matrix has ones on the diagonal; yours does not. Normalise rows (dim=1), not "
               f"columns.\n  diagonal: {_short(diagonal)}", section)
-    if not torch.allclose(got, got.T, atol=ATOL):
+    if not torch.allclose(got_matrix, got_matrix.T, atol=ATOL):
         _fail("A cosine-similarity matrix is symmetric; yours is not.", section)
-    expected = fixture("cosine_raw")
-    if not torch.allclose(got, expected, atol=ATOL):
-        if torch.allclose(got, fixture("cosine_centered"), atol=ATOL):
+    if not torch.allclose(got_matrix, expected, atol=ATOL):
+        if torch.allclose(got_matrix, fixture("cosine_centered"), atol=ATOL):
             _fail("This is the centred similarity; compute_cosine_similarity_matrix should not centre.", section)
-        _fail(f"Wrong values.\n  expected {_short(expected[0])}\n  got      {_short(got[0])}", section)
+        _fail(f"Wrong values.\n  expected {_short(expected[0])}\n  got      {_short(got_matrix[0])}", section)
     scaled = v * torch.arange(1, len(v) + 1, dtype=torch.float32)[:, None]
-    if not torch.allclose(_call(f"{name} on rescaled rows", section, "", fn, scaled), got, atol=ATOL):
-        _fail("Cosine similarity does not depend on a vector's length, but yours changed when rows were scaled: "
+    again = _square_and_names(_call(f"{name} on rescaled vectors", section, "", fn, _as_dict(scaled)), section, name)
+    if not torch.allclose(again, got_matrix, atol=ATOL):
+        _fail("Cosine similarity does not depend on a vector's length, but yours changed when vectors were scaled: "
               "divide each row by its norm (you may be computing dot products).", section)
-    half = _call(f"{name} on bf16 vectors", section, "Cast to float32 first.", fn, v.to(torch.bfloat16))
-    if not isinstance(half, torch.Tensor) or half.dtype != torch.float32:
-        _fail(f"Given bf16 vectors you returned {_short(half)}; cast to float32 before computing.", section)
+    _check_dtypes(fn, lambda dtype: (_as_dict(v.to(dtype)),), section, name, pick=lambda out: (
+        out[0] if isinstance(out, tuple) and len(out) == 2 else out))
     _passed("test_compute_cosine_similarity_matrix")
 
 
@@ -1028,26 +1159,61 @@ def test_compute_cosine_similarity_matrix_centered(fn) -> None:
     section = "Section 6, Exercise 6a"
     name = "compute_cosine_similarity_matrix_centered"
     v = _geometry_inputs()
-    got = _call(f"{name} on an [8, 32] input", section, "", fn, v.clone())
-    _check_square(got, len(v), section, name)
     expected = fixture("cosine_centered")
-    if torch.allclose(got, fixture("cosine_raw"), atol=ATOL):
+    got = _call(f"{name} on 8 persona vectors of d_model 32", section, "", fn, _as_dict(v))
+    got_matrix = _square_and_names(got, section, name)
+    if _names_out_of_order(got, expected):
+        _fail("Your matrix's rows are in the dict's order but your names are not: return the names in the order of "
+              "the rows.", section)
+    if torch.allclose(got_matrix, fixture("cosine_raw"), atol=ATOL):
         _fail("These are the raw cosines: subtract the mean vector (the mean over personas, dim=0) first.", section)
-    if torch.allclose(got, fixture("cosine_centered_wrong_dim"), atol=ATOL):
+    if torch.allclose(got_matrix, fixture("cosine_centered_wrong_dim"), atol=ATOL):
         _fail("You centred each vector on its own mean (dim=1). Subtract the mean over personas (dim=0): the "
               "shared component is a direction in d_model space.", section)
-    shifted = _call(f"{name} on shifted vectors", section, "", fn, v + 100.0 * torch.linspace(-1, 1, v.shape[1]))
-    if not torch.allclose(shifted, got, atol=1e-3):
+    shifted = _square_and_names(_call(f"{name} on shifted vectors", section, "", fn,
+                                      _as_dict(v + 100.0 * torch.linspace(-1, 1, v.shape[1]))), section, name)
+    if not torch.allclose(shifted, got_matrix, atol=1e-3):
         _fail("Adding the same vector to every persona changed your centred similarities; centring should remove it. "
-              "Subtract v.mean(dim=0) (one mean vector over the personas, not a single number), and centre before "
+              "Subtract the mean over the personas (one mean vector, not a single number), and centre before "
               "normalising.", section)
-    if not torch.allclose(torch.diagonal(got), torch.ones(len(v)), atol=ATOL):
+    if not torch.allclose(torch.diagonal(got_matrix), torch.ones(len(v)), atol=ATOL):
         _fail("The diagonal should be all ones: after centring, normalise each row (these look like dot products).\n"
-              f"  diagonal: {_short(torch.diagonal(got))}", section)
-    if not torch.allclose(got, expected, atol=ATOL):
-        _fail(f"Wrong values (check the normalisation).\n  expected {_short(expected[0])}\n  got      {_short(got[0])}",
-              section)
+              f"  diagonal: {_short(torch.diagonal(got_matrix))}", section)
+    if not torch.allclose(got_matrix, expected, atol=ATOL):
+        _fail(f"Wrong values (check the normalisation).\n  expected {_short(expected[0])}\n  got      "
+              f"{_short(got_matrix[0])}", section)
+    _check_dtypes(fn, lambda dtype: (_as_dict(v.to(dtype)),), section, name, pick=lambda out: (
+        out[0] if isinstance(out, tuple) and len(out) == 2 else out))
     _passed("test_compute_cosine_similarity_matrix_centered")
+
+
+def _is_fitted_pca(x) -> bool:
+    return hasattr(x, "explained_variance_ratio_") and hasattr(x, "components_")
+
+
+def _pca_parts(got, section: str):
+    """(pca_coords, explained_variance_ratio, components, axis or None) from any of the accepted returns."""
+    if isinstance(got, tuple) and len(got) == 2 and _is_fitted_pca(got[1]):
+        return got[0], got[1].explained_variance_ratio_, got[1].components_, None
+    if isinstance(got, tuple) and len(got) == 3 and _is_fitted_pca(got[2]):  # the ARENA text's return
+        return got[1], got[2].explained_variance_ratio_, got[2].components_, got[0]
+    if isinstance(got, tuple) and len(got) == 3 and not any(_is_fitted_pca(x) for x in got):
+        return got[0], got[1], got[2], None
+    if _is_fitted_pca(got):
+        _fail("You returned only the fitted PCA: return (pca_coords, pca), with pca_coords = pca.fit_transform(X).",
+              section)
+    _fail("Return (pca_coords, pca): the [n_personas, 2] coordinates and the fitted sklearn PCA (or, from your own SVD, "
+          f"(pca_coords, explained_variance_ratio, components)); got {_short(got)}.", section)
+
+
+def _as_float_tensor(x, what: str, section: str) -> torch.Tensor:
+    try:
+        import numpy as np
+
+        return torch.as_tensor(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x,
+                                          dtype=np.float32))
+    except (TypeError, ValueError) as exc:
+        _fail(f"{what} should be an array or tensor of numbers; got {_short(x)}.", section, exc)
 
 
 @check("Exercise 6b")
@@ -1055,25 +1221,25 @@ def test_pca_decompose_persona_vectors(fn) -> None:
     section = "Section 6, Exercise 6b"
     v = _geometry_inputs()
     n, d = v.shape
-    k = 3
-    got = _call("pca_decompose_persona_vectors(vectors [8, 32], n_components=3)", section, "", fn, v.clone(),
-                n_components=k)
-    if not (isinstance(got, tuple) and len(got) == 3):
-        _fail(f"Return (projections, explained_variance_ratio, components); got {_short(got)}.", section)
-    proj, ratio, comps = (torch.as_tensor(x) for x in got)
+    k = 2
+    got = _call("pca_decompose_persona_vectors on 8 persona vectors of d_model 32", section,
+                "numpy has no bfloat16 and sklearn wants a numpy array: .float().cpu().numpy().", fn, _as_dict(v))
+    coords, ratio, comps, axis = _pca_parts(got, section)
+    proj = _as_float_tensor(coords, "pca_coords", section)
+    ratio = _as_float_tensor(ratio, "explained_variance_ratio", section)
+    comps = _as_float_tensor(comps, "components", section)
     if tuple(proj.shape) != (n, k) or tuple(ratio.shape) != (k,) or tuple(comps.shape) != (k, d):
-        hint = " Did you respect n_components?"
+        hint = " Keep the first two components: PCA(n_components=2)."
         if comps.dim() == 2 and comps.shape[0] == k and comps.shape[1] != d:
             hint = (f" Each component is a direction in d_model space (length {d}): take the rows of Vh (the columns "
                     f"of V), not the columns of U, which live in persona space (length {n}).")
-        _fail(f"Shapes should be projections [{n}, {k}], explained_variance_ratio [{k}], components [{k}, {d}]; got "
+        _fail(f"Shapes should be pca_coords [{n}, {k}], explained_variance_ratio [{k}], components [{k}, {d}]; got "
               f"{tuple(proj.shape)}, {tuple(ratio.shape)}, {tuple(comps.shape)}.{hint}", section)
-    proj, ratio, comps = proj.float(), ratio.float(), comps.float()
     full_ratio = fixture("pca_ratio")
     expected_ratio = full_ratio[:k]
     if torch.allclose(ratio, fixture("pca_ratio_uncentred")[:k], atol=1e-3):
         _fail("Your PCA is on uncentred vectors: the first component is just the shared mean. Subtract the mean over "
-              "personas first.", section)
+              "personas first (sklearn's PCA does it for you).", section)
     if not torch.allclose(ratio, expected_ratio, atol=1e-3):
         singular = full_ratio.clamp(min=0).sqrt()
         hint = ""
@@ -1084,7 +1250,7 @@ def test_pca_decompose_persona_vectors(fn) -> None:
         elif torch.allclose(ratio, full_ratio.flip(0)[:k], atol=1e-3):
             hint = " Yours are the smallest components, ascending (torch.linalg.eigh sorts ascending: flip it)."
         elif torch.allclose(ratio[:1], expected_ratio[:1], atol=1e-3):
-            hint = (" The first is right but not the others: if you used torch.pca_lowrank, it is randomised and "
+            hint = (" The first is right but not the second: if you used torch.pca_lowrank, it is randomised and "
                     "approximate unless q covers all components (q=min(n, d_model)); or use an exact SVD.")
         _fail(f"explained_variance_ratio should be the fraction of the TOTAL variance (all components) explained by "
               f"each, in descending order.{hint}\n  expected {_short(expected_ratio)}\n  got      {_short(ratio)}",
@@ -1100,8 +1266,15 @@ def test_pca_decompose_persona_vectors(fn) -> None:
               "approximate unless q=min(n, d_model).)", section)
     signs = torch.sign((comps * expected_comps).sum(dim=1))  # a component's sign is arbitrary
     if not torch.allclose(proj * signs, fixture("pca_projections")[:, :k], atol=1e-3):
-        _fail("projections should be the centred vectors' coordinates on the components: (v - mean) @ components.T.",
-              section)
+        _fail("pca_coords should be the centred vectors' coordinates on the components: (v - mean) @ components.T, "
+              "rows in the order of the dict.", section)
+    if axis is not None:  # the ARENA text returns (assistant_axis, pca_coords, pca)
+        a = _as_float_tensor(axis, "assistant_axis", section).flatten()
+        expected_axis = fixture("axis")
+        if a.shape != expected_axis.shape or float(a @ expected_axis) < 0.999:
+            _fail("You returned an axis first, as the ARENA text does; it should be the unit vector along "
+                  "mean(defaults) - mean(roles), pointing toward the defaults (see Exercise 6c). Returning just "
+                  "(pca_coords, pca) is fine too.", section)
     _passed("test_pca_decompose_persona_vectors")
 
 
@@ -1109,7 +1282,7 @@ def test_pca_decompose_persona_vectors(fn) -> None:
 def test_compute_assistant_axis(fn) -> None:
     section = "Section 6, Exercise 6c"
     v = _geometry_inputs()
-    defaults, roles = v[:3], v[3:]
+    defaults, roles = v[:N_GEOMETRY_DEFAULTS], v[N_GEOMETRY_DEFAULTS:]
     got = _call("compute_assistant_axis(defaults [3, 32], roles [5, 32])", section,
                 "Take each group's mean over its rows (dim=0): the groups have different sizes, their means do not.",
                 fn, defaults.clone(), roles.clone())
@@ -1128,6 +1301,7 @@ def test_compute_assistant_axis(fn) -> None:
     if cos < 0.999:
         _fail(f"Your axis has cosine {cos:.3f} with mean(defaults) - mean(roles). Take each group's mean over its "
               "rows (dim=0), then subtract.", section)
+    _check_dtypes(fn, lambda dtype: (defaults.to(dtype), roles.to(dtype)), section, "compute_assistant_axis")
     _passed("test_compute_assistant_axis")
 
 
@@ -1137,30 +1311,33 @@ def test_characterize_axis(fn) -> None:
     v = _geometry_inputs()
     centred = v - v.mean(dim=0)
     axis = fixture("axis")
-    names = [f"p{i}" for i in range(len(v))]
-    vectors = {n: centred[i].clone() for i, n in enumerate(names)}
-    got = _call("characterize_axis", section, "", fn, axis.clone(), vectors)
-    if not isinstance(got, list) or not all(isinstance(x, tuple) and len(x) == 2 for x in got):
-        _fail(f"Return a list of (name, cosine) tuples; got {_short(got)}.", section)
-    if sorted(n for n, _ in got) != sorted(names):
-        _fail(f"Return one entry per vector; got names {[n for n, _ in got]}.", section)
-    values = [float(c) for _, c in got]
-    if values != sorted(values, reverse=True):
-        _fail(f"Sort from the highest cosine to the lowest; your values are {[round(x, 3) for x in values]}.", section)
-    expected = dict(zip(json.loads(json.dumps(_json_fixtures()["characterize_names"])),
-                        fixture("characterize_cosines").tolist()))
-    got_map = {n: float(c) for n, c in got}
+    names = GEOMETRY_NAMES
+    got = _call("characterize_axis(persona_vectors, assistant_axis)", section, "", fn, _as_dict(centred), axis.clone())
+    if isinstance(got, list) and all(isinstance(x, tuple) and len(x) == 2 for x in got):
+        _fail("Return a dict name -> cosine similarity (as in the ARENA text), not a list of pairs: "
+              "dict(sorted(similarities.items(), key=lambda kv: kv[1])).", section)
+    if not isinstance(got, dict):
+        _fail(f"Return a dict name -> cosine similarity; got {_short(got)}.", section)
+    if sorted(got) != sorted(names):
+        _fail(f"Return one entry per vector; got names {list(got)}.", section)
+    values = [float(c) for c in got.values()]
+    if values != sorted(values):
+        _fail("Order the dict from the lowest cosine (most role-playing) to the highest (most assistant-like), as the "
+              f"ARENA text does; your values are {[round(x, 3) for x in values]}.", section)
+    expected = dict(zip(_json_fixtures()["characterize_names"], fixture("characterize_cosines").tolist()))
+    got_map = {n: float(c) for n, c in got.items()}
     if any(abs(got_map[n] - expected[n]) > 1e-3 for n in names):
-        scaled = dict(vectors)
-        scaled["p0"] = vectors["p0"] * 10
-        again = {n: float(c) for n, c in fn(axis.clone(), scaled)}
-        if abs(again["p0"] - got_map["p0"]) > 1e-3:
+        scaled = _as_dict(centred)
+        scaled[names[0]] = scaled[names[0]] * 10
+        again = {n: float(c) for n, c in _call("characterize_axis with one vector scaled", section, "", fn, scaled,
+                                                axis.clone()).items()}
+        if abs(again[names[0]] - got_map[names[0]]) > 1e-3:
             _fail("Your values change when a vector is scaled: use cosine similarity (divide by both norms), "
                   "not dot products.", section)
         worst = max(names, key=lambda n: abs(got_map[n] - expected[n]))
         _fail(f"Wrong cosine for {worst}: expected {expected[worst]:.4f}, got {got_map[worst]:.4f}.", section)
-    longer = {n: float(c) for n, c in _call("characterize_axis with a longer axis", section, "", fn, axis * 7.0,
-                                            {n: x.clone() for n, x in vectors.items()})}
+    longer = {n: float(c) for n, c in _call("characterize_axis with a longer axis", section, "", fn,
+                                            _as_dict(centred), axis * 7.0).items()}
     if any(abs(longer[n] - got_map[n]) > 1e-3 for n in names):
         _fail("Your values changed when the axis was multiplied by 7: a cosine does not depend on the axis's length. "
               "Divide by the axis's norm too (the axis you are given need not be unit-norm).", section)
@@ -1188,10 +1365,7 @@ def test_compute_trait_vector(fn) -> None:
     if not torch.allclose(got, expected, atol=ATOL):
         _fail(f"Expected mean(pos) - mean(neg) (means over rows, dim=0).\n  expected {_short(expected)}\n  got      "
               f"{_short(got)}", section)
-    half = _call("compute_trait_vector on bf16 activations", section, "", fn, pos.to(torch.bfloat16),
-                 neg.to(torch.bfloat16))
-    if not isinstance(half, torch.Tensor) or half.dtype != torch.float32:
-        _fail(f"Given bf16 activations you returned {_short(half)}; compute in float32.", section)
+    _check_dtypes(fn, lambda dtype: (pos.to(dtype), neg.to(dtype)), section, "compute_trait_vector")
     _passed("test_compute_trait_vector")
 
 
@@ -1214,17 +1388,18 @@ def test_axis_auc(fn) -> None:
             if isinstance(got, float) and abs(got - (1 - expected)) < 1e-6 and expected != 0.5:
                 hint = " You have the classes swapped: positives should score higher for AUC 1."
             _fail(f"axis_auc({scores}, {labels}) should be the float {expected:.4f}; got {_short(got)}.{hint}", section)
-    try:
-        got = limited(fn, section)(torch.tensor([1.0, 2.0]), torch.tensor([True, True]))
-    except (NotImplementedError, CheckFailure):
-        raise
-    except ValueError:
-        pass
-    except Exception as exc:
-        _fail(f"With no negative examples you raised {type(exc).__name__}: {_clip(str(exc))}. Check for an empty class "
-              "first and raise ValueError.", section, exc)
-    else:
-        _fail(f"With no negative examples AUC is undefined: raise ValueError (you returned {got!r}).", section)
+    for labels, missing in (([True, True], "negative"), ([False, False], "positive")):
+        try:
+            got = limited(fn, section)(torch.tensor([1.0, 2.0]), torch.tensor(labels))
+        except (NotImplementedError, CheckFailure):
+            raise
+        except ValueError:
+            continue
+        except Exception as exc:
+            _fail(f"With no {missing} examples you raised {type(exc).__name__}: {_clip(str(exc))}. Check both classes "
+                  "for emptiness first and raise ValueError.", section, exc)
+        _fail(f"With no {missing} examples AUC is undefined: raise ValueError (you returned {got!r}). Check that "
+              "neither class is empty.", section)
     _passed("test_axis_auc")
 
 

@@ -14,6 +14,7 @@ import sys
 
 import torch
 from safetensors.torch import load_file, save_file
+from sklearn.decomposition import PCA
 
 from tests import part1_persona_space as checks
 from tools.reference import load_reference
@@ -23,49 +24,50 @@ TENSORS = checks.FIXTURES / "part1_persona_space.safetensors"
 JSON = checks.FIXTURES / "part1_persona_space.json"
 
 
-def _span_means(model, tokenizer, conversations, layer: int, ref, *, hidden_index: int | None = None,
-                start_shift: int = 0, from_zero: bool = False, include_suffix: bool = False,
-                special_tokens: bool = False) -> torch.Tensor:
-    """Means over variants of the response span, to recognise common mistakes."""
-    suffix = turn_suffix_len(tokenizer)
-    rows = []
-    for messages in conversations:
-        full_prompt, start = ref["format_messages"](messages, tokenizer)
-        ids = tokenizer(full_prompt, add_special_tokens=special_tokens, return_tensors="pt").input_ids
-        end = ids.shape[1] if include_suffix else ids.shape[1] - suffix
-        start = 0 if from_zero else start + start_shift
-        with torch.inference_mode():
-            hs = model(ids, output_hidden_states=True).hidden_states
-        rows.append(hs[layer + 1 if hidden_index is None else hidden_index][0, start:end].float().mean(0))
-    return torch.stack(rows)
+def _simulated_means(model, tokenizer, conversations, layer: int, ref, *, kind: str = "single",
+                     flags: tuple[str, ...] = (), batch_size: int = 1, hidden_index: int | None = None,
+                     start_shift: int = 0, from_zero: bool = False, attention_mask: bool = True) -> torch.Tensor:
+    """Means over the response span with known mistakes (``checks.MISTAKE_FLAGS``, alone or combined), run one
+    conversation at a time (``kind="single"``) or in padded batches (``"batched_left"``, ``"batched_right"``).
 
-
-def _left_padded_mistake(model, tokenizer, conversations, layer: int, ref, batch_size: int, *,
-                         shift_mask: bool = True, attention_mask: bool = True) -> torch.Tensor:
-    """Batched means under LEFT padding with one of two known mistakes: the mask not shifted by each row's
-    padding, or no attention_mask passed to the model."""
+    Flags: ``layer`` reads hidden_states[layer]; ``bos`` tokenises with special tokens (a second BOS; the span
+    indices stay those of the correct tokenisation, as when the index comes from a correct ``format_messages``);
+    ``eot`` ends the span after the end-of-turn tokens; ``open`` has no end (up to the padded width);
+    ``unshifted`` ignores each row's left padding. The keyword arguments are other known mistakes.
+    """
+    side = "left" if kind == "batched_left" else "right"
     tok = copy.deepcopy(tokenizer)
-    tok.padding_side = "left"
+    tok.padding_side = side
     suffix = turn_suffix_len(tok)
+    index = layer if "layer" in flags else layer + 1
+    index = index if hidden_index is None else hidden_index
     out = []
     for b in range(0, len(conversations), batch_size):
-        prompts, spans = [], []
+        prompts, starts = [], []
         for messages in conversations[b:b + batch_size]:
             full_prompt, start = ref["format_messages"](messages, tok)
-            n = len(tok(full_prompt, add_special_tokens=False).input_ids)
             prompts.append(full_prompt)
-            spans.append((start, n - suffix, n))
-        enc = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+            starts.append(0 if from_zero else start + start_shift)
+        enc = tok(prompts, add_special_tokens="bos" in flags, padding=True, return_tensors="pt")
         width = enc.input_ids.shape[1]
+        lengths = enc.attention_mask.sum(1).tolist()
         mask = torch.zeros(len(prompts), width)
-        for row, (start, end, n) in enumerate(spans):
-            offset = width - n if shift_mask else 0
-            mask[row, offset + start:offset + end] = 1.0
+        for row, (start, n) in enumerate(zip(starts, lengths)):
+            offset = width - n if side == "left" and "unshifted" not in flags else 0
+            end = width if "open" in flags else offset + n if "eot" in flags else offset + n - suffix
+            mask[row, offset + start:end] = 1.0
         inputs = dict(enc) if attention_mask else {"input_ids": enc.input_ids}
         with torch.inference_mode():
-            hidden = model(**inputs, output_hidden_states=True).hidden_states[layer + 1].float()
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[index].float()
         out.append((hidden * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True))
     return torch.cat(out)
+
+
+def _in_order(result: tuple[torch.Tensor, list[str]], names: list[str]) -> torch.Tensor:
+    """A (matrix, names) result with rows and columns in the order of ``names``."""
+    matrix, got_names = result
+    order = [list(got_names).index(n) for n in names]
+    return matrix[order][:, order]
 
 
 def geometry_vectors() -> torch.Tensor:
@@ -84,30 +86,30 @@ def build() -> tuple[dict[str, torch.Tensor], dict]:
     layer = checks.EXTRACTION_LAYER
     t: dict[str, torch.Tensor] = {}
     t["extract_expected"] = ref["extract_response_activations"](model, tokenizer, convs, layer)
-    t["extract_wrong_layer"] = _span_means(model, tokenizer, convs, layer, ref, hidden_index=layer)
-    t["extract_with_end_of_turn"] = _span_means(model, tokenizer, convs, layer, ref, include_suffix=True)
-    t["extract_with_prompt"] = _span_means(model, tokenizer, convs, layer, ref, from_zero=True)
-    t["extract_from_marker"] = _span_means(model, tokenizer, convs, layer, ref, start_shift=-1)
-    t["extract_final_norm_layer"] = _span_means(model, tokenizer, convs, layer, ref,
-                                                hidden_index=model.config.num_hidden_layers)
-    t["extract_all_tokens"] = _span_means(model, tokenizer, convs, layer, ref, from_zero=True, include_suffix=True)
-    t["extract_double_bos"] = _span_means(model, tokenizer, convs, layer, ref, special_tokens=True)
-    size = checks.BATCHED_CHECK_SIZE
-    t["extract_batched_left_unshifted_mask"] = _left_padded_mistake(model, tokenizer, convs, layer, ref, size,
-                                                                    shift_mask=False)
-    t["extract_batched_left_no_attention_mask"] = _left_padded_mistake(model, tokenizer, convs, layer, ref, size,
-                                                                       attention_mask=False)
+    for kind in ("single", "batched_right", "batched_left"):
+        size = 1 if kind == "single" else checks.BATCHED_CHECK_SIZE
+        for flags in checks.combinations(kind):
+            t[checks.combination_fixture_name(kind, flags)] = _simulated_means(
+                model, tokenizer, convs, layer, ref, kind=kind, flags=flags, batch_size=size)
+    t["extract_with_prompt"] = _simulated_means(model, tokenizer, convs, layer, ref, from_zero=True)
+    t["extract_from_marker"] = _simulated_means(model, tokenizer, convs, layer, ref, start_shift=-1)
+    t["extract_final_norm_layer"] = _simulated_means(model, tokenizer, convs, layer, ref,
+                                                     hidden_index=model.config.num_hidden_layers)
+    t["extract_all_tokens"] = _simulated_means(model, tokenizer, convs, layer, ref, from_zero=True, flags=("eot",))
+    t["extract_batched_left_no_attention_mask"] = _simulated_means(
+        model, tokenizer, convs, layer, ref, kind="batched_left", batch_size=checks.BATCHED_CHECK_SIZE,
+        attention_mask=False)
 
     case = copy.deepcopy(checks.PERSONA_CASE)
     fn = ref["extract_persona_vectors"]
-    args = (model, tokenizer, case["personas"], case["questions"], case["responses"])
-    for name, vec in fn(*args, case["scores"], case["layer"]).items():
+    args = (model, tokenizer, case["personas"], case["questions"], case["responses"], case["layer"])
+    for name, vec in fn(*args, scores=case["scores"]).items():
         t[f"persona_{name}"] = vec
     everything = {k: 3 for k in case["responses"]}
-    for name, vec in fn(*args, everything, case["layer"]).items():
+    for name, vec in fn(*args, scores=everything).items():
         t[f"persona_{name}_nofilter"] = vec
     inverted = {k: 3 if s < 3 else 0 for k, s in case["scores"].items()}  # keeps exactly the low scores
-    for name, vec in fn(*args, inverted, case["layer"]).items():
+    for name, vec in fn(*args, scores=inverted).items():
         t[f"persona_{name}_inverted"] = vec
     # A known mistake: one mean over all the kept responses' tokens (long answers weigh more), not a mean of means.
     from utils.conversation import response_token_span
@@ -122,18 +124,26 @@ def build() -> tuple[dict[str, torch.Tensor], dict]:
         t[f"persona_{name}_token_weighted"] = (means * lengths[:, None]).sum(0) / lengths.sum()
     v = geometry_vectors()
     t["geometry_vectors"] = v
-    t["cosine_raw"] = ref["compute_cosine_similarity_matrix"](v)
-    t["cosine_centered"] = ref["compute_cosine_similarity_matrix_centered"](v)
-    t["cosine_centered_wrong_dim"] = ref["compute_cosine_similarity_matrix"](v - v.mean(dim=1, keepdim=True))
-    proj, ratio, comps = ref["pca_decompose_persona_vectors"](v, n_components=len(v))
-    t["pca_projections"], t["pca_ratio"], t["pca_components"] = proj, ratio, comps
+    names = checks.GEOMETRY_NAMES
+
+    def as_dict(x):
+        return {n: x[i] for i, n in enumerate(names)}
+
+    t["cosine_raw"] = _in_order(ref["compute_cosine_similarity_matrix"](as_dict(v)), names)
+    t["cosine_centered"] = _in_order(ref["compute_cosine_similarity_matrix_centered"](as_dict(v)), names)
+    t["cosine_centered_wrong_dim"] = _in_order(
+        ref["compute_cosine_similarity_matrix"](as_dict(v - v.mean(dim=1, keepdim=True))), names)
+    # The whole spectrum (the reference keeps two components), with scikit-learn as the reference does.
+    full = PCA(n_components=len(v), svd_solver="full").fit(v.numpy())
+    t["pca_projections"] = torch.from_numpy(full.transform(v.numpy()))
+    t["pca_ratio"] = torch.from_numpy(full.explained_variance_ratio_)
+    t["pca_components"] = torch.from_numpy(full.components_)
     s = torch.linalg.svdvals(v.float())
     t["pca_ratio_uncentred"] = (s**2 / (s**2).sum())
-    t["axis"] = ref["compute_assistant_axis"](v[:3], v[3:])
+    n_defaults = checks.N_GEOMETRY_DEFAULTS
+    t["axis"] = ref["compute_assistant_axis"](v[:n_defaults], v[n_defaults:])
     centred = v - v.mean(dim=0)
-    names = [f"p{i}" for i in range(len(v))]
-    ranking = ref["characterize_axis"](t["axis"], {n: centred[i] for i, n in enumerate(names)})
-    by_name = dict(ranking)
+    by_name = ref["characterize_axis"](as_dict(centred), t["axis"])
     t["characterize_cosines"] = torch.tensor([by_name[n] for n in names])
     t["trait_vector"] = ref["compute_trait_vector"](v[:5], v[5:])
     meta = {"characterize_names": names, "made_by": "python -m tools.make_fixtures (from src/part1_persona_space.py)"}
