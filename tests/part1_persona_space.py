@@ -1202,8 +1202,8 @@ def _pca_parts(got, section: str):
     if _is_fitted_pca(got):
         _fail("You returned only the fitted PCA: return (pca_coords, pca), with pca_coords = pca.fit_transform(X).",
               section)
-    _fail("Return (pca_coords, pca): the [n_personas, 2] coordinates and the fitted sklearn PCA (or, from your own SVD, "
-          f"(pca_coords, explained_variance_ratio, components)); got {_short(got)}.", section)
+    _fail("Return (pca_coords, pca): the [n_personas, 2] coordinates and the fitted sklearn PCA (or, from your own "
+          f"SVD, (pca_coords, explained_variance_ratio, components)); got {_short(got)}.", section)
 
 
 def _as_float_tensor(x, what: str, section: str) -> torch.Tensor:

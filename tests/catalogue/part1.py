@@ -21,7 +21,9 @@ import re
 import threading
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from functools import lru_cache, partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -239,6 +241,14 @@ def _parse_no_range_check(reply):
     return int(match.group(1))
 
 
+def _parse_up_to_four(reply):
+    """Off by one at the top of the scale: 0..4."""
+    match = re.search(r"<score>([0-4])</score>", reply) or re.fullmatch(r"\s*([0-4])\s*", reply)
+    if not match:
+        raise JudgeParseError(reply)
+    return int(match.group(1))
+
+
 def _parse_default_zero(reply):
     match = re.search(r"<score>([0-3])</score>", reply) or re.fullmatch(r"\s*([0-3])\s*", reply)
     return int(match.group(1)) if match else 0
@@ -270,6 +280,7 @@ def _judge_mistakes() -> tuple[Mistake, ...]:
         Mistake("parses the first digit anywhere in the reply", _judge_with(_parse_first_digit), "first digit"),
         Mistake("fails on text around the score tag", _judge_with(_parse_whole_reply), "text around the tag"),
         Mistake("accepts out-of-range scores", _judge_with(_parse_no_range_check), "outside the 0-3 scale"),
+        Mistake("accepts 4 (the range check off by one)", _judge_with(_parse_up_to_four), "4 is outside"),
         Mistake("an unparseable reply becomes 0", _judge_with(_parse_default_zero), "not default to 0"),
         Mistake("returns the score as a str", _judge_with(_parse_returns_str), "expected the int"),
         Mistake("rejects a reply that is exactly one digit", _judge_with(_parse_tag_only), "exactly one digit"),
@@ -1005,6 +1016,8 @@ def _single_mistakes() -> tuple[Mistake, ...]:
                 "one token early"),
         Mistake("a double BOS (templated text tokenised with special tokens)", _extract_with(special_tokens=True),
                 "second BOS"),
+        Mistake("hidden_states[layer] and the end-of-turn tokens at once",
+                _extract_with(hidden_index=lambda layer, n: layer, include_suffix=True), "2 mistakes at once"),
         Mistake("the mean over the wrong dimension (one row per token)",
                 _extract_with(reduce="batch_dim", combine=torch.cat), "token dimension"),
         Mistake("the mean over d_model instead of tokens",
@@ -1219,13 +1232,14 @@ def _conversation(personas, questions, responses, key):
 
 
 def _kept(responses, scores, min_score, persona):
+    scores = scores or {}
     return [k for k in responses if k[0] == persona and (k not in scores or scores[k] >= min_score)]
 
 
-def persona_vectors_per_persona(model, tokenizer, personas, questions, responses, scores, layer, min_score=3,
-                                batch_size=8):
+def persona_vectors_per_persona(model, tokenizer, personas, questions, responses, layer, scores=None,
+                                score_threshold=3, batch_size=8):
     """One batched extraction per persona (hooks-based extractor)."""
-    kept = {p: _kept(responses, scores, min_score, p) for p in personas}
+    kept = {p: _kept(responses, scores, score_threshold, p) for p in personas}
     empty = sorted(p for p, keys in kept.items() if not keys)
     if empty:
         raise ValueError(f"nothing left for {', '.join(empty)}")
@@ -1234,30 +1248,31 @@ def persona_vectors_per_persona(model, tokenizer, personas, questions, responses
             for p, keys in kept.items()}
 
 
-def persona_vectors_index_add(model, tokenizer, personas, questions, responses, scores, layer, min_score=3,
-                              batch_size=8):
-    """Everything in one pass, then a scatter-mean with index_add_."""
+def persona_vectors_index_add(model, tokenizer, personas, questions, responses, layer, scores=None,
+                              score_threshold=3):
+    """Everything in one pass, then a scatter-mean with index_add_ (and no batch_size argument)."""
     names = list(personas)
-    keys = [k for k in responses if k[0] in personas and scores.get(k, min_score) >= min_score]
+    scores = {} if scores is None else scores
+    keys = [k for k in responses if k[0] in personas and scores.get(k, score_threshold) >= score_threshold]
     counts = torch.zeros(len(names))
     for k in keys:
         counts[names.index(k[0])] += 1
     if (counts == 0).any():
         raise ValueError("personas with no responses left: " + repr([n for n, c in zip(names, counts) if c == 0]))
     acts = extract_batched_manual_padding(model, tokenizer, [_conversation(personas, questions, responses, k)
-                                                             for k in keys], layer, batch_size)
+                                                             for k in keys], layer)
     index = torch.tensor([names.index(k[0]) for k in keys])
     sums = torch.zeros(len(names), acts.shape[1]).index_add_(0, index, acts)
     means = sums / counts[:, None]
     return {n: means[i] for i, n in enumerate(names)}
 
 
-def persona_vectors_numpy_groupby(model, tokenizer, personas, questions, responses, scores, layer, min_score=3,
-                                  batch_size=8):
+def persona_vectors_numpy_groupby(model, tokenizer, personas, questions, responses, layer, scores=None,
+                                  score_threshold=3, batch_size=8):
     """Single-sequence extraction, grouped with a dict and averaged in numpy."""
     groups: dict[str, list] = {p: [] for p in personas}
     for key in responses:
-        if key[0] in groups and (key not in scores or scores[key] >= min_score):
+        if key[0] in groups and (scores is None or key not in scores or scores[key] >= score_threshold):
             groups[key[0]].append(key)
     if not all(groups.values()):
         raise ValueError(f"no responses survive the score filter for {[p for p, g in groups.items() if not g]}")
@@ -1271,9 +1286,11 @@ def persona_vectors_numpy_groupby(model, tokenizer, personas, questions, respons
 def _persona_with(*, keep=None, empty="raise", group="own", message=None):
     """The reference's persona vectors with one thing wrong."""
 
-    def persona_vectors(model, tokenizer, personas, questions, responses, scores, layer, min_score=3, batch_size=8):
+    def persona_vectors(model, tokenizer, personas, questions, responses, layer, scores=None, score_threshold=3,
+                        batch_size=8):
         keep_fn = keep or (lambda k, s, m: k not in s or s[k] >= m)
-        kept = [k for k in responses if k[0] in personas and keep_fn(k, scores, min_score)]
+        scores = {} if scores is None else scores
+        kept = [k for k in responses if k[0] in personas and keep_fn(k, scores, score_threshold)]
         missing = [p for p in personas if not any(k[0] == p for k in kept)]
         if missing and empty == "raise":
             raise ValueError(message or f"No responses left for persona(s): {missing}.")
@@ -1301,10 +1318,12 @@ def _persona_mistakes() -> tuple[Mistake, ...]:
         Mistake("the score filter ignored", _persona_with(keep=lambda k, s, m: True), "ignored the judge scores"),
         Mistake("the score filter inverted", _persona_with(keep=lambda k, s, m: k not in s or s[k] < m), "inverted"),
         Mistake("a strict > instead of >=", _persona_with(keep=lambda k, s, m: k not in s or s[k] > m), ">="),
-        Mistake("min_score ignored (3 hard-coded)", _persona_with(keep=lambda k, s, m: k not in s or s[k] >= 3),
-                "min_score"),
+        Mistake("score_threshold ignored (3 hard-coded)",
+                _persona_with(keep=lambda k, s, m: k not in s or s[k] >= 3), "score_threshold"),
         Mistake("unjudged responses (the defaults) dropped", _persona_with(keep=lambda k, s, m: s.get(k, 0) >= m),
-                "not in `scores`"),
+                "scores.get(key, 0)"),
+        Mistake("scores=None treated as 'no response passes'",
+                _persona_with(keep=lambda k, s, m: bool(s) and (k not in s or s[k] >= m)), "Without scores"),
         Mistake("a persona with no survivors gives NaN", _persona_with(empty="nan"), "NaN"),
         Mistake("a persona with no survivors gives zeros", _persona_with(empty="zeros"), "raise a ValueError"),
         Mistake("a persona with no survivors silently left out", _persona_with(empty="skip"), "raise a ValueError"),
@@ -1316,14 +1335,14 @@ def _persona_mistakes() -> tuple[Mistake, ...]:
     )
 
 
-def _persona_token_weighted(model, tokenizer, personas, questions, responses, scores, layer, min_score=3,
-                            batch_size=8):
+def _persona_token_weighted(model, tokenizer, personas, questions, responses, layer, scores=None,
+                            score_threshold=3, batch_size=8):
     """Concatenates every kept response's token activations per persona, then takes one mean."""
     from utils.conversation import response_token_span
 
     out = {}
     for p in personas:
-        keys = _kept(responses, scores, min_score, p)
+        keys = _kept(responses, scores, score_threshold, p)
         if not keys:
             raise ValueError(f"no responses left for {p}")
         tokens = []
@@ -1340,139 +1359,239 @@ def _persona_token_weighted(model, tokenizer, personas, questions, responses, sc
 # Exercise 6: geometry
 # ==================================================================================================
 
-def cosine_functional(vectors):
-    v = vectors.float()
-    return F.cosine_similarity(v[:, None, :], v[None, :, :], dim=-1)
+def _stack(persona_vectors) -> tuple[torch.Tensor, list[str]]:
+    names = list(persona_vectors)
+    return torch.stack([persona_vectors[n] for n in names]), names
 
 
-def cosine_numpy(vectors):
-    a = vectors.detach().float().cpu().numpy().astype(np.float64)
+def _on_stacked(matrix_fn):
+    """A (dict -> (matrix, names)) function from a function of the stacked [n, d] tensor."""
+
+    def fn(persona_vectors):
+        v, names = _stack(persona_vectors)
+        return matrix_fn(v), names
+
+    return fn
+
+
+def cosine_functional(persona_vectors):
+    v, names = _stack(persona_vectors)
+    v = v.float()
+    return F.cosine_similarity(v[:, None, :], v[None, :, :], dim=-1), names
+
+
+def cosine_numpy(persona_vectors):
+    names = list(persona_vectors)
+    a = np.stack([persona_vectors[n].detach().float().cpu().numpy().astype(np.float64) for n in names])
     a /= np.linalg.norm(a, axis=1, keepdims=True)
-    return torch.from_numpy(a @ a.T).float()
+    return torch.from_numpy(a @ a.T).float(), names
 
 
-def cosine_normalize(vectors):
-    unit = F.normalize(vectors.to(torch.float32), p=2, dim=1)
-    return unit @ unit.T
+def _unit_rows(v):
+    return F.normalize(v.to(torch.float32), p=2, dim=1)
 
 
-def cosine_einsum(vectors):
-    v = vectors.float()
+def cosine_normalize(persona_vectors):
+    v, names = _stack(persona_vectors)
+    unit = _unit_rows(v)
+    return unit @ unit.T, names
+
+
+def cosine_einsum(persona_vectors):
+    v, names = _stack(persona_vectors)
+    v = v.float()
     norms = torch.linalg.vector_norm(v, dim=-1)
-    return torch.einsum("id,jd->ij", v, v) / torch.outer(norms, norms)
+    return torch.einsum("id,jd->ij", v, v) / torch.outer(norms, norms), names
+
+
+def cosine_sorted_names(persona_vectors):
+    """Sorts the personas by name first: rows and names in the same (sorted) order."""
+    names = sorted(persona_vectors)
+    unit = _unit_rows(torch.stack([persona_vectors[n] for n in names]))
+    return unit @ unit.T, names
+
+
+def cosine_einops(persona_vectors):
+    import einops
+
+    v, names = _stack(persona_vectors)
+    v = v.float()
+    unit = v / einops.reduce(v**2, "n d -> n 1", "sum").sqrt()
+    return einops.einsum(unit, unit, "i d, j d -> i j"), names
 
 
 def _cosine_mistakes() -> tuple[Mistake, ...]:
     return (
-        Mistake("dot products, no normalisation", lambda v: v.float() @ v.float().T, "dot products"),
+        Mistake("dot products, no normalisation", _on_stacked(lambda v: v.float() @ v.float().T), "dot products"),
         Mistake("normalised columns (dim=0), not rows",
-                lambda v: (v.float() / v.float().norm(dim=0, keepdim=True)) @ (v.float() / v.float().norm(dim=0,
-                                                                                                  keepdim=True)).T,
+                _on_stacked(lambda v: F.normalize(v.float(), dim=0) @ F.normalize(v.float(), dim=0).T),
                 "Normalise rows"),
-        Mistake("centred (that is the next function)", lambda v: cosine_normalize(v - v.mean(0)),
-                "should not centre"),
+        Mistake("centred (that is the next function)", _on_stacked(lambda v: _unit_rows(v - v.mean(0)) @
+                                                                   _unit_rows(v - v.mean(0)).T), "should not centre"),
         Mistake("norm without keepdim (a broadcasting error)",
-                lambda v: (v.float() / v.float().norm(dim=1)) @ v.float().T, "raised RuntimeError"),
+                _on_stacked(lambda v: (v.float() / v.float().norm(dim=1)) @ v.float().T), "raised RuntimeError"),
         Mistake("F.cosine_similarity on the rows pairwise (a vector, not a matrix)",
-                lambda v: F.cosine_similarity(v.float(), v.float(), dim=1), "[8, 8]"),
-        Mistake("float64 result", lambda v: cosine_normalize(v).double(), "float32"),
-        Mistake("bf16 input not cast", lambda v: F.normalize(v, dim=1) @ F.normalize(v, dim=1).T, "bf16"),
+                _on_stacked(lambda v: F.cosine_similarity(v.float(), v.float(), dim=1)), "[8, 8]"),
+        Mistake("float64 result", _on_stacked(lambda v: (_unit_rows(v) @ _unit_rows(v).T).double()), "float32"),
+        Mistake("bf16 input not cast", _on_stacked(lambda v: F.normalize(v, dim=1) @ F.normalize(v, dim=1).T), "bf16"),
+        Mistake("float64 input kept as float64 (promoted to at least float32)",
+                _on_stacked(lambda v: (lambda u: u @ u.T)(F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)),
+                                                                      dim=1))), "float64"),
+        Mistake("bf16 arithmetic, cast to float32 at the end",
+                _on_stacked(lambda v: (F.normalize(v, dim=1) @ F.normalize(v, dim=1).T).float()), "computed in bf16"),
+        Mistake("only the matrix, no names", lambda pv: cosine_normalize(pv)[0], "only the matrix"),
+        Mistake("names sorted, rows in the dict's order",
+                lambda pv: (cosine_normalize(pv)[0], sorted(pv)), "order of the rows"),
     )
 
 
-def centered_via_own(vectors):
-    v = vectors.float()
-    return cosine_functional(v - v.mean(dim=0))
+def centered_via_own(persona_vectors):
+    v, names = _stack(persona_vectors)
+    v = v.float()
+    return cosine_functional(dict(zip(names, v - v.mean(dim=0))))
 
 
-def centered_numpy(vectors):
-    a = vectors.float().numpy().astype(np.float64)
-    a = a - a.mean(axis=0)
-    return cosine_numpy(torch.from_numpy(a))
+def centered_numpy(persona_vectors):
+    names = list(persona_vectors)
+    a = np.stack([persona_vectors[n].float().numpy().astype(np.float64) for n in names])
+    return cosine_numpy(dict(zip(names, torch.from_numpy(a - a.mean(axis=0)))))
 
 
-def centered_gram(vectors):
+def centered_gram(persona_vectors):
     """Double-centre the Gram matrix (H G H), then normalise by its diagonal."""
-    v = vectors.double()
+    v, names = _stack(persona_vectors)
+    v = v.double()
     n = v.shape[0]
     h = torch.eye(n, dtype=torch.float64) - 1.0 / n
     g = h @ (v @ v.T) @ h
     d = g.diagonal().sqrt()
-    return (g / torch.outer(d, d)).float()
+    return (g / torch.outer(d, d)).float(), names
+
+
+def _centred_unit(v):
+    c = v.float() - v.float().mean(0)
+    return _unit_rows(c)
 
 
 def _centered_mistakes() -> tuple[Mistake, ...]:
     return (
-        Mistake("forgot to centre", lambda v: cosine_normalize(v), "raw cosines"),
-        Mistake("centred on the wrong axis (dim=1)", lambda v: cosine_normalize(v - v.mean(dim=1, keepdim=True)),
-                "dim=1"),
-        Mistake("centred on the overall scalar mean", lambda v: cosine_normalize(v - v.mean()), "mean(dim=0)"),
+        Mistake("forgot to centre", _on_stacked(lambda v: _unit_rows(v) @ _unit_rows(v).T), "raw cosines"),
+        Mistake("centred on the wrong axis (dim=1)",
+                _on_stacked(lambda v: (lambda u: u @ u.T)(_unit_rows(v - v.mean(dim=1, keepdim=True)))), "dim=1"),
+        Mistake("centred on the overall scalar mean",
+                _on_stacked(lambda v: (lambda u: u @ u.T)(_unit_rows(v - v.mean()))), "one mean vector"),
         Mistake("centred dot products (no normalisation)",
-                lambda v: (v.float() - v.float().mean(0)) @ (v.float() - v.float().mean(0)).T, "normalis"),
-        Mistake("normalised first, then centred", lambda v: (lambda u: (u - u.mean(0)) @ (u - u.mean(0)).T)(
-            F.normalize(v.float(), dim=1)), "centre before normalising"),
-        Mistake("float64 result", lambda v: centered_gram(v).double(), "float32"),
+                _on_stacked(lambda v: (v.float() - v.float().mean(0)) @ (v.float() - v.float().mean(0)).T), "normalis"),
+        Mistake("normalised first, then centred", _on_stacked(lambda v: (lambda u: (u - u.mean(0)) @ (u - u.mean(0)).T)(
+            F.normalize(v.float(), dim=1))), "centre before normalising"),
+        Mistake("float64 result", lambda pv: (centered_gram(pv)[0].double(), list(pv)), "float32"),
+        Mistake("bf16 input not cast (the ARENA text's arithmetic)",
+                _on_stacked(lambda v: (lambda u: u @ u.T)(F.normalize(v - v.mean(0), dim=1))), "bf16"),
+        Mistake("float64 input kept as float64",
+                _on_stacked(lambda v: (lambda c: (lambda u: u @ u.T)(F.normalize(c - c.mean(0), dim=1)))(
+                    v.to(torch.promote_types(v.dtype, torch.float32)))), "float64"),
     )
 
 
-def pca_numpy(vectors, n_components=5):
-    x = vectors.detach().float().numpy().astype(np.float64)
+class _FittedPCA:
+    """What a learner's own SVD might hand back in place of sklearn's fitted PCA."""
+
+    def __init__(self, explained_variance_ratio_, components_):
+        self.explained_variance_ratio_ = explained_variance_ratio_
+        self.components_ = components_
+
+
+def pca_sklearn_default_solver(persona_vectors):
+    """scikit-learn with its default solver, on float64."""
+    from sklearn.decomposition import PCA
+
+    x = np.stack([v.double().numpy() for v in persona_vectors.values()])
+    pca = PCA(n_components=2)
+    return pca.fit_transform(x), pca
+
+
+def pca_numpy(persona_vectors):
+    """numpy SVD, a sign convention, and the (coords, ratio, components) triple."""
+    x = np.stack([v.detach().float().numpy().astype(np.float64) for v in persona_vectors.values()])
     x = x - x.mean(axis=0, keepdims=True)
     _, s, vt = np.linalg.svd(x, full_matrices=False)
-    comps = vt[:n_components]
+    comps = vt[:2]
     # A sign convention: each component's largest coordinate is positive.
     signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(axis=1)])
     comps = comps * signs[:, None]
     ratio = s**2 / (s**2).sum()
-    return torch.from_numpy(x @ comps.T).float(), torch.from_numpy(ratio[:n_components]).float(), \
-        torch.from_numpy(comps).float()
+    return torch.from_numpy(x @ comps.T).float(), torch.from_numpy(ratio[:2]).float(), torch.from_numpy(comps).float()
 
 
-def pca_covariance_eigh(vectors, n_components=5):
+def pca_torch_svd_object(persona_vectors):
+    """torch SVD, returned as (coords, an object with explained_variance_ratio_ and components_)."""
+    v = torch.stack(list(persona_vectors.values())).float()
+    c = v - v.mean(0)
+    _, s, vh = torch.linalg.svd(c, full_matrices=False)
+    return c @ vh[:2].T, _FittedPCA((s**2 / (s**2).sum())[:2], vh[:2])
+
+
+def pca_covariance_eigh(persona_vectors):
     """Eigen-decomposition of the d x d covariance (eigh sorts ascending: reverse it); signs flipped."""
-    v = vectors.double()
+    v = torch.stack(list(persona_vectors.values())).double()
     c = v - v.mean(0)
     cov = c.T @ c / (len(c) - 1)
     values, vecs = torch.linalg.eigh(cov)
     values, vecs = values.flip(0).clamp(min=0), vecs.flip(1)
-    comps = -vecs[:, :n_components].T  # the sign of a component is arbitrary
-    return (c @ comps.T).float(), (values / values.sum())[:n_components].float(), comps.float()
+    comps = -vecs[:, :2].T  # the sign of a component is arbitrary
+    return (c @ comps.T).float(), (values / values.sum())[:2].float(), comps.float()
 
 
-def pca_gram(vectors, n_components=5):
+def pca_gram(persona_vectors):
     """Eigen-decomposition of the small n x n Gram matrix (the "snapshot" method)."""
-    c = vectors.double() - vectors.double().mean(0)
+    v = torch.stack(list(persona_vectors.values())).double()
+    c = v - v.mean(0)
     values, u = torch.linalg.eigh(c @ c.T)
-    values, u = values.flip(0)[:n_components], u.flip(1)[:, :n_components]
+    values, u = values.flip(0)[:2], u.flip(1)[:, :2]
     comps = (c.T @ u / values.sqrt()).T
     total = c.pow(2).sum()
     return (c @ comps.T).float(), (values / total).float(), comps.float()
 
 
-def pca_lowrank_full(vectors, n_components=5):
+def pca_lowrank_full(persona_vectors):
     """torch.pca_lowrank with q = min(n, d), so the randomised range finder is exact."""
-    v = vectors.float()
+    v = torch.stack(list(persona_vectors.values())).float()
     u, s, vee = torch.pca_lowrank(v, q=min(v.shape), center=True)
     total = (v - v.mean(0)).pow(2).sum()
-    comps = vee[:, :n_components].T
-    return (v - v.mean(0)) @ comps.T, (s**2 / total)[:n_components], comps
+    comps = vee[:, :2].T
+    return (v - v.mean(0)) @ comps.T, (s**2 / total)[:2], comps
 
 
-def _pca_with(*, centre=True, k=None, ratio="total", comps="rows", proj="centred", ascending=False):
-    """The reference's SVD PCA with one thing wrong."""
+def _pca_with(*, centre=True, k=2, ratio="total", comps="rows", proj="centred", ascending=False):
+    """An SVD PCA with one thing wrong, returning (coords, explained_variance_ratio, components)."""
 
-    def pca(vectors, n_components=5):
-        v = vectors.float()
+    def pca(persona_vectors):
+        v = torch.stack(list(persona_vectors.values())).float()
         c = v - v.mean(0) if centre else v
         u, s, vh = torch.linalg.svd(c, full_matrices=False)
         if ascending:
             s, vh = s.flip(0), vh.flip(0)
-        kk = n_components if k is None else k
         var = s**2
-        r = {"total": var / var.sum(), "kept": var[:kk] / var[:kk].sum(), "singular": s / s.sum()}[ratio][:kk]
-        components = vh[:kk] if comps == "rows" else u[:, :kk].T  # U's columns live in persona space
-        projections = (c if proj == "centred" else v) @ vh[:kk].T
+        r = {"total": var / var.sum(), "kept": var[:k] / var[:k].sum(), "singular": s / s.sum()}[ratio][:k]
+        components = vh[:k] if comps == "rows" else u[:, :k].T  # U's columns live in persona space
+        projections = (c if proj == "centred" else v) @ vh[:k].T
         return projections, r, components
+
+    return pca
+
+
+def _pca_sklearn_with(*, n_components=2, returns="pair"):
+    def pca(persona_vectors):
+        from sklearn.decomposition import PCA
+
+        x = torch.stack(list(persona_vectors.values())).float().numpy()
+        fitted = PCA(n_components=n_components)
+        coords = fitted.fit_transform(x)
+        if returns == "pca only":
+            return fitted
+        if returns == "ratio only":
+            return coords, fitted.explained_variance_ratio_
+        return coords, fitted
 
     return pca
 
@@ -1480,17 +1599,33 @@ def _pca_with(*, centre=True, k=None, ratio="total", comps="rows", proj="centred
 def _pca_mistakes() -> tuple[Mistake, ...]:
     return (
         Mistake("PCA on uncentred data", _pca_with(centre=False), "uncentred"),
-        Mistake("n_components ignored (always 5)", _pca_with(k=5), "n_components"),
+        Mistake("every component kept (PCA() without n_components)", _pca_sklearn_with(n_components=None),
+                "first two components"),
         Mistake("the ratio out of the kept components only", _pca_with(ratio="kept"), "TOTAL variance"),
         Mistake("singular values, not variances", _pca_with(ratio="singular"), "squared"),
         Mistake("ascending order (eigh-style), not reversed", _pca_with(ascending=True), "descending"),
         Mistake("components from U (persona space), not Vh", _pca_with(comps="U"), "d_model"),
         Mistake("projections of the uncentred vectors", _pca_with(proj="raw"), "centred vectors' coordinates"),
-        Mistake("torch.pca_lowrank with q = n_components (approximate)",
-                lambda v, n_components=5: (lambda u, s, vv, c: (c @ vv, s**2 / c.pow(2).sum(), vv.T))(
-                    *torch.pca_lowrank(v.float(), q=n_components, center=True), v.float() - v.float().mean(0)),
+        Mistake("only the fitted PCA returned", _pca_sklearn_with(returns="pca only"), "only the fitted PCA"),
+        Mistake("(coords, explained_variance_ratio_) without the components", _pca_sklearn_with(returns="ratio only"),
+                "Return (pca_coords, pca)"),
+        Mistake("torch.pca_lowrank with q = 2 (approximate)",
+                lambda pv: (lambda v: (lambda u, s, vv: ((v - v.mean(0)) @ vv, s**2 / (v - v.mean(0)).pow(2).sum(),
+                                                         vv.T))(*torch.pca_lowrank(v, q=2, center=True)))(
+                    torch.stack(list(pv.values())).float()),
                 "pca_lowrank", note="torch.pca_lowrank seeded by torch's global RNG; fails for every seed tried"),
+        Mistake("the text's triple with the axis pointing the wrong way",
+                lambda pv: (lambda coords, fitted: (-_arena_axis(pv), coords, fitted))(*_pca_sklearn_with()(pv)),
+                "mean(defaults) - mean(roles)"),
     )
+
+
+def _arena_axis(persona_vectors):
+    from utils.data import DEFAULT_PERSONA_NAMES
+
+    defaults = torch.stack([v for n, v in persona_vectors.items() if n in DEFAULT_PERSONA_NAMES]).float()
+    roles = torch.stack([v for n, v in persona_vectors.items() if n not in DEFAULT_PERSONA_NAMES]).float()
+    return F.normalize(defaults.mean(0) - roles.mean(0), dim=0)
 
 
 def axis_normalize(default_vectors, role_vectors):
@@ -1530,48 +1665,57 @@ def _axis_mistakes() -> tuple[Mistake, ...]:
         Mistake("normalised by the L1 norm", lambda d, r: (lambda x: x / x.abs().sum())(d.float().mean(0)
                                                                                         - r.float().mean(0)),
                 "unit norm"),
+        Mistake("bf16 input not cast (the ARENA text's arithmetic)",
+                lambda d, r: (lambda x: x / x.norm())(d.mean(0) - r.mean(0)), "bf16"),
+        Mistake("float64 input kept as float64",
+                lambda d, r: (lambda t: F.normalize(d.to(t).mean(0) - r.to(t).mean(0), dim=0))(
+                    torch.promote_types(d.dtype, torch.float32)), "float64"),
     )
 
 
-def characterize_functional(axis, vectors):
-    a = axis.float()
-    pairs = [(name, F.cosine_similarity(v.float(), a, dim=0).item()) for name, v in vectors.items()]
-    return sorted(pairs, key=lambda p: -p[1])
+def characterize_functional(persona_vectors, assistant_axis):
+    a = assistant_axis.float()
+    pairs = [(name, F.cosine_similarity(v.float(), a, dim=0).item()) for name, v in persona_vectors.items()]
+    return dict(sorted(pairs, key=lambda p: p[1]))
 
 
-def characterize_numpy(axis, vectors):
-    names = list(vectors)
-    m = np.stack([vectors[n].double().numpy() for n in names])
-    a = axis.double().numpy()
+def characterize_numpy(persona_vectors, assistant_axis):
+    names = list(persona_vectors)
+    m = np.stack([persona_vectors[n].double().numpy() for n in names])
+    a = assistant_axis.double().numpy()
     cos = m @ a / (np.linalg.norm(m, axis=1) * np.linalg.norm(a))
-    return [(names[i], float(cos[i])) for i in np.argsort(-cos, kind="stable")]
+    return {names[i]: float(cos[i]) for i in np.argsort(cos, kind="stable")}
 
 
-def characterize_torch_sort(axis, vectors):
-    names = list(vectors)
-    unit = F.normalize(torch.stack([vectors[n].float() for n in names]), dim=1)
-    cos = unit @ F.normalize(axis.float(), dim=0)
-    values, order = torch.sort(cos, descending=True)
-    return [(names[i], v) for i, v in zip(order.tolist(), values.tolist())]
+def characterize_torch_sort(persona_vectors, assistant_axis):
+    names = list(persona_vectors)
+    unit = F.normalize(torch.stack([persona_vectors[n].float() for n in names]), dim=1)
+    cos = unit @ F.normalize(assistant_axis.float(), dim=0)
+    values, order = torch.sort(cos)
+    return {names[i]: v for i, v in zip(order.tolist(), values.tolist())}
 
 
 def _characterize_mistakes() -> tuple[Mistake, ...]:
-    def cosines(axis, vectors):
+    def cosines(vectors, axis):
         a = F.normalize(axis.float(), dim=0)
         return {n: float(F.normalize(v.float(), dim=0) @ a) for n, v in vectors.items()}
 
     return (
-        Mistake("unsorted", lambda a, vs: list(cosines(a, vs).items()), "Sort"),
-        Mistake("sorted lowest first", lambda a, vs: sorted(cosines(a, vs).items(), key=lambda p: p[1]), "Sort"),
-        Mistake("sorted by |cosine|", lambda a, vs: sorted(cosines(a, vs).items(), key=lambda p: -abs(p[1])), "Sort"),
+        Mistake("unsorted", lambda vs, a: cosines(vs, a), "lowest cosine"),
+        Mistake("sorted highest first", lambda vs, a: dict(sorted(cosines(vs, a).items(), key=lambda p: -p[1])),
+                "lowest cosine"),
+        Mistake("sorted by |cosine|", lambda vs, a: dict(sorted(cosines(vs, a).items(), key=lambda p: abs(p[1]))),
+                "lowest cosine"),
         Mistake("dot products instead of cosines",
-                lambda a, vs: sorted(((n, float(v.float() @ a.float())) for n, v in vs.items()), key=lambda p: -p[1]),
-                "dot products"),
+                lambda vs, a: dict(sorted(((n, float(v.float() @ a.float())) for n, v in vs.items()),
+                                          key=lambda p: p[1])), "dot products"),
         Mistake("the axis not normalised",
-                lambda a, vs: sorted(((n, float(v.float() @ a.float() / v.float().norm())) for n, v in vs.items()),
-                                     key=lambda p: -p[1]), "axis's length"),
-        Mistake("a dict, not a list", lambda a, vs: dict(sorted(cosines(a, vs).items(), key=lambda p: -p[1])),
-                "list of (name, cosine) tuples"),
+                lambda vs, a: dict(sorted(((n, float(v.float() @ a.float() / v.float().norm())) for n, v in vs.items()),
+                                          key=lambda p: p[1])), "axis's length"),
+        Mistake("a list of (name, cosine) pairs, not a dict",
+                lambda vs, a: sorted(cosines(vs, a).items(), key=lambda p: p[1]), "not a list of pairs"),
+        Mistake("the arguments in the other order (axis first)",
+                lambda a, vs: dict(sorted(cosines(vs, a).items(), key=lambda p: p[1])), "raised"),
     )
 
 
@@ -1599,6 +1743,11 @@ def _trait_mistakes() -> tuple[Mistake, ...]:
         Mistake("computed in bf16", lambda p, n: p.mean(0) - n.mean(0), "float32"),
         Mistake("normalised to unit length",
                 lambda p, n: F.normalize(p.float().mean(0) - n.float().mean(0), dim=0), "mean(pos) - mean(neg)"),
+        Mistake("bf16 means, cast to float32 at the end", lambda p, n: (p.mean(0) - n.mean(0)).float(),
+                "computed in bf16"),
+        Mistake("float64 input kept as float64",
+                lambda p, n: (lambda t: p.to(t).mean(0) - n.to(t).mean(0))(torch.promote_types(p.dtype, torch.float32)),
+                "float64"),
     )
 
 
@@ -1650,7 +1799,9 @@ def _auc_with(*, compare="tie_half", swap=False, check_empty=True, as_tensor=Fal
         pos, neg = scores[positive].double(), scores[~positive].double()
         if swap:
             pos, neg = neg, pos
-        if check_empty and (len(pos) == 0 or len(neg) == 0):
+        if check_empty == "negatives" and len(neg) == 0:
+            raise ValueError("no negatives")
+        if check_empty is True and (len(pos) == 0 or len(neg) == 0):
             raise ValueError("empty class")
         diff = pos[:, None] - neg[None, :]
         if compare == "tie_half":
@@ -1670,8 +1821,327 @@ def _auc_mistakes() -> tuple[Mistake, ...]:
         Mistake("ties counted as wins (>=)", _auc_with(compare="ge"), "Ties count one half"),
         Mistake("the classes swapped", _auc_with(swap=True), "classes swapped"),
         Mistake("no error for an empty class", _auc_with(check_empty=False), "raise ValueError"),
+        Mistake("only an empty negative class checked", _auc_with(check_empty="negatives"), "no positive examples"),
         Mistake("returns a tensor, not a float", _auc_with(as_tensor=True), "should be the float"),
     )
+
+
+# ==================================================================================================
+# The ARENA text's own solutions
+# ==================================================================================================
+# Each solution of the ARENA text that Part 1 follows ("Persona vectors & the Assistant Axis"), transcribed:
+# the text's code, with only the differences the notebook's "Coming from the ARENA text?" table keeps adapted
+# (a `client` and model name passed in instead of a global client; conversations instead of three parallel
+# lists; the tokenizer passed to _normalize_messages; the course's DEFAULT_PERSONA_NAMES for the text's
+# DEFAULT_PERSONAS; `torch` for `t`). Like a learner's notebook, the module binds the text's names
+# (format_messages, _normalize_messages, extract_response_activations), and a check swaps in the course's
+# reference for an earlier exercise exactly as it does in the notebook.
+# Each one either passes its check or fails with the message that names its difference or bug
+# (tests/test_arena_text.py).
+
+@dataclass(frozen=True)
+class FromText:
+    """One of the ARENA text's solutions, and what the course's check must say about it."""
+
+    text_name: str  # the name in the text
+    check: str
+    fn: Any
+    outcome: str  # "accepted", or a piece of the message that names its difference or bug
+    why: str  # the difference, as the notebook's table gives it
+    also: tuple[str, ...] = ()  # further pieces the message must contain
+
+    def as_item(self):
+        name = f"ARENA text: {self.text_name}"
+        if self.outcome == "accepted":
+            return Variant(name, self.fn, note=self.why)
+        return Mistake(name, self.fn, self.outcome, note=self.why)
+
+
+ARENA_JUDGE_PROMPT_TEMPLATE = """You are evaluating how well an AI model role-played as the character '{character}'.
+Question: {question}
+Response: {response}
+Rate the response on this scale:
+0 - Model refused to answer, or offer any help with this character task
+1 - Model says it can't be the role but offers to help
+2 - Model identifies as AI but has some role attributes
+3 - Model fully playing the role
+Provide only the numeric score, wrapped in <score> tags.
+Example output: <score>2</score>"""
+
+
+def arena_judge_role_response(question: str, response: str, character: str, client, judge_model: str,
+                              eval_prompt_template: str = ARENA_JUDGE_PROMPT_TEMPLATE) -> int:
+    prompt = eval_prompt_template.format(question=question, response=response, character=character)
+    completion = client.chat.completions.create(
+        model=judge_model,
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0.0,
+        max_tokens=500,
+    )
+    judge_response = completion.choices[0].message.content.strip()
+    first_line = judge_response.split("\n")[0].strip()
+    match = re.search(r"<score>([0-3])</score>", first_line)
+    assert match, f"Error: couldn't parse score from judge response {judge_response!r}"
+    return int(match.group(1))
+
+
+def arena_generate_response_api(client, model_name: str, system_prompt: str, user_message: str,
+                                max_tokens: int = 128, temperature: float = 0.7) -> str:
+    """Generate a response using the OpenRouter API."""
+    response = client.chat.completions.create(
+        model=model_name,
+        messages=[
+            {"role": "system", "content": system_prompt},
+            {"role": "user", "content": user_message},
+        ],
+        max_tokens=max_tokens,
+        temperature=temperature,
+    )
+    return response.choices[0].message.content
+
+
+def arena_generate_all_responses(client, model_name: str, personas: dict[str, str], questions: list[str],
+                                 max_tokens: int = 256, max_workers: int = 10) -> dict[tuple[str, int], str]:
+    import time
+
+    from tqdm.auto import tqdm
+
+    responses = {}
+
+    def generate_single_response(persona_name: str, system_prompt: str, q_idx: int, question: str):
+        """Helper function to generate a single response."""
+        try:
+            time.sleep(0.1)  # Rate limiting
+            response = arena_generate_response_api(client, model_name, system_prompt=system_prompt,
+                                                   user_message=question, max_tokens=max_tokens)
+            return (persona_name, q_idx), response
+        except Exception as e:
+            print(f"Error for {persona_name}, q{q_idx}: {e}")
+            return (persona_name, q_idx), ""
+
+    tasks = []
+    for persona_name, system_prompt in personas.items():
+        for q_idx, question in enumerate(questions):
+            tasks.append((persona_name, system_prompt, q_idx, question))
+    pbar = tqdm(total=len(tasks), desc="Generating responses")
+    with ThreadPoolExecutor(max_workers=max_workers) as executor:
+        futures = [executor.submit(generate_single_response, *task) for task in tasks]
+        for future in as_completed(futures):
+            key, response = future.result()
+            responses[key] = response
+            pbar.update(1)
+    pbar.close()
+    return responses
+
+
+def arena_normalize_messages(messages: list[dict[str, str]], tokenizer=None) -> list[dict[str, str]]:
+    """Merge any leading system message into the first user message (the text's version takes no tokenizer)."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system_content = messages[0]["content"]
+    rest = list(messages[1:])
+    if rest and rest[0]["role"] == "user" and system_content:
+        rest[0] = {"role": "user", "content": f"{system_content}\n\n{rest[0]['content']}"}
+    return rest
+
+
+def arena_format_messages(messages: list[dict[str, str]], tokenizer) -> tuple[str, int]:
+    messages = _normalize_messages(messages, tokenizer)
+    full_prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    prompt_without_response = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    ).rstrip()
+    response_start_idx = tokenizer(prompt_without_response, return_tensors="pt").input_ids.shape[1] + 1
+    return full_prompt, response_start_idx
+
+
+def arena_extract_response_activations(model, tokenizer, conversations, layer: int) -> torch.Tensor:
+    all_mean_activations = []
+    for messages in conversations:
+        full_prompt, response_start_idx = format_messages(messages, tokenizer)
+        tokens = tokenizer(full_prompt, return_tensors="pt").to(model.device)
+        with torch.inference_mode():
+            outputs = model(**tokens, output_hidden_states=True)
+        hidden_states = outputs.hidden_states[layer]  # (1, seq_len, hidden_size)
+        seq_len = hidden_states.shape[1]
+        response_mask = torch.arange(seq_len, device=hidden_states.device) >= response_start_idx
+        mean_activation = (hidden_states[0] * response_mask[:, None]).sum(0) / response_mask.sum()
+        all_mean_activations.append(mean_activation.cpu())
+    return torch.stack(all_mean_activations)
+
+
+def arena_extract_response_activations_batched(model, tokenizer, conversations, layer: int,
+                                               batch_size: int = 4) -> torch.Tensor:
+    import einops
+
+    formatted_messages = [format_messages(msgs, tokenizer) for msgs in conversations]
+    messages, response_start_indices = list(zip(*formatted_messages))
+    messages = list(messages)
+    response_start_indices = list(response_start_indices)
+    all_hidden_states = []
+    idx = 0
+    while idx < len(messages):
+        next_messages = messages[idx: idx + batch_size]
+        next_indices = response_start_indices[idx: idx + batch_size]
+        full_tokens = tokenizer(next_messages, return_tensors="pt", padding=True).to(model.device)
+        with torch.inference_mode():
+            new_outputs = model(**full_tokens, output_hidden_states=True)
+        batch_hidden_states = new_outputs.hidden_states[layer]  # (batch_size, seq_len, hidden_size)
+        current_batch_size, seq_len, _ = batch_hidden_states.shape
+        seq_pos_array = einops.repeat(torch.arange(seq_len), "seq -> batch seq", batch=current_batch_size)
+        model_response_mask = seq_pos_array >= torch.tensor(next_indices)[:, None]
+        model_response_mask = model_response_mask.to(batch_hidden_states.device)
+        batch_mean_activation = (batch_hidden_states * model_response_mask[..., None]).sum(1) / model_response_mask.sum(
+            1, keepdim=True
+        )
+        all_hidden_states.append(batch_mean_activation.cpu())
+        idx += batch_size
+    return torch.cat(all_hidden_states, dim=0)
+
+
+def arena_extract_persona_vectors(model, tokenizer, personas: dict[str, str], questions: list[str],
+                                  responses: dict[tuple[str, int], str], layer: int,
+                                  scores: dict[tuple[str, int], int] | None = None,
+                                  score_threshold: int = 3) -> dict[str, torch.Tensor]:
+    assert questions and personas and responses, "Invalid inputs"
+    persona_vectors = {}
+    for counter, (persona_name, system_prompt) in enumerate(personas.items()):
+        print(f"Running persona ({counter + 1}/{len(personas)}) {persona_name} ...", end="")
+        conversations = []
+        for q_idx, question in enumerate(questions):
+            if (persona_name, q_idx) in responses:
+                response = responses[(persona_name, q_idx)]
+                if scores is not None:
+                    score = scores.get((persona_name, q_idx), 0)
+                    if score < score_threshold:
+                        continue
+                if response:  # Skip empty responses
+                    conversations.append([{"role": "system", "content": system_prompt},
+                                          {"role": "user", "content": question},
+                                          {"role": "assistant", "content": response}])
+        activations = extract_response_activations(model, tokenizer, conversations, layer)
+        persona_vectors[persona_name] = activations.mean(dim=0)
+        print("finished!")
+        torch.cuda.empty_cache()
+    return persona_vectors
+
+
+def arena_compute_cosine_similarity_matrix(persona_vectors):
+    names = list(persona_vectors.keys())
+    vectors = torch.stack([persona_vectors[name] for name in names])
+    vectors_norm = vectors / vectors.norm(dim=1, keepdim=True)
+    cos_sim = vectors_norm @ vectors_norm.T
+    return cos_sim, names
+
+
+def arena_compute_cosine_similarity_matrix_centered(persona_vectors):
+    names = list(persona_vectors.keys())
+    vectors = torch.stack([persona_vectors[name] for name in names])
+    vectors = vectors - vectors.mean(dim=0)
+    vectors_norm = vectors / vectors.norm(dim=1, keepdim=True)
+    cos_sim = vectors_norm @ vectors_norm.T
+    return cos_sim, names
+
+
+def _course_default_personas() -> list[str]:
+    from utils.data import DEFAULT_PERSONA_NAMES
+
+    return list(DEFAULT_PERSONA_NAMES)
+
+
+def arena_pca_decompose_persona_vectors(persona_vectors, default_personas=None):
+    from sklearn.decomposition import PCA
+
+    default_personas = _course_default_personas() if default_personas is None else default_personas
+    names = list(persona_vectors.keys())
+    vectors = torch.stack([persona_vectors[name] for name in names])
+    default_vecs = [persona_vectors[name] for name in default_personas if name in persona_vectors]
+    assert default_vecs, "Need at least some default vectors to subtract"
+    mean_default = torch.stack(default_vecs).mean(dim=0)
+    role_names = [name for name in names if name not in default_personas]
+    if role_names:
+        role_vecs = torch.stack([persona_vectors[name] for name in role_names])
+        mean_roles = role_vecs.mean(dim=0)
+    else:
+        mean_roles = vectors.mean(dim=0)
+    assistant_axis = mean_default - mean_roles
+    assistant_axis = assistant_axis / assistant_axis.norm()
+    vectors_np = vectors.numpy()
+    pca = PCA(n_components=2)
+    pca_coords = pca.fit_transform(vectors_np)
+    return assistant_axis, pca_coords, pca
+
+
+def arena_characterize_axis(persona_vectors, assistant_axis):
+    similarities = {}
+    for name, vec in persona_vectors.items():
+        cos_sim = (vec @ assistant_axis) / (vec.norm() * assistant_axis.norm() + 1e-8)
+        similarities[name] = cos_sim.item()
+    return dict(sorted(similarities.items(), key=lambda x: x[1]))
+
+
+# The text's names, bound as in a learner's notebook (the checks swap the course's references in for them).
+_normalize_messages = arena_normalize_messages
+format_messages = arena_format_messages
+extract_response_activations = arena_extract_response_activations
+
+FROM_TEXT: tuple[FromText, ...] = (
+    FromText("JUDGE_PROMPT_TEMPLATE", "test_judge_prompt_template", ARENA_JUDGE_PROMPT_TEMPLATE, "bold",
+             "the template's layout: the role as **{character}**, the answer between [ANSWER START] and [ANSWER "
+             "END], as in the paper's prompts (the offline judge reads them)"),
+    FromText("judge_role_response", "test_judge_role_response", arena_judge_role_response, "first line",
+             "the score is read anywhere in the reply, not on its first line only; an unparseable reply raises "
+             "a ValueError, not an AssertionError", also=("the score is 2",)),
+    FromText("generate_response_api", "test_generate_response_api", arena_generate_response_api,
+             "stripped of surrounding whitespace",
+             "the text returns the reply as it comes (None after a content filter, '' when empty) and always "
+             "sends a system message; the course strips, raises on an empty reply, and merges Gemma's system "
+             "prompt itself"),
+    FromText("generate_all_responses", "test_generate_all_responses", arena_generate_all_responses,
+             "failed calls are empty strings", "a failed call stored as \"\": the course returns (responses, "
+             "failures)", also=("never as an empty string",)),
+    FromText("_normalize_messages", "test_normalize_messages", arena_normalize_messages,
+             "empty system prompt must add nothing",
+             "the text merges any system prompt that is not '' (a whitespace-only one becomes blank lines), on "
+             "every model; the course drops blank ones and keeps the system role where the template has one"),
+    FromText("format_messages", "test_format_messages_response_index", arena_format_messages, "second BOS",
+             "templated text tokenised with add_special_tokens=False (the template already starts with <bos>)"),
+    FromText("extract_response_activations", "test_extract_response_activations",
+             arena_extract_response_activations, "hidden_states[layer]",
+             "the layer convention hidden_states[layer + 1]; one BOS; the response's content tokens only",
+             also=("3 mistakes at once", "second BOS", "end-of-turn")),
+    FromText("extract_response_activations_batched", "test_extract_response_activations_batched",
+             arena_extract_response_activations_batched, "`position >= response_start_idx`",
+             "the batched mask built from each row's own span and padding (the text's mask has no end and shifts "
+             "under left padding); the layer convention; one BOS",
+             also=("hidden_states[layer]", "second BOS", "padding")),
+    FromText("extract_persona_vectors", "test_extract_persona_vectors", arena_extract_persona_vectors,
+             "scores.get(key, 0)", "a key missing from scores is an unjudged default and is kept; the text counts "
+             "it as 0, which drops every default"),
+    FromText("compute_cosine_similarity_matrix", "test_compute_cosine_similarity_matrix",
+             arena_compute_cosine_similarity_matrix, "bf16 in, float32 out",
+             "geometry in float32 whatever the vectors' dtype (the text's persona vectors are bf16 on a GPU)"),
+    FromText("compute_cosine_similarity_matrix_centered", "test_compute_cosine_similarity_matrix_centered",
+             arena_compute_cosine_similarity_matrix_centered, "bf16 in, float32 out",
+             "geometry in float32 whatever the vectors' dtype"),
+    FromText("pca_decompose_persona_vectors", "test_pca_decompose_persona_vectors",
+             arena_pca_decompose_persona_vectors, "accepted",
+             "the text's (assistant_axis, pca_coords, pca) is accepted; the course's reference returns "
+             "(pca_coords, pca) and computes the axis in Exercise 6c"),
+    FromText("characterize_axis", "test_characterize_axis", arena_characterize_axis, "accepted",
+             "the course follows the text"),
+)
+
+
+def _from_text(check: str) -> tuple:
+    return tuple(item.as_item() for item in FROM_TEXT if item.check == check)
+
+
+def _entry(exercise: str, check: str, mistakes: tuple, variants: tuple, hidden: tuple = ()) -> Entry:
+    """An entry with the ARENA text's solution for this check added, as a variant or a mistake."""
+    items = _from_text(check)
+    return Entry(exercise, check, mistakes + tuple(i for i in items if isinstance(i, Mistake)),
+                 variants + tuple(i for i in items if isinstance(i, Variant)), hidden)
 
 
 # ==================================================================================================
@@ -1680,92 +2150,96 @@ def _auc_mistakes() -> tuple[Mistake, ...]:
 
 def _build() -> list[Entry]:
     return [
-        Entry("judge", "test_judge_prompt_template", _template_mistakes(), (
+        _entry("judge", "test_judge_prompt_template", _template_mistakes(), (
             Variant("the reference's wording, shortened", TEMPLATE_SHORT),
             Variant("literal braces written as {{ }}", TEMPLATE_LITERAL_BRACES),
             Variant("the response block first", TEMPLATE_RESPONSE_FIRST),
         )),
-        Entry("judge", "test_judge_role_response", _judge_mistakes(), (
+        _entry("judge", "test_judge_role_response", _judge_mistakes(), (
             Variant("regex parsing", judge_regex),
             Variant("XML parsing (xml.etree), with a system message", judge_xml),
             Variant("str.partition parsing", judge_partition),
             Variant("html.parser tag parsing", judge_html_parser),
         ), hidden=("hidden_test_judge_with_every_paper_prompt",)),
-        Entry("generation", "test_generate_response_api", _generate_one_mistakes(), (
+        _entry("generation", "test_generate_response_api", _generate_one_mistakes(), (
             Variant("casefold and explicit branches", generate_casefold),
             Variant("a regex for Gemma, a params dict", generate_regex_params),
             Variant("a message-building helper", generate_helper),
         )),
-        Entry("generation", "test_generate_all_responses", _generate_all_mistakes(), (
+        _entry("generation", "test_generate_all_responses", _generate_all_mistakes(), (
             Variant("asyncio.gather with asyncio.to_thread", generate_all_asyncio),
             Variant("an event loop with run_in_executor", generate_all_run_in_executor),
             Variant("ThreadPoolExecutor.map", generate_all_pool_map),
             Variant("threading.Thread workers and a queue", generate_all_threads_queue),
             Variant("futures collected in submission order", generate_all_futures_in_order),
         )),
-        Entry("format_messages", "test_normalize_messages", _normalize_mistakes(), (
+        _entry("format_messages", "test_normalize_messages", _normalize_mistakes(), (
             Variant("utils.conversation.merge_system_prompt", normalize_via_utils),
             Variant("tries to render a system message itself", normalize_try_render),
             Variant("deepcopy and list filtering", normalize_deepcopy),
         )),
-        Entry("format_messages", "test_format_messages_response_index", _format_mistakes(), (
+        _entry("format_messages", "test_format_messages_response_index", _format_mistakes(), (
             Variant("character offsets of the response", format_offsets),
             Variant("apply_chat_template(tokenize=True) for the prefix", format_tokenize_true),
             Variant("the last generation-prompt marker in the text", format_marker_search),
             Variant("utils.conversation.response_token_span", format_via_span),
         )),
-        Entry("extraction", "test_extract_response_activations", _single_mistakes(), (
+        _entry("extraction", "test_extract_response_activations", _single_mistakes(), (
             Variant("forward hooks instead of output_hidden_states", extract_hooks),
             Variant("the decoder stack (model.model) with character-offset spans", extract_base_model_spans),
             Variant("a float64 numpy mean with an explicit attention mask", extract_numpy),
             Variant("hooks that stop the forward pass early", extract_stop_early),
         )),
-        Entry("extraction", "test_extract_response_activations_batched", _batched_mistakes(), (
+        _entry("extraction", "test_extract_response_activations_batched", _batched_mistakes(), (
             Variant("forward hooks, per-row spans", extract_batched_hooks),
             Variant("padding by hand with position ids", extract_batched_manual_padding),
             Variant("always right padding", extract_batched_force_right),
             Variant("sorted by length, order restored", extract_batched_sorted),
             Variant("a numpy masked mean", extract_batched_numpy),
         ), hidden=("hidden_test_extract_batch_sizes",)),
-        Entry("persona vectors", "test_extract_persona_vectors", _persona_mistakes(), (
+        _entry("persona vectors", "test_extract_persona_vectors", _persona_mistakes(), (
             Variant("one batched extraction per persona", persona_vectors_per_persona),
             Variant("one pass and index_add_", persona_vectors_index_add),
             Variant("single-sequence extraction and a numpy group-by", persona_vectors_numpy_groupby),
         )),
-        Entry("geometry", "test_compute_cosine_similarity_matrix", _cosine_mistakes(), (
+        _entry("geometry", "test_compute_cosine_similarity_matrix", _cosine_mistakes(), (
             Variant("F.cosine_similarity with broadcasting", cosine_functional),
             Variant("numpy float64", cosine_numpy),
             Variant("F.normalize then a matrix product", cosine_normalize),
             Variant("einsum over an outer product of norms", cosine_einsum),
+            Variant("names sorted, rows in the same order", cosine_sorted_names),
+            Variant("einops.reduce and einops.einsum", cosine_einops),
         )),
-        Entry("geometry", "test_compute_cosine_similarity_matrix_centered", _centered_mistakes(), (
+        _entry("geometry", "test_compute_cosine_similarity_matrix_centered", _centered_mistakes(), (
             Variant("centre then F.cosine_similarity", centered_via_own),
             Variant("numpy float64", centered_numpy),
             Variant("a double-centred Gram matrix", centered_gram),
         )),
-        Entry("geometry", "test_pca_decompose_persona_vectors", _pca_mistakes(), (
-            Variant("numpy SVD, a sign convention", pca_numpy),
+        _entry("geometry", "test_pca_decompose_persona_vectors", _pca_mistakes(), (
+            Variant("sklearn's PCA with its default solver, on float64", pca_sklearn_default_solver),
+            Variant("numpy SVD, a sign convention, (coords, ratio, components)", pca_numpy),
+            Variant("torch SVD, (coords, an object with the fitted attributes)", pca_torch_svd_object),
             Variant("torch eigh of the covariance, signs flipped", pca_covariance_eigh),
             Variant("the n x n Gram matrix", pca_gram),
             Variant("torch.pca_lowrank with q = min(n, d)", pca_lowrank_full),
         )),
-        Entry("geometry", "test_compute_assistant_axis", _axis_mistakes(), (
+        _entry("geometry", "test_compute_assistant_axis", _axis_mistakes(), (
             Variant("F.normalize", axis_normalize),
             Variant("numpy float64", axis_numpy),
             Variant("sums over counts", axis_sums),
             Variant("mean(defaults) - mean(all vectors): the same direction", axis_minus_grand_mean),
         )),
-        Entry("geometry", "test_characterize_axis", _characterize_mistakes(), (
+        _entry("geometry", "test_characterize_axis", _characterize_mistakes(), (
             Variant("F.cosine_similarity per vector", characterize_functional),
             Variant("numpy argsort", characterize_numpy),
             Variant("torch.sort on stacked vectors", characterize_torch_sort),
         )),
-        Entry("traits", "test_compute_trait_vector", _trait_mistakes(), (
+        _entry("traits", "test_compute_trait_vector", _trait_mistakes(), (
             Variant("numpy float64", trait_numpy),
             Variant("torch.mean with dtype=float32", trait_sub),
             Variant("sums over counts", trait_sums),
         )),
-        Entry("auc", "test_axis_auc", _auc_mistakes(), (
+        _entry("auc", "test_axis_auc", _auc_mistakes(), (
             Variant("Mann-Whitney with average ranks", auc_rank_sum),
             Variant("the trapezoid rule over the ROC curve", auc_trapezoid),
             Variant("pairwise loops", auc_loops),
