@@ -212,10 +212,11 @@ def test_left_padding_mask_bug_is_rejected(reference, tiny):
 def test_persona_with_no_survivors_giving_nan_is_rejected(reference, tiny):
     batched = reference["extract_response_activations_batched"]
 
-    def persona_vectors(model, tokenizer, personas, questions, responses, scores, layer, min_score=3, batch_size=8):
+    def persona_vectors(model, tokenizer, personas, questions, responses, layer, scores=None, score_threshold=3):
         out = {}
+        scores = scores or {}
         for p in personas:
-            keys = [k for k in responses if k[0] == p and (k not in scores or scores[k] >= min_score)]
+            keys = [k for k in responses if k[0] == p and (k not in scores or scores[k] >= score_threshold)]
             convs = [[{"role": "system", "content": personas[p]}, {"role": "user", "content": questions[q]},
                       {"role": "assistant", "content": responses[(p, q)]}] for _, q in keys]
             out[p] = batched(model, tokenizer, convs, layer).mean(0) if convs else torch.full(
@@ -231,9 +232,10 @@ def test_uncentred_cosine_is_rejected(reference, tiny):
 
 
 def test_uncentred_pca_is_rejected(tiny):
-    def pca(vectors, n_components=5):
-        _, s, vh = torch.linalg.svd(vectors.float(), full_matrices=False)
-        return vectors.float() @ vh[:n_components].T, (s**2 / (s**2).sum())[:n_components], vh[:n_components]
+    def pca(persona_vectors):
+        vectors = torch.stack(list(persona_vectors.values())).float()
+        _, s, vh = torch.linalg.svd(vectors, full_matrices=False)
+        return vectors @ vh[:2].T, (s**2 / (s**2).sum())[:2], vh[:2]
 
     _rejects("test_pca_decompose_persona_vectors", pca, tiny, "uncentred")
 
@@ -246,10 +248,10 @@ def test_axis_pointing_away_is_rejected(reference, tiny):
 
 
 def test_unsorted_characterize_is_rejected(reference, tiny):
-    def characterize(axis, vectors):
-        return sorted(reference["characterize_axis"](axis, vectors))
+    def characterize(persona_vectors, assistant_axis):
+        return dict(sorted(reference["characterize_axis"](persona_vectors, assistant_axis).items()))
 
-    _rejects("test_characterize_axis", characterize, tiny, "sort")
+    _rejects("test_characterize_axis", characterize, tiny, "lowest cosine")
 
 
 def test_swapped_trait_vector_is_rejected(reference, tiny):
@@ -265,3 +267,44 @@ def test_auc_ignoring_ties_is_rejected(tiny):
         return float((pos[:, None] > neg[None, :]).float().mean())
 
     _rejects("test_axis_auc", auc, tiny, "ties")
+
+
+def test_judge_accepting_four_is_rejected(tiny):
+    def judge(question, response, character, client, judge_model, eval_prompt=None):
+        reply = client.chat.completions.create(model=judge_model, messages=[
+            {"role": "user", "content": f"{question} {response} {character}"}]).choices[0].message.content.strip()
+        match = re.search(r"<score>(\d)</score>", reply) or re.fullmatch(r"(\d)", reply)
+        if not match or int(match.group(1)) > 4:
+            raise ValueError(reply)
+        return int(match.group(1))
+
+    _rejects("test_judge_role_response", judge, tiny, "4 is outside")
+
+
+def test_auc_without_a_positive_class_is_rejected(tiny):
+    def auc(scores, positive):
+        pos, neg = scores[positive], scores[~positive]
+        if len(neg) == 0:
+            raise ValueError("no negatives")
+        diff = pos[:, None] - neg[None, :]
+        return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+
+    _rejects("test_axis_auc", auc, tiny, "no positive examples")
+
+
+@pytest.mark.parametrize("check_name", ["test_compute_cosine_similarity_matrix",
+                                        "test_compute_cosine_similarity_matrix_centered",
+                                        "test_compute_assistant_axis", "test_compute_trait_vector"])
+def test_geometry_without_a_float32_cast_is_rejected(check_name, reference, tiny):
+    """The reference with its result left in the input's dtype: right for float32 input, wrong for bf16 (and
+    float64) input, which the checks now feed."""
+    ref = reference[CHECKS[check_name]]
+
+    def keep_dtype(*args):
+        out = ref(*args)
+        dtype_in = next(iter(args[0].values())).dtype if isinstance(args[0], dict) else args[0].dtype
+        if isinstance(out, tuple):
+            return (out[0].to(dtype_in), out[1])
+        return out.to(dtype_in)
+
+    _rejects(check_name, keep_dtype, tiny, "float32", "bf16")

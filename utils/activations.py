@@ -33,7 +33,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import einops
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from utils.conversation import ChatFormatError, Message, response_token_span
 
@@ -141,7 +144,8 @@ def _plan_batches(lengths: Sequence[int], batch_size: int | None, max_tokens: in
     return batches
 
 
-def _pad_batch(items: Sequence[_Item], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+def _pad_batch(items: Sequence[_Item], pad_id: int, side: str) -> dict[str, Int[Tensor, "batch seq"] |
+                                                                      Float[Tensor, "batch seq"]]:
     """Pad to the longest item on ``side``.
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` (all int64 ``[B, L]``, positions
@@ -180,7 +184,7 @@ def extract_mean_activations(
     progress: bool = True,
     desc: str = "extract",
     max_tokens_per_batch: int | None = None,
-) -> torch.Tensor:
+) -> Float[Tensor, "n d_model"] | Float[Tensor, "n n_layers d_model"]:
     """Mean residual stream over each response's content tokens.
 
     Args:
@@ -222,8 +226,8 @@ def extract_mean_activations(
     out = torch.zeros((len(items), len(unique), d_model), dtype=torch.float32)
 
     # Per-batch state shared with the hooks: the span mask [B, L, 1] in, one [B, d_model] sum per layer out.
-    batch_mask: list[torch.Tensor] = []
-    sums: dict[int, torch.Tensor] = {}
+    batch_mask: list[Float[Tensor, "batch seq 1"]] = []
+    sums: dict[int, Float[Tensor, "batch d_model"]] = {}
 
     def make_hook(slot: int, layer: int):
         def hook(module, args, output):
@@ -231,7 +235,7 @@ def extract_mean_activations(
             mask = batch_mask[0].to(h.device)  # [B, L, 1] float32
             # Masked sum over positions in float32 ([B, L, d] -> [B, d]); elementwise, so exact
             # whatever the matmul precision settings (TF32) are.
-            sums[slot] = (h.float() * mask).sum(1).to("cpu")
+            sums[slot] = einops.reduce(h.float() * mask, "batch seq d_model -> batch d_model", "sum").to("cpu")
             if layer == deepest:
                 raise _StopForward
         return hook
@@ -266,7 +270,7 @@ def extract_mean_activations(
     return result[:, 0] if single else result
 
 
-def extract_mean_embeddings(model, tokenizer, conversations: Sequence[list[Message]]) -> torch.Tensor:
+def extract_mean_embeddings(model, tokenizer, conversations: Sequence[list[Message]]) -> Float[Tensor, "n d_model"]:
     """Mean input embedding over each response's content tokens: a no-context control.
 
     This is the residual stream's input, ``hidden_states[0]``, on the same spans as

@@ -11,8 +11,11 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 TEMPLATE = "plotly_white"
 DIVERGING = "RdBu_r"  # red = positive, blue = negative, white = 0
@@ -88,7 +91,7 @@ def score_distribution(scores: Mapping[tuple[str, int], int], roles_in_order: Se
     return fig
 
 
-def similarity_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str) -> go.Figure:
+def similarity_heatmap(matrix: Float[Tensor, "n n"], names: Sequence[str], title: str) -> go.Figure:
     """Heatmap of an ``[n, n]`` similarity matrix, diverging colours centred at 0, names on both axes."""
     m = torch.as_tensor(matrix).detach().to("cpu", torch.float64)
     n = len(names)
@@ -109,18 +112,19 @@ def similarity_heatmap(matrix: torch.Tensor, names: Sequence[str], title: str) -
 
 
 def pca_scatter(
-    projections: torch.Tensor,
-    explained: torch.Tensor,
+    projections: Float[Tensor, "n k"] | Float[np.ndarray, "n k"],
+    explained: Float[Tensor, "k"] | Float[np.ndarray, "k"],
     names: Sequence[str],
-    color: torch.Tensor,
+    color: Float[Tensor, "n"],
     color_label: str,
     title: str,
 ) -> go.Figure:
     """PC1 vs PC2 of the persona vectors, each point labelled and coloured by ``color``.
 
     Args:
-        projections: ``[n, k]`` coordinates on the principal components (``k >= 1``; PC2 = 0 if ``k == 1``).
-        explained: ``[k]`` fraction of variance each component explains.
+        projections: ``[n, k]`` coordinates on the principal components (``k >= 1``; PC2 = 0 if ``k == 1``), a
+            tensor or a numpy array (``PCA.fit_transform``'s result).
+        explained: ``[k]`` fraction of variance each component explains (e.g. ``pca.explained_variance_ratio_``).
         names: the ``n`` personas.
         color: ``[n]`` values for the colour scale (e.g. the projection on the Assistant Axis).
         color_label: the colour bar's title.
