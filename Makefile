@@ -75,6 +75,7 @@ notebooks: setup
 
 fixtures: setup
 	$(PY) -m tools.make_fixtures
+	$(PY) -m tools.make_fixtures_part2
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=.
