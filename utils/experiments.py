@@ -601,6 +601,7 @@ def next_token_kl(
     stats=None,
     batch_size: int = 8,
     progress: bool = True,
+    return_values: bool = False,
 ) -> dict:
     """KL(uncapped || capped) between next-token distributions at every position of each conversation.
 
@@ -619,6 +620,8 @@ def next_token_kl(
             positions capped during THIS call's intervened passes is reported (counts from earlier
             uses of the same object are subtracted).
         batch_size: conversations per forward pass (memory ~ ``batch x seq x vocab`` float32 logits).
+        return_values: also return ``"kl_values"``, the float32 ``[n_positions]`` per-position KLs
+            (conversation order), e.g. for :func:`utils.plots.kl_histogram`.
 
     Returns:
         ``{"kl_mean", "kl_p95", "kl_max", "n_positions"}`` over all positions of all conversations
@@ -671,6 +674,8 @@ def next_token_kl(
             raise ValueError("stats saw no positions during the intervened passes: pass the same CapStats to the "
                              "intervention, e.g. `lambda: capping(model, axes, taus, stats=stats)`.")
         out["fraction_capped"] = capped / seen
+    if return_values:
+        out["kl_values"] = kl.float()
     return out
 
 
