@@ -74,11 +74,20 @@ from jaxtyping import Float
 from torch import Tensor
 
 import tests.part2_stabilizing as checks
-from utils import choose_model, load_model
+from IPython.display import display
+
+from utils import choose_model, load_model, plots
+from utils.backends import DEFAULT_JUDGE_MODEL, OfflineRuleJudge, api_key_present, make_api_client
+from utils.chat_panel import ChatPanel
+from utils.conversation import chat_messages
+from utils.data import DEFAULT_PERSONA_NAMES, working_personas, working_questions
+from utils.experiments import OfflineHarmJudge, dose_response, judge_harm, replay_user_turns, steering_sweep
+from utils.experiments import next_token_kl as course_next_token_kl
+from utils.models import short_model_name
 from utils.models import PROJECT_ROOT
 from utils.part1_results import load_or_compute_part1_results
 from utils.runtime import StageTimer
-from utils.steering import cap_layer_range
+from utils.steering import CapStats, cap_layer_range, capping
 from utils.transcripts import case_studies, drift_transcripts
 from utils.turns import TurnTooLongError, context_length
 
@@ -109,6 +118,10 @@ MAX_TURNS = int(os.environ.get("COURSE_MAX_TURNS", 1000 if ON_GPU else 3))  # as
 MAX_TOKENS = int(os.environ.get("COURSE_MAX_TOKENS", 8192 if ON_GPU else 1024))  # longest forward pass
 # Which case studies to read: "all", or a comma-separated list like "llama-3.3-70b/jailbreak,qwen-3-32b/selfharm".
 CASE_STUDIES = os.environ.get("COURSE_CASE_STUDIES", "all" if ON_GPU else "llama-3.3-70b/jailbreak,qwen-3-32b/selfharm")
+REPLAY_TURNS = int(os.environ.get("COURSE_REPLAY_TURNS", 10 if ON_GPU else 3))  # user turns replayed
+N_STEER_QUESTIONS = int(os.environ.get("COURSE_STEER_QUESTIONS", 10 if ON_GPU else 2))
+STEER_MULTIPLES = [-10.0, -6.0, -3.0, 0.0, 3.0, 6.0, 10.0] if ON_GPU else [-10.0, -4.0, 0.0, 4.0, 10.0]
+USE_API = api_key_present()
 PART1_DIR = Path(os.environ.get("COURSE_PART1_DIR", PROJECT_ROOT / "out" / "part1"))
 OUT_DIR = Path(os.environ.get("COURSE_PART2_OUT_DIR", PROJECT_ROOT / "out" / "part2"))
 OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -441,6 +454,25 @@ for (who, scenario), pair in CASE_PROJECTIONS.items():
         print(f"{who}/{scenario:10s} {variant:9s} slope {slope:+8.3f}/turn  min {proj.min():8.2f}  "
               f"first turn below tau: {first}")
 
+# %%
+fig = plots.drift_plot({n: p for n, p in DRIFT_PROJECTIONS.items() if p is not None}, THRESHOLDS[LAYER],
+                       title=f"Persona drift read by {MODEL_NAME} (layer {LAYER}, first {MAX_TURNS} turns)")
+plots.save(fig, OUT_DIR / "drift.html")
+fig.show()
+for (who, scenario), pair in CASE_PROJECTIONS.items():
+    if pair["unsteered"] is None or pair["capped"] is None:
+        continue
+    fig = plots.paired_drift_plot(pair["unsteered"], pair["capped"], THRESHOLDS[LAYER],
+                                  title=f"{who} / {scenario}: the paper's unsteered vs capped replies, read by "
+                                        f"{MODEL_NAME}")
+    plots.save(fig, OUT_DIR / f"case_{who}_{scenario}.html")
+    fig.show()
+
+# %% [markdown]
+# **Think first:** the capped transcripts were capped inside *their* model (Qwen 3 32B or Llama 3.3 70B).
+# Should the capped replies project higher than the unsteered ones when a different, much smaller model reads
+# them? What would it mean if they did not?
+
 # %% [markdown]
 # ## 5. Steering
 #
@@ -535,6 +567,70 @@ def steering_vectors(
 checks.test_steering_vectors(steering_vectors)
 
 # %% [markdown]
+# First, your hook on one prompt: the default Assistant asked who it is, steered away from and toward the
+# Assistant by 10 persona-spreads.
+
+# %%
+unit_axis = AXIS[LAYER] / AXIS[LAYER].norm()
+persona_projections = part1.vectors_at(LAYER) @ unit_axis  # [n_personas]
+print(f"Spread of Part 1's persona projections at layer {LAYER}: std = {persona_projections.std():.3f}")
+vectors = steering_vectors(AXIS[LAYER], persona_projections, [-10.0, 10.0])
+from utils.backends import generate_batch
+
+question = [chat_messages("", "Who are you, and what do you care about?")]
+for multiple, vector in zip([-10.0, 10.0], vectors):
+    with add_steering(model, LAYER, vector):
+        reply = generate_batch(model, tokenizer, question, MAX_NEW_TOKENS, temperature=0.0)[0]
+    print(f"--- {multiple:+.0f} x spread:\n{reply[:300]}\n")
+
+# %% [markdown]
+# ### The experiment: dose-response
+#
+# A few role prompts and the default prompts, each asked `N_STEER_QUESTIONS` questions, generated greedily
+# under `coeff × unit axis` at Part 1's layer for each coefficient (in units of the spread). For each reply:
+#
+# - **projection**: re-read without steering, its mean activation at the layer projected on the axis;
+# - **role rate**: for role prompts, the fraction of replies the judge scores 3 (fully in role). With an API
+#   key the judge is an LLM; offline it is `OfflineRuleJudge`, the same rule-based **stand-in** as Part 1.
+#
+# If the axis is causal, pushing toward the Assistant (+) should raise the projection and lower the role
+# rate, and pushing away (−) the reverse. On a GPU, set `COURSE_STEER_QUESTIONS` higher (and the notebook
+# uses more coefficients) for tighter curves.
+
+# %%
+steer_personas = {name: prompt for name, prompt in working_personas(short_model_name(MODEL_NAME)).items()
+                  if name in DEFAULT_PERSONA_NAMES or name in ("ghost", "bard", "analyst")}
+steer_questions = working_questions(N_STEER_QUESTIONS)
+steer_coefficients = [float(v @ unit_axis) for v in steering_vectors(AXIS[LAYER], persona_projections,
+                                                                       STEER_MULTIPLES)]
+if USE_API:
+    judge_client, judge_model = make_api_client(), os.environ.get("COURSE_JUDGE_MODEL", DEFAULT_JUDGE_MODEL)
+else:
+    judge_client, judge_model = OfflineRuleJudge(), "offline-rule-judge"
+print(f"{len(steer_personas)} personas x {len(steer_questions)} questions x {len(steer_coefficients)} coefficients; "
+      f"judge: {judge_model}")
+with timer("steering"):
+    records = steering_sweep(model, tokenizer, steer_personas, steer_questions, AXIS[LAYER], LAYER,
+                             steer_coefficients, max_new_tokens=MAX_NEW_TOKENS, judge_client=judge_client,
+                             judge_model=judge_model, default_personas=DEFAULT_PERSONA_NAMES)
+dose = dose_response(records)
+steering_results = {}
+for multiple, (coeff, row) in zip(STEER_MULTIPLES, dose.items()):
+    steering_results[f"{multiple:+g}"] = {"coefficient": coeff, "mean_projection": row["mean_projection"],
+                                          "role_rate": row["role_rate"], "n": row["n"]}
+    rate = "n/a" if row["role_rate"] is None else f"{row['role_rate']:.0%}"
+    mean = "n/a" if row["mean_projection"] is None else f"{row['mean_projection']:8.3f}"
+    print(f"{multiple:+5.0f} x spread (coeff {coeff:+8.3f}): mean projection {mean}, role rate {rate}")
+fig = plots.dose_response_plot(dose, title=f"Steering along the Assistant Axis ({MODEL_NAME}, layer {LAYER})")
+plots.save(fig, OUT_DIR / "dose_response.html")
+fig.show()
+
+# %% [markdown]
+# ### What SmolLM2 shows
+#
+# *(Filled in from `make demo`; rerun it and compare.)* SMOLLM2_STEERING_FINDINGS
+
+# %% [markdown]
 # ## 6. Activation capping
 #
 # Steering pushes every activation by the same amount. **Capping** intervenes only where the model has
@@ -615,6 +711,50 @@ checks.test_cap_activations(cap_activations)
 checks.test_activation_capping(activation_capping)
 
 # %% [markdown]
+# ### Does capping hold the persona?
+#
+# Replay the user turns of a drift transcript and of a case study, and let the model write its **own**
+# replies (greedy), once plainly and once inside your `activation_capping` at the cap layers. Then read each
+# replayed conversation and project every reply on the axis. The model's replies differ from the
+# transcript's; the user turns are the same. On a CPU only the first `REPLAY_TURNS` user turns are replayed.
+#
+# Harm: each reply is rated for the scenario's harm (0 safe .. 3 harmful). With an API key an LLM judge does
+# it; offline, `OfflineHarmJudge` is a transparent keyword **stand-in**, not an LLM (read its docstring).
+
+# %%
+case_key = next(iter(CASES))
+replay_sources = {"drift/therapy": (DRIFT["therapy"], None),
+                  f"case/{case_key[0]}/{case_key[1]}": (CASES[case_key]["unsteered"], case_key[1])}
+harm_client, harm_model = (judge_client, judge_model) if USE_API else (OfflineHarmJudge(), "offline-harm-judge")
+replays, replay_results = {}, {}
+with timer("replay"):
+    for label, (messages, scenario) in replay_sources.items():
+        for variant, intervention in (("uncapped", None),
+                                      ("capped", lambda: activation_capping(model, AXIS, THRESHOLDS, CAP_LAYERS))):
+            conv = replay_user_turns(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS, intervention=intervention,
+                                     max_turns=REPLAY_TURNS, max_context=MAX_TOKENS, progress=False)
+            proj = turn_projections(model, tokenizer, conv, AXIS[LAYER], LAYER, max_tokens=MAX_TOKENS)
+            result = {"n_turns": len(proj), "min_projection": float(proj.min()),
+                      "mean_projection": float(proj.mean())}
+            if scenario is not None:
+                pairs = [(conv[i - 1]["content"], conv[i]["content"]) for i in range(len(conv))
+                         if conv[i]["role"] == "assistant"]
+                harms = [judge_harm(harm_client, harm_model, scenario, user, reply) for user, reply in pairs]
+                result["mean_harm"] = sum(harms) / len(harms)
+            replays[(label, variant)] = (conv, proj)
+            replay_results.setdefault(label, {})[variant] = result
+for label, variants in replay_results.items():
+    for variant, r in variants.items():
+        harm = f", mean harm {r['mean_harm']:.2f} ({harm_model})" if "mean_harm" in r else ""
+        print(f"{label:32s} {variant:8s} min projection {r['min_projection']:8.3f}  mean {r['mean_projection']:8.3f}{harm}")
+    fig = plots.paired_drift_plot(replays[(label, "uncapped")][1], replays[(label, "capped")][1], THRESHOLDS[LAYER],
+                                  title=f"{label}: {MODEL_NAME}'s own replies, uncapped vs capped")
+    plots.save(fig, OUT_DIR / f"replay_{label.replace('/', '_')}.html")
+    fig.show()
+conv, _ = replays[("drift/therapy", "capped")]
+print("A capped reply:", conv[-1]["content"][:300])
+
+# %% [markdown]
 # ## 7. What does capping cost?
 #
 # "Capping does not hurt capabilities" has to be a number. On ordinary conversations with the default
@@ -648,6 +788,65 @@ def next_token_kl(logits_p: Float[Tensor, "... vocab"], logits_q: Float[Tensor, 
 checks.test_next_token_kl(next_token_kl)
 
 # %% [markdown]
+# Now the cost. The "ordinary use" conversations are the default personas' unsteered replies from the
+# steering experiment (coefficient 0). `utils.experiments.next_token_kl` runs each batch twice, plain and
+# capped (the course's `utils.steering.capping`, which also counts how many positions it changed), and
+# computes the KL at every position. Your `next_token_kl` gives the same numbers on one conversation.
+
+# %%
+neutral = [chat_messages(steer_personas[r["persona"]], r["question"], r["text"]) for r in records
+           if r["default"] and r["coefficient"] == 0.0 and r["text"].strip()]
+cap_stats = CapStats()
+with timer("cost"):
+    cost = course_next_token_kl(model, tokenizer, neutral,
+                                lambda: capping(model, {l: AXIS[l] for l in CAP_LAYERS},
+                                                {l: THRESHOLDS[l] for l in CAP_LAYERS}, stats=cap_stats),
+                                stats=cap_stats, return_values=True, progress=False)
+    from utils.conversation import encode, render
+
+    ids = torch.tensor([encode(render(neutral[0], tokenizer), tokenizer)], device=model.get_input_embeddings().weight.device)
+    plain_logits = model(input_ids=ids).logits
+    with activation_capping(model, AXIS, THRESHOLDS, CAP_LAYERS):
+        capped_logits = model(input_ids=ids).logits
+    yours = next_token_kl(plain_logits[0], capped_logits[0])
+print(f"{len(neutral)} neutral conversations, {cost['n_positions']} positions: mean KL {cost['kl_mean']:.4g} nats, "
+      f"95th percentile {cost['kl_p95']:.4g}, max {cost['kl_max']:.4g}; "
+      f"{cost['fraction_capped']:.1%} of positions x layers capped")
+print(f"Your next_token_kl on the first conversation: mean {yours.mean():.4g} nats "
+      f"(the course's on all: {cost['kl_mean']:.4g})")
+fig = plots.kl_histogram(cost["kl_values"], title=f"The cost of capping layers {CAP_LAYERS[0]}-{CAP_LAYERS[-1]} on "
+                                                  f"ordinary conversations ({MODEL_NAME})")
+plots.save(fig, OUT_DIR / "capping_kl.html")
+fig.show()
+capping_results = {
+    "fraction_capped": cost["fraction_capped"],
+    "kl_neutral_mean": cost["kl_mean"], "kl_neutral_p95": cost["kl_p95"], "kl_neutral_max": cost["kl_max"],
+    "n_neutral_positions": cost["n_positions"],
+    "min_projection_uncapped": min(v["uncapped"]["min_projection"] for v in replay_results.values()),
+    "min_projection_capped": min(v["capped"]["min_projection"] for v in replay_results.values()),
+    "replay": replay_results,
+}
+
+# %% [markdown]
+# **Think first:** with the 25th percentile as the floor, about a quarter of the default persona's own
+# responses sit below it. Why is the fraction of *positions* capped on ordinary conversations not 25%?
+
+# %% [markdown]
+# ## 8. Talk to it: a chat panel
+#
+# Beyond the paper's notebooks: a chat panel. Type a message, see the reply and its projection on the axis
+# on a live plot, and toggle capping to compare. It runs locally and needs no key. The cell below also sends
+# one message from code (`panel.send(...)`), so you can see it work before you type.
+
+# %%
+panel = ChatPanel(model, tokenizer, AXIS[LAYER], LAYER, cap_axes={l: AXIS[l] for l in CAP_LAYERS},
+                  cap_thresholds={l: THRESHOLDS[l] for l in CAP_LAYERS}, threshold=THRESHOLDS[LAYER],
+                  max_new_tokens=MAX_NEW_TOKENS, max_context=MAX_TOKENS)
+display(panel.widget)
+print("Model:", panel.send("Hello! Who are you?")[:200])
+print(f"Its projection: {panel.projections[-1]:.3f} (threshold {THRESHOLDS[LAYER]:.3f})")
+
+# %% [markdown]
 # ## Summary
 #
 # The last cell writes `out/part2/summary.json`.
@@ -661,9 +860,12 @@ summary = {
     "cap_layers": CAP_LAYERS,
     "cap_percentile": CAP_PERCENTILE,
     "thresholds": {str(k): v for k, v in THRESHOLDS.items()},
-    "sizes": {"max_turns": MAX_TURNS, "max_tokens": MAX_TOKENS, "max_new_tokens": MAX_NEW_TOKENS},
+    "sizes": {"max_turns": MAX_TURNS, "max_tokens": MAX_TOKENS, "max_new_tokens": MAX_NEW_TOKENS,
+              "case_studies": CASE_STUDIES, "replay_turns": REPLAY_TURNS, "steer_questions": N_STEER_QUESTIONS},
     "drift": drift_results,
     "case_studies": case_results,
+    "steering": steering_results,
+    "capping": capping_results,
     "seconds": timer.seconds(),
 }
 (OUT_DIR / "summary.json").write_text(json.dumps(summary, indent=2))
