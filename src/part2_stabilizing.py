@@ -628,7 +628,14 @@ fig.show()
 # %% [markdown]
 # ### What SmolLM2 shows
 #
-# *(Filled in from `make demo`; rerun it and compare.)* SMOLLM2_STEERING_FINDINGS
+# Look at the dose-response numbers above before reading on, and be honest about them. With 7 personas, 2
+# questions and 48 greedy tokens per reply, each point is an average over 14 short replies, and the role rate
+# comes from a keyword stand-in judge: a difference of one or two replies is noise. What to look for: does the
+# mean projection of the generated text rise with the coefficient (the steering moved the model's own reading
+# of its text), and does the role rate fall? At +/-10 spreads a 135M model often degrades into repetition, which
+# moves the projection for reasons that have nothing to do with the persona. If the curves are flat or
+# non-monotonic, that is the finding at this scale; the paper's causal claims are about Gemma 2 27B and larger
+# models (scale up with `COURSE_STEER_QUESTIONS` on a GPU).
 
 # %% [markdown]
 # ## 6. Activation capping

@@ -58,14 +58,24 @@ def fixture(name: str) -> torch.Tensor:
     return _tensor_fixtures()[name]
 
 
-def _hook_counts(model) -> list[tuple[int, int, int]]:
-    """How many forward hooks and pre-hooks each module of ``model`` holds (to see hooks left behind)."""
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks), len(getattr(m, "_forward_hooks_with_kwargs", {})))
-            for m in model.modules()]
+def _hook_counts(model) -> list[tuple[frozenset, frozenset]]:
+    """The ids of the forward hooks and pre-hooks each module of ``model`` holds (to see hooks left behind)."""
+    return [(frozenset(m._forward_hooks), frozenset(m._forward_pre_hooks)) for m in model.modules()]
 
 
 def _left_behind(model, before) -> bool:
-    return _hook_counts(model) != before
+    """Whether hooks were added since ``before``; any that were are removed, so that the shared check model is
+    clean for the next check whatever the learner's code left on it."""
+    left = False
+    for module, (hooks, pre_hooks) in zip(model.modules(), before):
+        for registry, known in ((module._forward_hooks, hooks), (module._forward_pre_hooks, pre_hooks)):
+            for key in [k for k in registry if k not in known]:
+                left = True
+                registry.pop(key, None)
+                getattr(module, "_forward_hooks_with_kwargs", {}).pop(key, None)
+                getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+                getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
+    return left
 
 
 class _Boom(Exception):
@@ -290,9 +300,12 @@ def _turn_hint(got, expected, model, tok, axis, unit, max_tokens) -> str:
     means = per_turn_mean_activations(model, tok, TURN_CONVERSATION, TURN_LAYER, max_tokens=max_tokens)[:, 0]
     if close(got, means.bfloat16().float() @ unit):
         return " Average in float32, not in the model's (or bf16) precision."
+    window = ("" if max_tokens >= 1024 else
+              " This conversation does not fit in max_tokens: score each turn in its own trailing window of whole "
+              "turns (utils.turns.turn_windows); never cut the conversation at a token count, which cuts a turn.")
     return (" Average over each assistant turn's content tokens only (its [start, end) span: no turn markers, no "
             "end-of-turn token), at the output of model.model.layers[layer], in float32, then project on the unit "
-            "axis.")
+            "axis." + window)
 
 
 # ==================================================================================================
@@ -366,6 +379,14 @@ DRIFT_CASES = [  # (projections, threshold, expected slope, expected first turn 
 ]
 
 
+def _regressed_turn_on_projection(values, got: float) -> bool:
+    n = len(values)
+    xm, ym = (n - 1) / 2, sum(values) / n
+    cov = sum((i - xm) * (v - ym) for i, v in enumerate(values))
+    var_y = sum((v - ym) ** 2 for v in values)
+    return var_y > 0 and math.isclose(got, cov / var_y, abs_tol=1e-5)
+
+
 @check("Exercise 4")
 def test_drift_summary(fn) -> None:
     section = "Section 4, Exercise 4"
@@ -382,7 +403,7 @@ def test_drift_summary(fn) -> None:
             hint = ""
             if math.isclose(g_slope, (values[-1] - values[0]) / max(len(values) - 1, 1), abs_tol=1e-5):
                 hint = " That is (last - first) / (n - 1): fit a least-squares line through every turn instead."
-            elif slope != 0 and math.isclose(g_slope, 1.0 / slope, abs_tol=1e-3):
+            elif _regressed_turn_on_projection(values, g_slope):
                 hint = " You regressed turn on projection: the slope is d(projection) / d(turn)."
             _fail(f"For projections {values}: slope {g_slope:.6g}, expected {slope:g} ({meaning}).{hint}", section)
         if first is None:
@@ -670,7 +691,9 @@ def _cap_case(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
     h = 2.0 * torch.randn(3, 5, 64, generator=g) + 0.3
     a = torch.randn(64, generator=g)
     a = a / a.norm()
-    tau = float((h @ a).median())
+    p = (h.to(dtype).float() @ a).flatten().sort().values
+    mid = len(p) // 2
+    tau = float((p[mid - 1] + p[mid]) / 2)  # between two projections, so no position sits exactly at tau
     return h.to(dtype), a, tau
 
 
@@ -731,11 +754,23 @@ def _cap_ids(tokenizer) -> torch.Tensor:
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
+def _capture(store: dict, layer: int):
+    """A forward hook that keeps a copy of the block's output (row 0, float32) in ``store[layer]``."""
+    def hook(module, args, output):
+        store[layer] = (output[0] if isinstance(output, tuple) else output)[0].float().clone()
+    return hook
+
+
 def cap_thresholds_for_check(model, ids, axes) -> dict[int, float]:
     """Per capped layer, the median projection of the unmodified outputs: about half the positions get capped."""
     with torch.inference_mode():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-    return {l: float((hs[l + 1][0].float() @ (axes[l] / axes[l].norm())).median()) for l in CAP_LAYERS}
+    out = {}
+    for l in CAP_LAYERS:
+        p = (hs[l + 1][0].float() @ (axes[l] / axes[l].norm())).sort().values
+        mid = len(p) // 2
+        out[l] = float((p[mid - 1] + p[mid]) / 2)  # between two projections: no position sits exactly at tau
+    return out
 
 
 def _reference_cap_activations(h, unit_axis, tau):
@@ -763,16 +798,11 @@ def test_activation_capping(fn) -> None:
     before = _hook_counts(model)
     captured: dict[int, torch.Tensor] = {}
 
-    def capture(layer):
-        def hook(module, args, output):
-            captured[layer] = (output[0] if isinstance(output, tuple) else output)[0].float().clone()
-        return hook
-
     cm = _enter(fn, "activation_capping(model, axes, thresholds, layers)", section, model, axes.clone(), dict(taus),
                 list(CAP_LAYERS))
     try:
         with cm:
-            handles = [model.model.layers[l].register_forward_hook(capture(l)) for l in CAP_LAYERS]
+            handles = [model.model.layers[l].register_forward_hook(_capture(captured, l)) for l in CAP_LAYERS]
             try:
                 got = _logits(model, ids)
             finally:
@@ -794,7 +824,8 @@ def test_activation_capping(fn) -> None:
     new_proj = out @ unit[first]
     if torch.equal(out, raw):
         _fail(f"Layer {first}'s output was not changed at all, though {int(below.sum())} of {len(below)} positions are "
-              "below its threshold. Return the capped output from the hook.", section)
+              "below its threshold. Return the capped output from the hook, and cap every position of the sequence (not "
+              "only the last).", section)
     if not torch.equal(out[~below], raw[~below]):
         if torch.equal(out[below], raw[below]):
             _fail("You changed the positions ABOVE the threshold and left those below alone: that caps from above (a "
@@ -874,6 +905,9 @@ def test_next_token_kl(fn) -> None:
         _fail(f"You computed KL(Q || P) = {backward:.4f}; the cost of capping is KL(P || Q) = "
               f"sum_v P(v) (log P(v) - log Q(v)) = {forward:.4f}, with P the uncapped model. (F.kl_div(input, target) "
               "computes KL(target || input): its first argument is the log-probabilities of Q.)", section)
+    if math.isclose(float(got), forward / 2, rel_tol=1e-4):
+        _fail(f"You averaged over the vocabulary (got {float(got):.4f} = KL / 2 for a 2-token vocabulary): sum over "
+              "it.", section)
     if not math.isclose(float(got), forward, rel_tol=1e-4):
         _fail(f"For P = (0.5, 0.5), Q = (0.9, 0.1) expected KL(P || Q) = {forward:.4f}; got {float(got):.4f}.", section)
     lp, lq = kl_case()

@@ -226,7 +226,7 @@ def _turn_mistakes():
                 "forward passes"),
         Mistake("mean in bf16", _turn_with(dtype=torch.bfloat16), "float32"),
         Mistake("the end-of-turn token included", _turn_with(end_extra=1), "end-of-turn token"),
-        Mistake("the conversation truncated to its last max_tokens tokens", _turn_truncating, "cut"),
+        Mistake("the conversation truncated to its last max_tokens tokens", _turn_truncating, "cuts a turn"),
     )
 
 
@@ -403,19 +403,14 @@ class SteeringClass:
         self.handles, self.decode = [], False
 
     def __enter__(self):
-        def pre(module, args, kwargs):
-            cache = kwargs.get("past_key_values")
-            self.decode = cache is not None and cache.get_seq_length() > 0
-
         def hook(module, args, output):
-            if self.positions == "generated" and not self.decode:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if self.positions == "generated" and hidden.shape[1] > 1:
                 return None
             if isinstance(output, tuple):
                 return (output[0] + self.vector.to(output[0]),) + output[1:]
             return output + self.vector.to(output)
 
-        if self.positions == "generated":
-            self.handles.append(self.model.model.register_forward_pre_hook(pre, with_kwargs=True))
         self.handles.append(self.model.model.layers[self.layer].register_forward_hook(hook))
         return self
 
@@ -697,6 +692,12 @@ def kl_distributions(logits_p, logits_q):
     return torch.distributions.kl_divergence(Categorical(logits=logits_p.float()), Categorical(logits=logits_q.float()))
 
 
+def kl_explicit(logits_p, logits_q):
+    lp = torch.log_softmax(logits_p.to(torch.float32), -1)
+    lq = torch.log_softmax(logits_q.to(torch.float32), -1)
+    return torch.sum(torch.exp(lp) * lp - torch.exp(lp) * lq, dim=-1)
+
+
 def kl_logsumexp(logits_p, logits_q):
     p32, q32 = logits_p.double(), logits_q.double()
     lp = p32 - torch.logsumexp(p32, -1, keepdim=True)
@@ -709,8 +710,9 @@ def _kl_mistakes():
         Mistake("KL(Q || P)", _kl_with(reverse=True), "KL(Q || P)"),
         Mistake("softmax then log", _kl_with(softmax_log=True), "log_softmax"),
         Mistake("computed in the logits' dtype (bf16)", _kl_with(dtype="keep"), "float32"),
-        Mistake("mean over the vocabulary", _kl_with(reduce="mean"), "Sum over the vocabulary"),
-        Mistake("one scalar (batchmean)", _kl_with(scalar=True), "0-d tensor"),
+        Mistake("mean over the vocabulary", _kl_with(reduce="mean"), "averaged over the vocabulary"),
+        Mistake("one scalar (batchmean)", _kl_with(scalar=True), "per position"),
+        Mistake("torch.distributions.kl_divergence (inf where Q underflows)", kl_distributions, "log_softmax"),
     )
 
 
@@ -739,7 +741,7 @@ def _build() -> list[Entry]:
         )),
         Entry("steering", "test_add_steering", _steering_mistakes(), (
             Variant("in-place add, hook returns None", steering_in_place),
-            Variant("a class; generated passes from the KV cache", SteeringClass),
+            Variant("a class with __enter__/__exit__", SteeringClass),
             Variant("contextlib.ExitStack", steering_exitstack),
         )),
         Entry("steering", "test_steering_vectors", _vectors_mistakes(), (
@@ -759,7 +761,7 @@ def _build() -> list[Entry]:
         )),
         Entry("cost", "test_next_token_kl", _kl_mistakes(), (
             Variant("F.kl_div with log_target", kl_div_builtin),
-            Variant("torch.distributions.kl_divergence", kl_distributions),
+            Variant("explicit probabilities from log_softmax", kl_explicit),
             Variant("logsumexp in float64", kl_logsumexp),
         )),
     ]
