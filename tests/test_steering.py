@@ -391,3 +391,13 @@ def test_cap_layer_range():
         cap_layer_range(0)
     with pytest.raises(ValueError):
         cap_layer_range(30, 0.9, 0.7)
+
+
+def test_capping_benchmark_runs_at_tiny_size(capsys):
+    import json
+
+    from benchmarks import capping as bench
+
+    assert bench.main(["--model", "tiny-gemma2", "--prompts", "2", "--new-tokens", "3", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["capping_overhead_ratio"] > 0 and result["layers"] == [4] and 0 <= result["fraction_capped"] <= 1

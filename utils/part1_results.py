@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 __all__ = [
@@ -78,7 +78,7 @@ class Part1Results:
         return int(self.axis.shape[1])
 
     @property
-    def is_default(self) -> torch.Tensor:
+    def is_default(self) -> Bool[Tensor, "n_personas"]:
         """Bool ``[n_personas]``: True for the default personas."""
         return torch.tensor([n in self.default_names for n in self.names])
 
