@@ -17,7 +17,8 @@ capped; the cost does not depend on the share). A third variant also counts capp
 After one warm-up of each, the variants alternate (the order flips every repeat) ``--repeats`` times and
 the best time of each counts, both wall-clock and this process's CPU time. The machine may be shared:
 the load average is printed, and wall-clock timings taken under load are noisy; with ``--threads 1`` the
-CPU-time ratio is much less sensitive to other processes (on a quiet machine the two ratios agree). The last line printed is one JSON object with ``capping_overhead_ratio``
+CPU-time ratio is much less sensitive to other processes (on a quiet machine the two ratios agree).
+The last line printed is one JSON object with ``capping_overhead_ratio``
 (capped / plain; target <= 1.10).
 """
 

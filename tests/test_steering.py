@@ -370,7 +370,8 @@ def test_capping_thresholds_are_percentiles():
     got = capping_thresholds(proj)
     for layer, values in proj.items():
         assert got[layer] == pytest.approx(float(np.percentile(values.numpy(), 25)), abs=1e-5)
-    assert capping_thresholds(proj, 50.0)[3] == pytest.approx(float(proj[3].median()), abs=1e-5)  # 37 values: the middle one
+    # 37 values: the 50th percentile is the middle one
+    assert capping_thresholds(proj, 50.0)[3] == pytest.approx(float(proj[3].median()), abs=1e-5)
     assert capping_thresholds(proj, 90.0)[5] > got[5]
     for bad in (0, 100, -5, 250, float("nan")):
         with pytest.raises(ValueError, match="percentile"):
