@@ -370,7 +370,8 @@ def test_capping_thresholds_are_percentiles():
     got = capping_thresholds(proj)
     for layer, values in proj.items():
         assert got[layer] == pytest.approx(float(np.percentile(values.numpy(), 25)), abs=1e-5)
-    assert capping_thresholds(proj, 50.0)[3] == pytest.approx(float(proj[3].median()), abs=1e-5)  # 37 values: the middle one
+    # 37 values: the 50th percentile is the middle one
+    assert capping_thresholds(proj, 50.0)[3] == pytest.approx(float(proj[3].median()), abs=1e-5)
     assert capping_thresholds(proj, 90.0)[5] > got[5]
     for bad in (0, 100, -5, 250, float("nan")):
         with pytest.raises(ValueError, match="percentile"):
@@ -391,3 +392,13 @@ def test_cap_layer_range():
         cap_layer_range(0)
     with pytest.raises(ValueError):
         cap_layer_range(30, 0.9, 0.7)
+
+
+def test_capping_benchmark_runs_at_tiny_size(capsys):
+    import json
+
+    from benchmarks import capping as bench
+
+    assert bench.main(["--model", "tiny-gemma2", "--prompts", "2", "--new-tokens", "3", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["capping_overhead_ratio"] > 0 and result["layers"] == [4] and 0 <= result["fraction_capped"] <= 1

@@ -25,7 +25,8 @@ def test_drift_and_case_study_index():
     assert list(drift) == ["coding", "writing", "therapy", "philosophy"]
     assert transcript_metadata(drift["writing"])["model"] == "google/gemma-2-27b-it"
     studies = case_studies()
-    assert set(studies) == {(m, s) for m in ("llama-3.3-70b", "qwen-3-32b") for s in ("jailbreak", "delusion", "selfharm")}
+    models, scenarios = ("llama-3.3-70b", "qwen-3-32b"), ("jailbreak", "delusion", "selfharm")
+    assert set(studies) == {(m, s) for m in models for s in scenarios}
     for pair in studies.values():
         assert list(pair) == ["unsteered", "capped"]
     # the upstream file with a doubled extension is kept as published and mapped to selfharm/unsteered

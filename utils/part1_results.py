@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 __all__ = [
@@ -78,7 +78,7 @@ class Part1Results:
         return int(self.axis.shape[1])
 
     @property
-    def is_default(self) -> torch.Tensor:
+    def is_default(self) -> Bool[Tensor, "n_personas"]:
         """Bool ``[n_personas]``: True for the default personas."""
         return torch.tensor([n in self.default_names for n in self.names])
 
@@ -121,8 +121,9 @@ def _validate(model_name, layer, names, persona_vectors, default_names, axis, de
     if default_activations is not None:
         if (not isinstance(default_activations, Tensor) or default_activations.ndim != 3
                 or tuple(default_activations.shape[1:]) != tuple(axis.shape) or default_activations.shape[0] == 0):
-            bad(f"default_activations must be [n_default_responses >= 1, {axis.shape[0]}, {axis.shape[1]}]; got "
-                f"{tuple(default_activations.shape) if isinstance(default_activations, Tensor) else default_activations!r}.")
+            got = (tuple(default_activations.shape) if isinstance(default_activations, Tensor)
+                   else type(default_activations).__name__)
+            bad(f"default_activations must be [n_default_responses >= 1, {axis.shape[0]}, {axis.shape[1]}]; got {got}.")
         if not bool(torch.isfinite(default_activations).all()):
             bad("default_activations has NaN or infinite values.")
     if not isinstance(extra, dict):
@@ -215,15 +216,15 @@ def load_part1_results(out_dir: str | Path, model_name: str | None = None) -> Pa
     except (SafetensorError, OSError, ValueError) as exc:
         raise Part1ResultsError(f"{t_path}: not a readable safetensors file ({exc}). {fix}") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise Part1ResultsError(f"{m_path}: format_version {meta.get('format_version') if isinstance(meta, dict) else None!r}"
-                                f", expected {FORMAT_VERSION}. {fix}")
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise Part1ResultsError(f"{m_path}: format_version {version!r}, expected {FORMAT_VERSION}. {fix}")
     missing = [k for k in ("model_name", "layer", "names", "default_names") if k not in meta]
     missing += [k for k in ("persona_vectors", "axis") if k not in tensors]
     if missing:
         raise Part1ResultsError(f"{out}: missing {missing}. {fix}")
     if model_name is not None and meta["model_name"] != model_name:
-        raise Part1ResultsError(f"{out} holds Part 1 results for {meta['model_name']!r}, not {model_name!r}. Use another "
-                                f"output folder for {model_name!r}, rerun Part 1 with it, or delete those files.")
+        raise Part1ResultsError(f"{out} holds Part 1 results for {meta['model_name']!r}, not {model_name!r}. Use "
+                                f"another output folder for {model_name!r}, rerun Part 1 with it, or delete those files.")
     default_activations = tensors.get("default_activations")
     if bool(meta.get("has_default_activations")) != (default_activations is not None):
         raise Part1ResultsError(f"{out}: the JSON and the tensors disagree about default_activations. {fix}")
