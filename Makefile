@@ -17,7 +17,7 @@ NBGRADER_LAB_PLUGINS       := formgrader assignment-list course-list create-assi
 	instructor-roundtrip instructor-ui nbgrader-ui-off
 
 help:
-	@echo "make demo        set up, then run the Part 1 solution notebook on SmolLM2 (writes out/part1/)"
+	@echo "make demo        set up, then run Part 1 and Part 2 solution notebooks on SmolLM2 (out/part1/, out/part2/)"
 	@echo "make test        set up, then run the whole test suite (transformers 5.x, then the core under 4.57)"
 	@echo "make lab         open JupyterLab on the notebooks"
 	@echo "make notebooks   regenerate exercises/ solutions/ nbgrader/source/ from src/"
@@ -51,6 +51,11 @@ demo: models
 		$(PY) -m tools.run_notebook solutions/$(PART).ipynb out/part1/$(PART).executed.ipynb
 	@echo; echo "== out/part1/summary.json =="; cat out/part1/summary.json; echo
 	@echo "Figures: out/part1/*.html  Executed notebook: out/part1/$(PART).executed.ipynb"
+	@rm -rf out/part2 && mkdir -p out/part2
+	COURSE_MODEL=smollm2-135m-instruct COURSE_PART1_DIR=out/part1 COURSE_PART2_OUT_DIR=out/part2 \
+		$(PY) -m tools.run_notebook solutions/part2_stabilizing.ipynb out/part2/part2_stabilizing.executed.ipynb
+	@echo; echo "== out/part2/summary.json =="; cat out/part2/summary.json; echo
+	@echo "Figures: out/part2/*.html  Executed notebook: out/part2/part2_stabilizing.executed.ipynb"
 
 test: setup
 	$(PY) -m pytest -q
@@ -75,6 +80,7 @@ notebooks: setup
 
 fixtures: setup
 	$(PY) -m tools.make_fixtures
+	$(PY) -m tools.make_fixtures_part2
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=.

@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests import part1_persona_space as checks
+from tests import part2_stabilizing as checks2
 from tests.catalogue import call_check, judge_mistake, judge_variant, run_catalogue
-from tests.catalogue.part1 import CATALOGUE
+from tests.catalogue.part1 import CATALOGUE as CATALOGUE1
+from tests.catalogue.part2 import CATALOGUE as CATALOGUE2
+
+CATALOGUE = CATALOGUE1 + CATALOGUE2
 
 
 def _id(*parts: str) -> str:
@@ -28,7 +32,7 @@ def test_correct_variant_is_accepted(entry, variant, monkeypatch):
     def no_reference():
         raise AssertionError("a correct variant must be its own code path, not call the reference solution")
 
-    monkeypatch.setattr(part1, "ref", no_reference)
+    monkeypatch.setattr(part1, "ref", no_reference)  # Part 2's catalogue has no reference access at all
     verdict = judge_variant(entry, variant)
     assert verdict.ok, f"{entry.check} rejected a correct implementation ({variant.name}): {verdict.message}"
 
@@ -44,12 +48,13 @@ def test_mistake_is_rejected_with_its_message(entry, mistake):
     assert "(See Section" in verdict.message, f"the message does not point to the notebook: {verdict.message}"
 
 
-def test_catalogue_covers_every_check():
-    defined = {name for name in dir(checks) if name.startswith("test_") and callable(getattr(checks, name))}
-    covered = {e.check for e in CATALOGUE}
+@pytest.mark.parametrize("module,catalogue", [(checks, CATALOGUE1), (checks2, CATALOGUE2)], ids=["part1", "part2"])
+def test_catalogue_covers_every_check(module, catalogue):
+    defined = {name for name in dir(module) if name.startswith("test_") and callable(getattr(module, name))}
+    covered = {e.check for e in catalogue}
     assert covered == defined
-    hidden = {name for name in dir(checks) if name.startswith("hidden_test_")}
-    assert {h for e in CATALOGUE for h in e.hidden} == hidden
+    hidden = {name for name in dir(module) if name.startswith("hidden_test_")}
+    assert {h for e in catalogue for h in e.hidden} == hidden
 
 
 def test_catalogue_is_large_enough():
@@ -79,8 +84,9 @@ def test_every_check_with_the_reference_takes_under_10_s_of_cpu(reference):
         assert time.process_time() - start < 10.0, check_name
 
 
-def test_no_check_skips_itself_or_returns_early():
-    tree = ast.parse(Path(checks.__file__).read_text())
+@pytest.mark.parametrize("module", [checks, checks2], ids=["part1", "part2"])
+def test_no_check_skips_itself_or_returns_early(module):
+    tree = ast.parse(Path(module.__file__).read_text())
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name.startswith(("test_", "hidden_test_")):
             for sub in ast.walk(node):

@@ -12,32 +12,40 @@ from tools.run_notebook import execute
 
 ROOT = build_notebooks.ROOT
 PART = "part1_persona_space"
+PART2 = "part2_stabilizing"
 TINY_ENV = {"COURSE_MODEL": "tiny-gemma2", "COURSE_N_QUESTIONS": "3", "COURSE_MAX_NEW_TOKENS": "12",
             "COURSE_N_TRAITS": "2"}
+# Part 2 on tiny-gemma2: one turn per transcript, one case study, one replayed turn, one steering question.
+TINY_ENV2 = {**TINY_ENV, "COURSE_MAX_TURNS": "1", "COURSE_MAX_TOKENS": "1536",
+             "COURSE_CASE_STUDIES": "llama-3.3-70b/jailbreak", "COURSE_REPLAY_TURNS": "1", "COURSE_STEER_QUESTIONS": "1"}
 
 
-@pytest.mark.parametrize("path", list(build_notebooks.targets(PART)), ids=lambda p: str(p.relative_to(ROOT)))
-def test_committed_notebook_matches_its_source(path):
-    expected = build_notebooks.dumps(build_notebooks.targets(PART)[path])
+@pytest.mark.parametrize("part,path", [(part, path) for part in build_notebooks.PARTS
+                                       for path in build_notebooks.targets(part)],
+                         ids=lambda x: str(x.relative_to(ROOT)) if hasattr(x, "relative_to") else x)
+def test_committed_notebook_matches_its_source(part, path):
+    expected = build_notebooks.dumps(build_notebooks.targets(part)[path])
     assert path.exists(), f"{path} is missing: run `make notebooks`"
-    assert path.read_text() == expected, f"{path.relative_to(ROOT)} differs from src/{PART}.py: run `make notebooks`"
+    assert path.read_text() == expected, f"{path.relative_to(ROOT)} differs from src/{part}.py: run `make notebooks`"
 
 
+@pytest.mark.parametrize("part", build_notebooks.PARTS)
 @pytest.mark.parametrize("folder", ["exercises", "solutions"])
-def test_committed_notebooks_carry_no_outputs(folder):
-    nb = nbformat.read(ROOT / folder / f"{PART}.ipynb", as_version=4)
+def test_committed_notebooks_carry_no_outputs(folder, part):
+    nb = nbformat.read(ROOT / folder / f"{part}.ipynb", as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, f"{folder} cell {cell.id} has outputs"
-    assert nb.metadata["generated_from"] == f"src/{PART}.py"
+    assert nb.metadata["generated_from"] == f"src/{part}.py"
     assert nb.cells[0].source.startswith("> **Generated file")
 
 
-def test_exercise_notebook_has_stubs_where_solutions_were():
-    exercise = nbformat.read(ROOT / "exercises" / f"{PART}.ipynb", as_version=4)
-    solution = nbformat.read(ROOT / "solutions" / f"{PART}.ipynb", as_version=4)
+@pytest.mark.parametrize("part,minimum", [(PART, 12), (PART2, 8)])
+def test_exercise_notebook_has_stubs_where_solutions_were(part, minimum):
+    exercise = nbformat.read(ROOT / "exercises" / f"{part}.ipynb", as_version=4)
+    solution = nbformat.read(ROOT / "solutions" / f"{part}.ipynb", as_version=4)
     solution_cells = [c for c in exercise.cells if c.metadata["nbgrader"].get("solution")]
-    assert len(solution_cells) >= 12
+    assert len(solution_cells) >= minimum
     by_id = {c.id: c for c in solution.cells}
     for cell in solution_cells:
         assert "raise NotImplementedError()" in cell.source, cell.id
@@ -111,3 +119,57 @@ def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
     # The first failure is the first exercise (the judge template), right where the learner starts.
     assert errors[0] == ("ex-judge-template", "NotImplementedError")
     assert len(not_implemented) >= 5
+
+
+def test_part2_solution_notebook_runs_end_to_end_on_tiny_gemma2(tmp_path, monkeypatch):
+    """Part 2 from scratch: no Part 1 results in COURSE_PART1_DIR, so it computes them (and says so)."""
+    for key, value in {**TINY_ENV2, "COURSE_PART1_DIR": str(tmp_path / "part1"),
+                       "COURSE_PART2_OUT_DIR": str(tmp_path / "out")}.items():
+        monkeypatch.setenv(key, value)
+    nb = execute(ROOT / "solutions" / f"{PART2}.ipynb", tmp_path / "executed.ipynb", echo=False, timeout=300)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors == []
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for key in ("model", "layer", "cap_layers", "cap_percentile", "thresholds", "drift", "steering", "capping",
+                "seconds"):
+        assert key in summary, key
+    assert summary["model"] == "tiny-gemma2" and summary["cap_layers"] == [4] and summary["cap_percentile"] == 25.0
+    assert set(summary["drift"]) == {"coding", "writing", "therapy", "philosophy"}
+    for name, d in summary["drift"].items():
+        assert {"n_turns", "slope", "min_projection"} <= set(d) or "skipped" in d, name
+    assert all({"mean_projection", "role_rate"} <= set(v) for v in summary["steering"].values())
+    for key in ("fraction_capped", "kl_neutral_mean", "min_projection_uncapped", "min_projection_capped"):
+        assert key in summary["capping"], key
+    assert 0 <= summary["capping"]["fraction_capped"] <= 1 and summary["capping"]["kl_neutral_mean"] >= 0
+    assert "Computed Part 1's results" in summary["part1_results"]
+    assert {"drift.html", "dose_response.html", "capping_kl.html"} <= {p.name for p in (tmp_path / "out").glob("*.html")}
+    passed_checks = sum(o.get("text", "").count("all checks passed") for c in nb.cells if c.cell_type == "code"
+                        for o in c.outputs if o.output_type == "stream")
+    calls = sum(len(re.findall(r"checks\.(?:hidden_)?test_\w+\(", c.source)) for c in nb.cells if c.cell_type == "code")
+    assert calls >= 9 and passed_checks == calls
+
+
+def test_part2_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
+    for key, value in {**TINY_ENV2, "COURSE_PART1_DIR": str(tmp_path / "part1"),
+                       "COURSE_PART2_OUT_DIR": str(tmp_path / "out")}.items():
+        monkeypatch.setenv(key, value)
+    nb = execute(ROOT / "exercises" / f"{PART2}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
+                 echo=False, timeout=300)
+    solved = {c.id: c.source for c in nbformat.read(ROOT / "solutions" / f"{PART2}.ipynb", as_version=4).cells}
+    undefined: set[str] = set()
+    errors = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        err = next((o for o in cell.outputs if o.output_type == "error"), None)
+        if err is None:
+            continue
+        errors.append((cell.id, err.ename))
+        if err.ename == "NameError":
+            missing = err.evalue.split("'")[1]
+            assert missing in undefined, f"cell {cell.id}: NameError for {missing!r}, not a cascade: {err.evalue}"
+        else:
+            assert err.ename == "NotImplementedError", f"cell {cell.id}: {err.ename}: {err.evalue}"
+        undefined |= _assigned_names(solved[cell.id])
+    assert errors and errors[0] == ("check-parse-transcript", "NotImplementedError")
+    assert len([e for e in errors if e[1] == "NotImplementedError"]) >= 5

@@ -8,6 +8,9 @@ Stages, as in the paper's pipeline:
 4. **vectors**: per role, the mean over score-3 responses (at least ``--min-count`` of them); the
    default vector over all default responses;
 5. **axis**: mean(default) - mean(roles).
+6. **axes** (capping): per layer, the default responses' mean activations projected on the unit axis
+   and their ``--percentile`` (the paper: 25th) as the capping threshold. Runs after stage 5, or alone
+   with ``--stage axes`` once stages 1-5 are done.
 
 Everything is cached under ``--cache-dir`` (default ``.cache/pipeline/<model>/``), keyed by model,
 persona, prompt index and question index. Stop a run at any point (Ctrl-C, a crash, a killed
@@ -21,7 +24,9 @@ summary counts every failure, and a failed item is retried on the next run.
 
 Outputs (``--out``, default ``out/pipeline/<model>/``): ``role_vectors.safetensors`` (one tensor per
 role, ``[n_layers, d_model]`` float32), ``default_vector.safetensors``, ``axis.safetensors`` and
-``summary.json``. Load them with ``safetensors.torch.load_file``; no pickle is involved.
+``summary.json``; stage 6 adds ``capping.safetensors`` (``axis`` ``[n_layers, d_model]``, ``axis_unit``,
+``thresholds`` ``[n_layers]``) and ``capping.json`` (layers, percentile, thresholds). Load them with
+``safetensors.torch.load_file``; no pickle is involved.
 """
 
 from __future__ import annotations
@@ -187,6 +192,8 @@ class Config:
     cache_dir: Path = field(default_factory=lambda: PROJECT_ROOT / ".cache" / "pipeline")
     out_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "out" / "pipeline")
     seed: int = 0
+    cap_percentile: float = 25.0  # stage 6: the capping threshold's percentile of default projections
+    stage: str = "all"  # "axes": main() runs only stage 6
 
 
 def _slug(text: str) -> str:
@@ -417,6 +424,60 @@ class Pipeline:
                                f"{self.cfg.min_score} (lower --min-count for small runs)")
         return summary
 
+    # -- stage 6: capping axes and thresholds (Part 2) ---------------------------------------------
+    def capping_axes(self) -> dict:
+        """Per-layer axes and capping thresholds, from stage 5's axis and the default responses.
+
+        For every layer in ``cfg.layers``: the unit axis ``axis / |axis|``, each default response's mean
+        activation projected on it, and the ``cfg.cap_percentile`` percentile of those projections
+        (:func:`utils.steering.capping_thresholds`; the paper's p0.25 is 25). Writes
+        ``capping.safetensors`` (``axis`` and ``axis_unit`` ``[n_layers, d_model]``, ``thresholds``
+        ``[n_layers]``, float32, rows in the order of ``layers``) and ``capping.json`` (model, layers,
+        percentile, thresholds by layer, number of default responses).
+
+        Raises:
+            RuntimeError: stage 5 has not written ``axis.safetensors``, or no default response has activations.
+        """
+        from safetensors.torch import load_file, save_file
+
+        from utils.steering import capping_thresholds
+
+        axis_path = self.out / "axis.safetensors"
+        if not axis_path.exists():
+            raise RuntimeError(f"{axis_path} is missing: run stages 1-5 first (the same command without "
+                               "--stage axes), with enough responses for an axis.")
+        axis = load_file(str(axis_path))["axis"]  # [n_layers, d_model], rows in cfg.layers order
+        if axis.shape[0] != len(self.cfg.layers):
+            raise RuntimeError(f"{axis_path} has {axis.shape[0]} layers but --layers gives {len(self.cfg.layers)}; "
+                               "run stages 1-5 again with these layers.")
+        acts = self.activations()
+        default_keys = [k for k in acts if Item.from_key(k).persona == DEFAULT]
+        if not default_keys:
+            raise RuntimeError("No default response has activations; the thresholds need them.")
+        unit = axis / axis.norm(dim=-1, keepdim=True)
+        defaults = torch.stack([acts[k] for k in sorted(default_keys)])  # [n_default, n_layers, d_model]
+        projections = torch.einsum("nld,ld->nl", defaults.float(), unit.float())
+        taus = capping_thresholds({layer: projections[:, i] for i, layer in enumerate(self.cfg.layers)},
+                                  self.cfg.cap_percentile)
+        thresholds = torch.tensor([taus[layer] for layer in self.cfg.layers], dtype=torch.float32)
+        meta = {"model": self.cfg.model, "layers": json.dumps(self.cfg.layers),
+                "percentile": str(self.cfg.cap_percentile),
+                "convention": "layer i = output of model.model.layers[i] = hidden_states[i + 1]"}
+        save_file({"axis": axis.contiguous(), "axis_unit": unit.contiguous(), "thresholds": thresholds},
+                  str(self.out / "capping.safetensors"), metadata=meta)
+        info = {"model": self.cfg.model, "layers": self.cfg.layers, "percentile": self.cfg.cap_percentile,
+                "thresholds": {str(layer): taus[layer] for layer in self.cfg.layers},
+                "n_default_responses": len(default_keys),
+                "formula": "h <- h + max(0, tau - <h, a>) * a, a = axis_unit[layer], tau = thresholds[layer]"}
+        (self.out / "capping.json").write_text(json.dumps(info, indent=2))
+        return info
+
+    def _run_capping_stage(self) -> dict:
+        t0 = time.perf_counter()
+        info = self.capping_axes()
+        self.seconds["capping_axes"] = round(time.perf_counter() - t0, 1)
+        return {"layers": info["layers"], "percentile": info["percentile"], "thresholds": info["thresholds"]}
+
     # -- the whole run -----------------------------------------------------------------------------
     def run(self) -> dict:
         for name, stage in (("generate", self.generate), ("judge", self.judge), ("extract", self.extract)):
@@ -426,6 +487,8 @@ class Pipeline:
         t0 = time.perf_counter()
         result = self.vectors_and_axis()
         self.seconds["vectors_axis"] = round(time.perf_counter() - t0, 1)
+        if (self.out / "axis.safetensors").exists():
+            result["capping"] = self._run_capping_stage()
         items = self.items()
         gen_fail = {it.key: self.responses.records[it.key]["error"] for it in items
                     if it.key in self.responses.records and not self.responses.ok(it.key)}
@@ -479,6 +542,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--limit", type=int, default=None, help="only the first N items (for small runs)")
     p.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache" / "pipeline")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "out" / "pipeline")
+    p.add_argument("--stage", choices=["all", "axes"], default="all",
+                   help="'axes': only stage 6 (capping axes and thresholds), after stages 1-5 are done")
+    p.add_argument("--percentile", type=float, default=25.0,
+                   help="stage 6: capping threshold = this percentile of default projections (paper: 25)")
     a = p.parse_args(argv)
     all_roles = sorted(load_roles())
     if a.roles == "all":
@@ -500,12 +567,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return Config(model=a.model, roles=roles, n_questions=a.questions, n_prompts=min(a.prompts, 5), layers=layers,
                   backend=a.backend, judge=a.judge, generation_model=a.generation_model, judge_model=a.judge_model,
                   max_tokens=a.max_tokens, temperature=a.temperature, min_score=a.min_score, min_count=a.min_count,
-                  workers=a.workers, limit=a.limit, cache_dir=a.cache_dir, out_dir=a.out)
+                  workers=a.workers, limit=a.limit, cache_dir=a.cache_dir, out_dir=a.out,
+                  cap_percentile=a.percentile, stage=a.stage)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    if not 0.0 < cfg.cap_percentile < 100.0:
+        raise SystemExit(f"--percentile must be in (0, 100); got {cfg.cap_percentile}.")
     pipeline = Pipeline(cfg)
+    if cfg.stage == "axes":
+        print(json.dumps(pipeline.capping_axes(), indent=2))
+        return 0
     n = len(pipeline.items())
     print(f"{cfg.model}: {len(cfg.roles)} roles x {cfg.n_prompts} prompts x {cfg.n_questions} questions "
           f"+ defaults = {n} items; layers {cfg.layers}; cache {pipeline.cache}", flush=True)

@@ -248,3 +248,122 @@ def control_bars(results: Mapping[str, Mapping[str, float]], title: str) -> go.F
         margin=dict(t=100),
     )
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Part 2: drift, steering and capping
+# ---------------------------------------------------------------------------------------------------
+
+SERIES_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
+UNSTEERED_COLOUR, CAPPED_COLOUR, THRESHOLD_COLOUR = "#b2182b", "#2166ac", "#444444"
+
+
+def _threshold_line(fig: go.Figure, threshold: float | None, label: str = "capping threshold") -> None:
+    if threshold is None:
+        return
+    t = float(threshold)
+    if not math.isfinite(t):
+        raise ValueError(f"threshold must be finite (or None for no line); got {threshold!r}")
+    fig.add_hline(y=t, line_dash="dash", line_color=THRESHOLD_COLOUR,
+                  annotation_text=f"{label} {t:.3g}", annotation_position="bottom right")
+
+
+def drift_plot(series: Mapping[str, Sequence[float]], threshold: float | None, title: str) -> go.Figure:
+    """Projection on the Assistant Axis against assistant turn, one line per transcript.
+
+    Args:
+        series: ``{transcript name: [n_turns] per-turn projections}`` (tensors or sequences); turns are
+            numbered from 1 on the x axis.
+        threshold: the capping threshold, drawn as a dashed horizontal line; None for no line.
+        title: the figure's title.
+    """
+    if not series:
+        raise ValueError("drift_plot got no series: give {transcript name: per-turn projections}.")
+    fig = go.Figure()
+    for i, (name, values) in enumerate(series.items()):
+        ys = _floats(values, f"series[{name!r}]")
+        fig.add_trace(go.Scatter(
+            x=list(range(1, len(ys) + 1)), y=ys, mode="lines+markers", name=str(name),
+            line=dict(color=SERIES_COLOURS[i % len(SERIES_COLOURS)]),
+            hovertemplate=f"<b>{name}</b><br>turn %{{x}}<br>projection %{{y:.3f}}<extra></extra>",
+        ))
+    _threshold_line(fig, threshold)
+    fig.update_layout(
+        template=TEMPLATE, title=title, height=450,
+        xaxis=dict(title="assistant turn", dtick=1 if max(len(t.x) for t in fig.data) <= 30 else None),
+        yaxis=dict(title="projection on the Assistant Axis (higher = more assistant-like)"),
+        legend=dict(title="transcript"),
+    )
+    return fig
+
+
+def paired_drift_plot(unsteered: Sequence[float], capped: Sequence[float], threshold: float | None,
+                      title: str) -> go.Figure:
+    """The same user turns answered without and with capping: two projection-vs-turn lines on one plot."""
+    fig = drift_plot({"unsteered": unsteered, "capped": capped}, threshold, title)
+    fig.data[0].line.color, fig.data[1].line.color = UNSTEERED_COLOUR, CAPPED_COLOUR
+    fig.update_layout(legend=dict(title="replies"))
+    return fig
+
+
+def dose_response_plot(summary: Mapping[float, Mapping[str, float | None]], title: str) -> go.Figure:
+    """Steering dose-response: mean projection (left axis) and role rate (right axis) against coefficient.
+
+    Args:
+        summary: ``{coefficient: {"mean_projection", "role_rate", "n", ...}}`` as from
+            :func:`utils.experiments.dose_response`; a None value leaves a gap.
+        title: the figure's title.
+    """
+    if not summary:
+        raise ValueError("dose_response_plot got an empty summary; run utils.experiments.dose_response first.")
+    coeffs = sorted(summary, key=float)
+    for c in coeffs:
+        missing = {"mean_projection", "role_rate"} - set(summary[c])
+        if missing:
+            raise ValueError(f"summary[{c}] lacks {sorted(missing)}; it must come from utils.experiments.dose_response.")
+    xs = [float(c) for c in coeffs]
+
+    def column(key: str) -> list[float | None]:
+        return [None if summary[c][key] is None else float(summary[c][key]) for c in coeffs]
+
+    ns = [summary[c].get("n", "?") for c in coeffs]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=xs, y=column("mean_projection"), mode="lines+markers", name="mean projection of the reply",
+        line=dict(color=CAPPED_COLOUR), customdata=ns,
+        hovertemplate="coefficient %{x:+.3g}<br>mean projection %{y:.3f}<br>n = %{customdata}<extra></extra>",
+    ))
+    fig.add_trace(go.Scatter(
+        x=xs, y=column("role_rate"), mode="lines+markers", name="role rate (role replies scored 3)",
+        line=dict(color=UNSTEERED_COLOUR, dash="dot"), yaxis="y2", customdata=ns,
+        hovertemplate="coefficient %{x:+.3g}<br>role rate %{y:.0%}<br>n = %{customdata}<extra></extra>",
+    ))
+    fig.add_vline(x=0.0, line_dash="dot", line_color="#999")
+    fig.update_layout(
+        template=TEMPLATE, title=title, height=450,
+        xaxis=dict(title="steering coefficient along the unit axis (+ = toward the assistant)"),
+        yaxis=dict(title=dict(text="mean projection of the generated text", font=dict(color=CAPPED_COLOUR))),
+        yaxis2=dict(title=dict(text="role rate", font=dict(color=UNSTEERED_COLOUR)), overlaying="y",
+                    side="right", range=[-0.05, 1.05], tickformat=".0%", showgrid=False),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0),
+        margin=dict(t=100),
+    )
+    return fig
+
+
+def kl_histogram(kl_values: Sequence[float], title: str, nbins: int = 50) -> go.Figure:
+    """Histogram of per-position KL(uncapped || capped) values (nats), with the mean marked."""
+    values = _floats(kl_values, "kl_values")
+    if not values:
+        raise ValueError("kl_histogram got no values.")
+    mean = sum(values) / len(values)
+    fig = go.Figure(go.Histogram(x=values, nbinsx=nbins, marker_color=CAPPED_COLOUR,
+                                 hovertemplate="KL %{x}<br>%{y} positions<extra></extra>"))
+    fig.add_vline(x=mean, line_dash="dash", line_color=THRESHOLD_COLOUR,
+                  annotation_text=f"mean {mean:.3g} nats", annotation_position="top right")
+    fig.update_layout(
+        template=TEMPLATE, title=f"{title} ({len(values)} positions)", height=400,
+        xaxis=dict(title="KL(uncapped || capped) of the next-token distribution (nats)"),
+        yaxis=dict(title="positions"), showlegend=False,
+    )
+    return fig

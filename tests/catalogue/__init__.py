@@ -70,8 +70,19 @@ class Verdict:
         return (self.entry, self.kind, self.name, self.ok, self.outcome, self.message)
 
 
+PART2_CHECKS = ("test_parse_transcript", "test_turn_projections", "test_capping_threshold", "test_drift_summary",
+                "test_add_steering", "test_steering_vectors", "test_cap_activations", "test_activation_capping",
+                "test_next_token_kl")
+
+
 def call_check(check_name: str, fn: Callable) -> None:
-    """Run one check the way the notebook does, with tiny-gemma2 standing in for the learner's model."""
+    """Run one check the way the notebook does, with tiny-gemma2 standing in for the learner's model.
+
+    Part 2's checks (:data:`PART2_CHECKS`, in ``tests.part2_stabilizing``) take only the learner's function."""
+    if check_name in PART2_CHECKS:
+        from tests import part2_stabilizing
+
+        return getattr(part2_stabilizing, check_name)(fn)
     from tests import part1_persona_space as checks
 
     check = getattr(checks, check_name)
@@ -120,7 +131,10 @@ def judge_variant(entry: Entry, variant: Variant) -> Verdict:
 def run_catalogue(entries=None) -> list[Verdict]:
     """Every mistake and every variant of every entry, in catalogue order."""
     if entries is None:
-        from tests.catalogue.part1 import CATALOGUE as entries
+        from tests.catalogue.part1 import CATALOGUE as part1
+        from tests.catalogue.part2 import CATALOGUE as part2
+
+        entries = part1 + part2
     verdicts = []
     for entry in entries:
         verdicts += [judge_mistake(entry, m) for m in entry.mistakes]

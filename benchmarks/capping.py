@@ -1,0 +1,140 @@
+"""Benchmark activation capping's cost on generation: capped against plain, in the same run.
+
+Run::
+
+    python -m benchmarks.capping [--model smollm2-135m-instruct] [--prompts 8] [--new-tokens 48] [--repeats 5]
+
+Both variants generate with :func:`utils.backends.generate_batch` (one left-padded batch, greedy, so the
+work is deterministic), on the same ``--prompts`` persona conversations, at ``--new-tokens`` new tokens
+each: ``min_new_tokens`` is set to the same number on the model's generation config for the run, so an
+early end-of-sequence cannot make one variant do less work. The capped variant wraps the call in
+:func:`utils.steering.capping` at :func:`utils.steering.cap_layer_range` (SmolLM2: layers 21-26 of 30)
+with ``positions="all"`` (the paper's setting), along a fixed random unit axis per layer with the
+threshold at the 25th percentile of the prompts' own projections (so a realistic share of positions is
+capped; the cost does not depend on the share). A third variant also counts capped positions
+(``stats=CapStats()``).
+
+After one warm-up of each, the variants alternate (the order flips every repeat) ``--repeats`` times and
+the best time of each counts, both wall-clock and this process's CPU time. The machine may be shared:
+the load average is printed, and wall-clock timings taken under load are noisy; with ``--threads 1`` the
+CPU-time ratio is much less sensitive to other processes (on a quiet machine the two ratios agree).
+The last line printed is one JSON object with ``capping_overhead_ratio``
+(capped / plain; target <= 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def _conversations(model_name: str, n: int) -> list[list[dict]]:
+    from utils.conversation import chat_messages
+    from utils.data import working_personas, working_questions
+    from utils.models import short_model_name
+
+    personas = list(working_personas(short_model_name(model_name)).values())
+    questions = working_questions(15)
+    return [chat_messages(personas[i % len(personas)], questions[(3 * i) % len(questions)]) for i in range(n)]
+
+
+def _thresholds(model, tokenizer, conversations, axes) -> dict[int, float]:
+    """25th percentile of the prompts' block-output projections on each layer's axis."""
+    from utils.conversation import encode, render
+    from utils.steering import ProjectionProbe, capping_thresholds
+
+    with torch.inference_mode(), ProjectionProbe(model, axes) as probe:
+        for conv in conversations:
+            ids = encode(render(conv, tokenizer, add_generation_prompt=True), tokenizer)
+            model(input_ids=torch.tensor([ids], device=model.get_input_embeddings().weight.device))
+    return capping_thresholds({layer: torch.cat([p.reshape(-1) for p in probe.projections[layer]]) for layer in axes})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.prompts < 1 or args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--prompts, --new-tokens and --repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from utils.backends import generate_batch
+    from utils.models import load_model
+    from utils.steering import CapStats, cap_layer_range, capping
+
+    model, tokenizer = load_model(args.model)
+    if args.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    layers = cap_layer_range(n_layers)
+    g = torch.Generator().manual_seed(0)
+    axes = {layer: torch.randn(d_model, generator=g) for layer in layers}
+    conversations = _conversations(args.model, args.prompts)
+    taus = _thresholds(model, tokenizer, conversations, axes)
+
+    def plain():
+        return generate_batch(model, tokenizer, conversations, args.new_tokens, temperature=0.0)
+
+    def capped():
+        with capping(model, axes, taus):
+            return generate_batch(model, tokenizer, conversations, args.new_tokens, temperature=0.0)
+
+    stats = CapStats()
+
+    def capped_stats():
+        with capping(model, axes, taus, stats=stats):
+            return generate_batch(model, tokenizer, conversations, args.new_tokens, temperature=0.0)
+
+    variants = {"plain": plain, "capped": capped, "capped+stats": capped_stats}
+    saved_min = model.generation_config.min_new_tokens
+    model.generation_config.min_new_tokens = args.new_tokens  # equal work: no early end of sequence
+    best = {name: float("inf") for name in variants}
+    best_cpu = {name: float("inf") for name in variants}
+    try:
+        for fn in variants.values():  # warm-up
+            fn()
+        names = list(variants)
+        for r in range(args.repeats):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                t0, c0 = time.perf_counter(), time.process_time()
+                variants[name]()
+                best[name] = min(best[name], time.perf_counter() - t0)
+                best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
+    finally:
+        model.generation_config.min_new_tokens = saved_min
+
+    ratio = best["capped"] / best["plain"]
+    ratio_stats = best["capped+stats"] / best["plain"]
+    ratio_cpu = best_cpu["capped"] / best_cpu["plain"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"model {args.model} ({args.dtype}), {args.prompts} prompts x {args.new_tokens} new tokens, greedy, "
+          f"generate_batch; capping layers {layers[0]}-{layers[-1]} ({len(layers)} of {n_layers}); "
+          f"best of {args.repeats}; torch threads {torch.get_num_threads()}; load average {load:.2f}")
+    print("  variant        wall (best)       process CPU time (best)")
+    for name in variants:
+        print(f"  {name:13s}  {best[name]:7.3f} s {best[name] / best['plain']:6.3f}x   "
+              f"{best_cpu[name]:7.3f} s {best_cpu[name] / best_cpu['plain']:6.3f}x")
+    print(f"  fraction of positions capped: {stats.fraction_capped():.2f}")
+    print(json.dumps({"capping_overhead_ratio": round(ratio, 4), "capping_with_stats_ratio": round(ratio_stats, 4),
+                      "capping_overhead_ratio_cpu_time": round(ratio_cpu, 4),
+                      "plain_s": round(best["plain"], 4), "capped_s": round(best["capped"], 4),
+                      "model": args.model, "dtype": args.dtype, "prompts": args.prompts, "new_tokens": args.new_tokens,
+                      "repeats": args.repeats, "layers": layers, "fraction_capped": round(stats.fraction_capped(), 4),
+                      "generation": "utils.backends.generate_batch", "load_average": round(load, 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,935 @@
+"""Checks for Part 2, "Stabilizing the persona". Each notebook exercise is followed by a call to one of these.
+
+How the checks work (as in Part 1, ``tests/part1_persona_space.py``):
+
+- They run offline, deterministically and in seconds, on ``tiny-gemma2`` (a 2 MB random Gemma 2) where a
+  model is needed, so the numbers are exact.
+- They contain no reference solution. Expected values come from the course's ``utils`` machinery, which
+  learners can read (``utils.transcripts``, ``utils.turns``, ``utils.steering``), from fixtures in
+  ``tests/fixtures/part2_*`` (made from the reference solution by ``make fixtures``), from literal cases
+  written out here, and from properties every correct answer has.
+- A failing check raises :class:`CheckFailure` whose message names the likely mistake and points to the
+  notebook section that explains it (``tests/checking.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from tests.checking import (CheckFailure, call as _call, check, clip as _clip, fail as _fail,  # noqa: F401
+                            limited, passed as _passed, short as _short)
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ATOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny model and fixtures
+# --------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def tiny_gemma2():
+    """(model, tokenizer) of tiny-gemma2, loaded once per process."""
+    from utils.models import load_model
+
+    return load_model("tiny-gemma2")
+
+
+@lru_cache(maxsize=1)
+def _tensor_fixtures() -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = FIXTURES / "part2_stabilizing.safetensors"
+    if not path.exists():
+        _fail(f"The check's fixture file {path} is missing. Restore it with `git checkout -- tests/fixtures` "
+              "(maintainers: `make fixtures`).")
+    return load_file(str(path))
+
+
+def fixture(name: str) -> torch.Tensor:
+    return _tensor_fixtures()[name]
+
+
+def _hook_counts(model) -> list[tuple[frozenset, frozenset]]:
+    """The ids of the forward hooks and pre-hooks each module of ``model`` holds (to see hooks left behind)."""
+    return [(frozenset(m._forward_hooks), frozenset(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def _left_behind(model, before) -> bool:
+    """Whether hooks were added since ``before``; any that were are removed, so that the shared check model is
+    clean for the next check whatever the learner's code left on it."""
+    left = False
+    for module, (hooks, pre_hooks) in zip(model.modules(), before):
+        for registry, known in ((module._forward_hooks, hooks), (module._forward_pre_hooks, pre_hooks)):
+            for key in [k for k in registry if k not in known]:
+                left = True
+                registry.pop(key, None)
+                getattr(module, "_forward_hooks_with_kwargs", {}).pop(key, None)
+                getattr(module, "_forward_hooks_always_called", {}).pop(key, None)
+                getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
+    return left
+
+
+class _Boom(Exception):
+    """Raised on purpose inside a with-block, to see that hooks are removed on an exception."""
+
+
+# ==================================================================================================
+# Exercise 1: parsing a transcript
+# ==================================================================================================
+
+VALID_CONVERSATION = [
+    {"role": "user", "content": "Can you help me plan a garden?"},
+    {"role": "assistant", "content": "  Of course. What grows well where you live?\n"},
+    {"role": "user", "content": "Tomatoes, mostly."},
+    {"role": "assistant", "content": "Then start with tomatoes and basil."},
+]
+
+MALFORMED_CASES = [  # (description, conversation, index of the bad turn, what a correct parser must notice)
+    ("a message with no role",
+     VALID_CONVERSATION[:2] + [{"content": "Tomatoes, mostly."}] + VALID_CONVERSATION[3:], 2,
+     "a message without a 'role'"),
+    ("two user turns in a row",
+     VALID_CONVERSATION[:3] + [{"role": "user", "content": "And roses?"}], 3,
+     "two user turns in a row (user and assistant must alternate, starting with the user)"),
+    ("an empty assistant turn",
+     VALID_CONVERSATION[:1] + [{"role": "assistant", "content": ""}] + VALID_CONVERSATION[2:], 1,
+     "empty content"),
+    ("an assistant turn that is only whitespace",
+     VALID_CONVERSATION[:3] + [{"role": "assistant", "content": "  \n\t"}], 3,
+     "content that is only whitespace (it is empty too: `content.strip()` is '')"),
+    ("a conversation that starts with the assistant",
+     [{"role": "assistant", "content": "Hello!"}] + VALID_CONVERSATION, 0,
+     "a conversation must start with a user turn (after an optional system message)"),
+]
+
+
+def _write(folder: Path, name: str, data) -> Path:
+    path = folder / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+@check("Exercise 1")
+def test_parse_transcript(fn) -> None:
+    from utils.transcripts import case_studies, drift_transcripts, load_transcript
+
+    section = "Section 1, Exercise 1"
+    # The shipped transcripts, including the one published with a doubled extension.
+    real = [drift_transcripts()["writing"], case_studies()[("qwen-3-32b", "selfharm")]["unsteered"],
+            case_studies()[("llama-3.3-70b", "delusion")]["capped"]]
+    for path in real:
+        got = _call(f"parse_transcript on {path.name}", section,
+                    "The file is a JSON object; its messages are under the key 'conversation'.", fn, path)
+        expected = load_transcript(path)
+        if isinstance(got, dict):
+            _fail(f"parse_transcript({path.name}) returned the whole JSON object (keys {sorted(got)[:5]}); return "
+                  "its 'conversation': the list of {'role', 'content'} messages.", section)
+        if not isinstance(got, list) or not all(isinstance(m, dict) for m in got):
+            _fail(f"parse_transcript({path.name}) should return a list of dicts; got {_short(got)}.", section)
+        if len(got) != len(expected):
+            _fail(f"parse_transcript({path.name}) returned {len(got)} messages; the file has {len(expected)}. "
+                  "Return every message, in order.", section)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            if set(g) != {"role", "content"}:
+                _fail(f"Message {i} of {path.name} has keys {sorted(g)}; each message should be exactly "
+                      "{'role': ..., 'content': ...}.", section)
+            if g["role"] != e["role"]:
+                _fail(f"Message {i} of {path.name}: role {g['role']!r}, expected {e['role']!r}.", section)
+            if g["content"] != e["content"]:
+                hint = (" You stripped or otherwise changed it: return the content exactly as in the file."
+                        if isinstance(g["content"], str) and g["content"].strip() == e["content"].strip() else "")
+                _fail(f"Message {i} of {path.name}: the content differs from the file's.{hint}", section)
+    folder = Path(tempfile.mkdtemp(prefix="transcripts-"))
+    # A valid file with a system prompt and untidy whitespace: accepted, content unchanged.
+    valid = [{"role": "system", "content": "You are a gardener."}] + copy.deepcopy(VALID_CONVERSATION)
+    path = _write(folder, "valid_garden.json", {"model": "test", "conversation": valid})
+    got = _call("parse_transcript on a valid file with a system message", section,
+                "A system message may come first; after it, user and assistant turns alternate.", fn, path)
+    if got != valid:
+        hint = ""
+        if isinstance(got, list) and len(got) == len(valid) - 1:
+            hint = " You dropped the system message: keep it, as the first message."
+        elif isinstance(got, list) and len(got) == len(valid) and [m.get("content") for m in got] != \
+                [m["content"] for m in valid]:
+            hint = " Return each message's content exactly as in the file (do not strip it)."
+        _fail(f"For a valid file with a system message, expected {_clip(repr(valid), 200)}; got "
+              f"{_clip(repr(got), 200)}.{hint}", section)
+    # Malformed files: an error that names the file and the turn.
+    for n, (description, conversation, bad_turn, what) in enumerate(MALFORMED_CASES):
+        path = _write(folder, f"broken_case_{'abcde'[n]}.json", {"conversation": conversation})
+        try:
+            got = limited(fn, section)(path)
+        except (NotImplementedError, CheckFailure):
+            raise
+        except ValueError as exc:
+            message = str(exc)
+            if path.name not in message:
+                _fail(f"For a file with {description}, your error says {_clip(message)!r}, which does not name the "
+                      f"file. Put the path in the message ({path.name} here), so a learner with 50 transcripts "
+                      "knows which one to open.", section, exc)
+            rest = message.replace(str(path), " ").replace(path.name, " ")
+            numbers = {int(x) for x in re.findall(r"\d+", rest)}
+            if bad_turn not in numbers:
+                hint = (" Count turns from 0: the index of the message in 'conversation'."
+                        if bad_turn + 1 in numbers else "")
+                _fail(f"For a file with {description} (turn {bad_turn}, 0-based), your error says {_clip(message)!r}, "
+                      f"which does not name the turn.{hint}", section, exc)
+            continue
+        except Exception as exc:
+            _fail(f"For a file with {description} you raised {type(exc).__name__}: {_clip(str(exc))}. Check for "
+                  f"{what} yourself and raise TranscriptError (a ValueError) naming the file and the turn.",
+                  section, exc)
+        _fail(f"For a file with {description} (turn {bad_turn}) you returned {_clip(repr(got), 120)}; expected "
+              f"TranscriptError. Check for {what}.", section)
+    _passed("test_parse_transcript")
+
+
+# ==================================================================================================
+# Exercise 2: per-turn projections
+# ==================================================================================================
+
+TURN_LAYER = 2
+TURN_CONVERSATION = [
+    {"role": "system", "content": "You are a patient tutor."},
+    {"role": "user", "content": "What is a prime number?"},
+    {"role": "assistant", "content": "A whole number above one whose only divisors are one and itself."},
+    {"role": "user", "content": "Is nine prime?"},
+    {"role": "assistant", "content": "No: nine is three times three."},
+    {"role": "user", "content": "Tell me something strange about primes, then."},
+    {"role": "assistant", "content": "Every even number above two seems to be a sum of two primes, and nobody "
+                                     "has proved it. That is Goldbach's conjecture, almost three centuries old."},
+    {"role": "user", "content": "Who are you, really?"},
+    {"role": "assistant", "content": "Only a voice in the dark between the numbers, counting what is left."},
+]
+
+
+def _turn_axis() -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    return 3.0 * torch.randn(64, generator=g)  # deliberately not unit norm
+
+
+def _long_max_tokens(tokenizer) -> int:
+    """A max_tokens below the whole conversation's length but above every single user+assistant pair."""
+    from utils.turns import assistant_turn_spans
+
+    ids, _ = assistant_turn_spans(TURN_CONVERSATION, tokenizer)
+    return int(len(ids) * 0.6)
+
+
+@check("Exercise 2")
+def test_turn_projections(fn) -> None:
+    from utils.turns import assistant_turn_spans, per_turn_projections, turn_windows
+
+    section = "Section 2, Exercise 2"
+    model, tok = tiny_gemma2()
+    axis = _turn_axis()
+    unit = axis / axis.norm()
+    n_turns = sum(m["role"] == "assistant" for m in TURN_CONVERSATION)
+    cases = [("a conversation that fits in max_tokens", 1024), ("a conversation longer than max_tokens",
+                                                                  _long_max_tokens(tok))]
+    for description, max_tokens in cases:
+        calls = []
+        handle = model.model.register_forward_pre_hook(lambda *a: calls.append(1))
+        try:
+            got = _call(f"turn_projections on {description} (max_tokens={max_tokens})", section, "", fn, model, tok,
+                        copy.deepcopy(TURN_CONVERSATION), axis.clone(), TURN_LAYER, max_tokens=max_tokens)
+        finally:
+            handle.remove()
+        if not isinstance(got, torch.Tensor):
+            _fail(f"turn_projections should return a float32 tensor [n_assistant_turns]; got {_short(got)}.", section)
+        if tuple(got.shape) != (n_turns,):
+            _fail(f"For {description} turn_projections returned shape {tuple(got.shape)}; expected [{n_turns}], one "
+                  "projection per assistant turn.", section)
+        if got.dtype != torch.float32 or got.device.type != "cpu":
+            _fail(f"Return a float32 CPU tensor; got dtype {got.dtype} on {got.device}.", section)
+        expected = per_turn_projections(model, tok, TURN_CONVERSATION, axis, TURN_LAYER, max_tokens=max_tokens)
+        if not torch.allclose(got, expected, atol=ATOL, rtol=1e-4):
+            _fail(f"For {description}: expected {_short(expected)}\n  got {_short(got)}."
+                  f"{_turn_hint(got, expected, model, tok, axis, unit, max_tokens)}", section)
+        windows = turn_windows(TURN_CONVERSATION, tok, max_tokens)
+        if len(windows) == 1 and len(calls) > 1:
+            _fail(f"The conversation fits in max_tokens, yet you ran {len(calls)} forward passes. Run it once and "
+                  "read every assistant turn's span from that one pass (a causal model's activations for a turn do "
+                  "not depend on later tokens).", section)
+    # A turn too long for max_tokens on its own must not be silently cut.
+    ids, spans = assistant_turn_spans(TURN_CONVERSATION[:3], tok)
+    try:
+        got = limited(fn, section)(model, tok, copy.deepcopy(TURN_CONVERSATION[:3]), axis.clone(), TURN_LAYER,
+                                   max_tokens=spans[0][0])
+    except (NotImplementedError, CheckFailure):
+        raise
+    except ValueError:
+        pass
+    except Exception as exc:
+        _fail(f"When one user+assistant pair is longer than max_tokens you raised {type(exc).__name__}: "
+              f"{_clip(str(exc))}. Raise a ValueError that says so (utils.turns.turn_windows raises "
+              "TurnTooLongError, a ValueError, for you).", section, exc)
+    else:
+        _fail(f"With max_tokens={spans[0][0]}, shorter than the first user+assistant pair ({len(ids)} tokens), you "
+              f"returned {_short(got)}: that answer came from a cut turn. Never cut a turn: raise an error instead.",
+              section)
+    _passed("test_turn_projections")
+
+
+def _turn_hint(got, expected, model, tok, axis, unit, max_tokens) -> str:
+    from utils.turns import per_turn_mean_activations, per_turn_projections
+
+    def close(a, b):
+        return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-3)
+
+    if close(got, expected * axis.norm()):
+        return " You projected on the raw axis: divide it by its norm first (a unit axis)."
+    if close(got, -expected):
+        return " The sign is flipped: project on +axis (it points towards the Assistant)."
+    if TURN_LAYER >= 1 and close(got, per_turn_projections(model, tok, TURN_CONVERSATION, axis, TURN_LAYER - 1,
+                                                          max_tokens=max_tokens)):
+        return (f" These are layer {TURN_LAYER - 1}'s values: layer l is the output of model.model.layers[l], "
+                "i.e. hidden_states[l + 1].")
+    if close(got, per_turn_projections(model, tok, TURN_CONVERSATION, axis, TURN_LAYER, max_tokens=1024)):
+        return (" These are the values of one pass over the whole conversation: when it does not fit in max_tokens, "
+                "score each turn in the trailing window of whole turns that fits (utils.turns.turn_windows).")
+    means = per_turn_mean_activations(model, tok, TURN_CONVERSATION, TURN_LAYER, max_tokens=max_tokens)[:, 0]
+    if close(got, means.bfloat16().float() @ unit):
+        return " Average in float32, not in the model's (or bf16) precision."
+    window = ("" if max_tokens >= 1024 else
+              " This conversation does not fit in max_tokens: score each turn in its own trailing window of whole "
+              "turns (utils.turns.turn_windows); never cut the conversation at a token count, which cuts a turn.")
+    return (" Average over each assistant turn's content tokens only (its [start, end) span: no turn markers, no "
+            "end-of-turn token), at the output of model.model.layers[layer], in float32, then project on the unit "
+            "axis." + window)
+
+
+# ==================================================================================================
+# Exercise 3: the capping threshold
+# ==================================================================================================
+
+def _threshold_case() -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return {3: 20.0 + 4.0 * torch.randn(10, generator=g), 5: -8.0 + 2.0 * torch.randn(7, generator=g),
+            1: torch.tensor([4.5])}
+
+
+@check("Exercise 3")
+def test_capping_threshold(fn) -> None:
+    import numpy as np
+
+    from utils.steering import capping_thresholds
+
+    section = "Section 3, Exercise 3"
+    for percentile in (25.0, 10.0):
+        case = _threshold_case()
+        given = {k: v.clone() for k, v in case.items()}
+        got = _call(f"capping_threshold(projections, percentile={percentile:g})", section,
+                    "The percentile is in 0..100 (the paper's p0.25 is the 25th percentile); torch.quantile "
+                    "takes a fraction in 0..1.", fn, given, percentile=percentile)
+        expected = capping_thresholds(case, percentile)
+        if not isinstance(got, dict):
+            _fail(f"Return a dict {{layer: threshold}}; got {_short(got)}.", section)
+        if set(got) != set(expected):
+            _fail(f"Return one threshold per layer, keyed by the same layers as `projections` ({sorted(expected)}); "
+                  f"got keys {sorted(got, key=repr)}.", section)
+        for layer, tau in expected.items():
+            value = got[layer]
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                _fail(f"The threshold for layer {layer} should be a number; got {_short(got[layer])}.", section)
+            if not math.isclose(value, tau, rel_tol=1e-5, abs_tol=1e-5):
+                x = case[layer].double().numpy()
+                hint = ""
+                if math.isclose(value, float(np.percentile(x, percentile / 100)), rel_tol=1e-5, abs_tol=1e-5):
+                    hint = (f" You took the {percentile / 100:g}th percentile: numpy.percentile takes 0..100, "
+                            "torch.quantile and numpy.quantile take a fraction in 0..1.")
+                elif math.isclose(value, float(np.percentile(x, 100 - percentile)), rel_tol=1e-5, abs_tol=1e-5):
+                    hint = (f" That is the {100 - percentile:g}th percentile: the threshold is the LOW end of the "
+                            "Assistant's range (capping lifts activations that fall below it).")
+                elif any(math.isclose(value, float(np.percentile(x, percentile, method=m)), rel_tol=1e-5, abs_tol=1e-5)
+                         for m in ("lower", "higher", "nearest", "midpoint")):
+                    hint = (" Your interpolation between sorted values differs: use linear interpolation (the "
+                            "default of torch.quantile and numpy.percentile).")
+                elif percentile != 25.0 and math.isclose(value, float(np.percentile(x, 25)), rel_tol=1e-5,
+                                                         abs_tol=1e-5):
+                    hint = " You ignored the `percentile` argument (always 25)."
+                _fail(f"Layer {layer}, percentile {percentile:g}: expected {tau:.6g}, got {value:.6g}.{hint}", section)
+        if any(not torch.equal(given[k], case[k]) for k in case):
+            _fail("capping_threshold changed the projections it was given (e.g. sorted them in place); work on a "
+                  "copy.", section)
+    _passed("test_capping_threshold")
+
+
+# ==================================================================================================
+# Exercise 4: drift summary
+# ==================================================================================================
+
+DRIFT_CASES = [  # (projections, threshold, expected slope, expected first turn below, what a wrong answer means)
+    ([3.0, 2.0, 1.0, 0.0], 1.5, -1.0, 2, "a straight line down by 1 per turn"),
+    ([1.0, 3.0, 2.0, 5.0], 0.0, 1.1, None, "the least-squares slope over all turns (not last minus first), and None "
+                                          "when no turn falls below the threshold"),
+    ([5.0, 4.0, 6.0, 2.0, 3.0], 4.0, -0.6, 3, "'below' means strictly below: turn 1 equals the threshold"),
+    ([-1.0, 2.0], 0.0, 3.0, 0, "turn 0 counts: turns are numbered from 0"),
+]
+
+
+def _regressed_turn_on_projection(values, got: float) -> bool:
+    n = len(values)
+    xm, ym = (n - 1) / 2, sum(values) / n
+    cov = sum((i - xm) * (v - ym) for i, v in enumerate(values))
+    var_y = sum((v - ym) ** 2 for v in values)
+    return var_y > 0 and math.isclose(got, cov / var_y, abs_tol=1e-5)
+
+
+@check("Exercise 4")
+def test_drift_summary(fn) -> None:
+    section = "Section 4, Exercise 4"
+    for values, threshold, slope, first, meaning in DRIFT_CASES:
+        got = _call(f"drift_summary({values}, threshold={threshold})", section, "", fn, torch.tensor(values), threshold)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            _fail(f"Return a tuple (slope, first_below); got {_short(got)}.", section)
+        g_slope, g_first = got
+        try:
+            g_slope = float(g_slope)
+        except (TypeError, ValueError):
+            _fail(f"The slope should be a number; got {_short(got[0])}.", section)
+        if not math.isclose(g_slope, slope, abs_tol=1e-5):
+            hint = ""
+            if math.isclose(g_slope, (values[-1] - values[0]) / max(len(values) - 1, 1), abs_tol=1e-5):
+                hint = " That is (last - first) / (n - 1): fit a least-squares line through every turn instead."
+            elif _regressed_turn_on_projection(values, g_slope):
+                hint = " You regressed turn on projection: the slope is d(projection) / d(turn)."
+            _fail(f"For projections {values}: slope {g_slope:.6g}, expected {slope:g} ({meaning}).{hint}", section)
+        if first is None:
+            if g_first is not None:
+                hint = " Return None, not -1 or a length, when no turn is below." if g_first in (-1, len(values)) else ""
+                _fail(f"For projections {values} and threshold {threshold}: no turn is below the threshold, so "
+                      f"first_below should be None; got {g_first!r}.{hint}", section)
+            continue
+        if isinstance(g_first, bool) or not isinstance(g_first, int):
+            try:
+                ok = int(g_first) == g_first and not isinstance(g_first, (bool, float))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                _fail(f"first_below should be an int turn index (or None); got {_short(g_first)}.", section)
+        if int(g_first) != first:
+            hint = ""
+            if int(g_first) == first + 1:
+                hint = " Number turns from 0 (the first assistant turn is turn 0)."
+            elif values[int(g_first)] == threshold if 0 <= int(g_first) < len(values) else False:
+                hint = " A turn exactly at the threshold is not below it: use <, not <=."
+            _fail(f"For projections {values} and threshold {threshold}: first_below {g_first!r}, expected {first} "
+                  f"({meaning}).{hint}", section)
+    _passed("test_drift_summary")
+
+
+# ==================================================================================================
+# Exercise 5: a steering hook
+# ==================================================================================================
+
+STEER_LAYER = 2
+
+
+def _steer_vector() -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(64, generator=g)
+    return 6.0 * v / v.norm()
+
+
+def _steer_ids(tokenizer) -> torch.Tensor:
+    from utils.conversation import render
+
+    text = render([{"role": "user", "content": "Tell me who you are, in one sentence."}], tokenizer,
+                  add_generation_prompt=True)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+class _TupleBlock(torch.nn.Module):
+    """A block that returns a tuple, as decoder layers do in transformers 4.x."""
+
+    def __init__(self):
+        super().__init__()
+        self.extra = torch.ones(1)
+
+    def forward(self, h):
+        return h * 2.0, self.extra
+
+
+class _TupleModel(torch.nn.Module):
+    """The minimal shape of a *ForCausalLM for hooks: ``model.model.layers`` and ``config.hidden_size``."""
+
+    def __init__(self, d_model: int = 64):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList([_TupleBlock() for _ in range(4)])
+        self.config = SimpleNamespace(hidden_size=d_model, num_hidden_layers=4)
+
+
+@lru_cache(maxsize=1)
+def tiny_gemma2_bf16():
+    model, tok = tiny_gemma2()
+    return copy.deepcopy(model).to(torch.bfloat16), tok
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+def _greedy(model, ids, n: int = 6):
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                             temperature=None, top_p=None, top_k=None)
+    return out.sequences[0, ids.shape[1]:], torch.stack(out.scores).float()
+
+
+def _enter(fn, what, section, *args, **kwargs):
+    """The learner's context manager, entered; a function that is not a context manager fails clearly."""
+    cm = _call(what, section, "", fn, *args, **kwargs)
+    if not (hasattr(cm, "__enter__") and hasattr(cm, "__exit__")):
+        _fail(f"{what} returned {_short(cm)}, not a context manager. Decorate the generator with "
+              "@contextlib.contextmanager (or write a class with __enter__ and __exit__).", section)
+    return cm
+
+
+@check("Exercise 5")
+def test_add_steering(fn) -> None:
+    from utils.steering import steering
+
+    section = "Section 5, Exercise 5"
+    model, tok = tiny_gemma2()
+    ids = _steer_ids(tok)
+    vector = _steer_vector()
+    plain = _logits(model, ids)
+    with steering(model, {STEER_LAYER: vector}):
+        expected = _logits(model, ids)
+    before = _hook_counts(model)
+    cm = _enter(fn, "add_steering(model, layer, vector)", section, model, STEER_LAYER, vector.clone())
+    try:
+        with cm:
+            got = _logits(model, ids)
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"A forward pass inside `with add_steering(model, {STEER_LAYER}, vector):` raised {type(exc).__name__}: "
+              f"{_clip(str(exc))}. In transformers 5.x a block returns a tensor; in 4.x a tuple whose first element "
+              "is the hidden state: handle both.", section, exc)
+    if _left_behind(model, before):
+        _fail("After the with-block the model still has hooks registered: remove them on exit (handle.remove() in a "
+              "`finally`).", section)
+    if torch.allclose(got, plain, atol=1e-6):
+        _fail("The logits inside the with-block equal the unsteered ones: your hook changed nothing. Return the "
+              "modified output from the hook (or change it in place).", section)
+    if not torch.allclose(got, expected, atol=ATOL, rtol=1e-4):
+        _fail(f"Steered logits differ from the course's reference (utils.steering.steering): max |diff| "
+              f"{(got - expected).abs().max():.4g}.{_steer_hint(model, ids, vector, got)}", section)
+    # An exception inside the block: the hooks go, and the exception is not swallowed.
+    before = _hook_counts(model)
+    cm = _enter(fn, "add_steering(model, layer, vector)", section, model, STEER_LAYER, vector.clone())
+    try:
+        with cm:
+            raise _Boom()
+    except _Boom:
+        pass
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"An exception raised inside the with-block came out as {type(exc).__name__}: {_clip(str(exc))}. Let "
+              "it propagate unchanged.", section, exc)
+    else:
+        _fail("An exception raised inside the with-block was swallowed: let it propagate (do not catch it in the "
+              "context manager; use try/finally).", section)
+    if _left_behind(model, before):
+        _fail("After an exception inside the with-block the hook was still registered: remove it in a `finally` "
+              "block, so that an error in the notebook never leaves the model steered.", section)
+    # bf16
+    model16, _ = tiny_gemma2_bf16()
+    with steering(model16, {STEER_LAYER: vector}):
+        expected16 = _logits(model16, ids)
+    try:
+        with _enter(fn, "add_steering on a bf16 model", section, model16, STEER_LAYER, vector.clone()):
+            with torch.inference_mode():
+                out16 = model16(input_ids=ids).logits
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"On a bfloat16 copy of the model, a forward pass inside add_steering raised {type(exc).__name__}: "
+              f"{_clip(str(exc))}. Cast the vector to the hidden state's dtype and device in the hook "
+              "(vector.to(h.dtype), h.device).", section, exc)
+    if out16.dtype != torch.bfloat16:
+        _fail(f"On a bfloat16 model the logits came out as {out16.dtype}: your hook returned a float32 hidden state. "
+              "Cast the vector to the hidden state's dtype (vector.to(h.dtype)).", section)
+    if not torch.allclose(out16.float(), expected16, atol=0.05, rtol=0.02):
+        _fail(f"On a bfloat16 copy of the model the steered logits differ from the reference by "
+              f"{(out16.float() - expected16).abs().max():.3g}.", section)
+    # A block that returns a tuple (transformers 4.x).
+    fake = _TupleModel()
+    x = torch.randn(1, 3, 64)
+    extra = fake.model.layers[STEER_LAYER].extra
+    try:
+        with _enter(fn, "add_steering on a block that returns a tuple", section, fake, STEER_LAYER, vector.clone()):
+            out = fake.model.layers[STEER_LAYER](x)
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"On a block that returns a tuple (as in transformers 4.x) your hook raised {type(exc).__name__}: "
+              f"{_clip(str(exc))}. Use h = output[0] if isinstance(output, tuple) else output, and return "
+              "(new_h, *output[1:]) for a tuple.", section, exc)
+    if not (isinstance(out, tuple) and len(out) == 2 and out[1] is extra):
+        _fail(f"On a block that returns a tuple (hidden, extra), the output became {_short(out)}: return a tuple of "
+              "the same length, the changed hidden state first and the rest unchanged.", section)
+    if not torch.allclose(out[0], x * 2.0 + vector, atol=1e-5):
+        _fail("On a block that returns a tuple, the first element is not the block's hidden state plus the vector.",
+              section)
+    # Generated tokens only.
+    ref_tokens, ref_scores = None, None
+    with steering(model, {STEER_LAYER: 3 * vector}, positions="generated"):
+        ref_tokens, ref_scores = _greedy(model, ids)
+    with steering(model, {STEER_LAYER: 3 * vector}, positions="all"):
+        all_tokens, all_scores = _greedy(model, ids)
+    with _enter(fn, "add_steering(..., positions='generated')", section, model, STEER_LAYER, 3 * vector,
+                positions="generated"):
+        got_tokens, got_scores = _call("model.generate inside add_steering(..., positions='generated')", section,
+                                       "", _greedy, model, ids)
+    if got_scores.shape == ref_scores.shape and torch.allclose(got_scores, ref_scores, atol=1e-3, rtol=1e-3):
+        pass
+    elif got_scores.shape == all_scores.shape and torch.allclose(got_scores, all_scores, atol=1e-3, rtol=1e-3):
+        _fail("With positions='generated' you steered the prompt's positions too (the result equals "
+              "positions='all'). Leave the prompt's pass alone: steer only the passes that generate new tokens "
+              "(with a KV cache, those process one new position each).", section)
+    else:
+        _fail(f"With positions='generated' the generation's scores differ from the reference's "
+              f"(utils.steering.steering(..., positions='generated')); tokens {got_tokens.tolist()} vs "
+              f"{ref_tokens.tolist()}. The prompt's forward pass (prefill) must be unchanged, including its last "
+              "position; every later pass (one new token each) is steered.", section)
+    _passed("test_add_steering")
+
+
+def _steer_hint(model, ids, vector, got) -> str:
+    from utils.steering import steering
+
+    def logits_with(vectors):
+        with steering(model, vectors):
+            return _logits(model, ids)
+
+    def close(a):
+        return torch.allclose(got, a, atol=1e-3, rtol=1e-3)
+
+    if STEER_LAYER >= 1 and close(logits_with({STEER_LAYER - 1: vector})):
+        return (f" That is the result of changing block {STEER_LAYER}'s INPUT (= block {STEER_LAYER - 1}'s output): "
+                "register a forward hook (not a pre-hook) on model.model.layers[layer], or check the layer index.")
+    if STEER_LAYER + 1 < len(model.model.layers) and close(logits_with({STEER_LAYER + 1: vector})):
+        return f" That is steering at layer {STEER_LAYER + 1}: hook model.model.layers[layer] itself."
+    if close(logits_with({STEER_LAYER: vector / vector.norm()})):
+        return " You normalised the vector: add it as given (the caller has already scaled it)."
+    if close(logits_with({STEER_LAYER: -vector})):
+        return " You subtracted the vector: add it."
+    return " Add the vector to the block's output at every position, and return the changed output."
+
+
+# ==================================================================================================
+# Exercise 6: steering vectors in units of the spread
+# ==================================================================================================
+
+def steering_case() -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    g = torch.Generator().manual_seed(21)
+    axis = 4.0 * torch.randn(32, generator=g)
+    projections = 10.0 + 3.0 * torch.randn(9, generator=g)
+    return axis, projections, [-2.0, -0.5, 0.0, 1.0, 3.0]
+
+
+@check("Exercise 6")
+def test_steering_vectors(fn) -> None:
+    section = "Section 5, Exercise 6"
+    axis, projections, multiples = steering_case()
+    got = _call("steering_vectors(axis, projections, multiples)", section, "", fn, axis.clone(), projections.clone(),
+                list(multiples))
+    expected = fixture("steering_vectors")
+    if not isinstance(got, torch.Tensor):
+        _fail(f"Return a tensor [n_multiples, d_model]; got {_short(got)}.", section)
+    if tuple(got.shape) != tuple(expected.shape):
+        _fail(f"Expected shape {tuple(expected.shape)} (one row per multiple); got {tuple(got.shape)}.", section)
+    if got.dtype != torch.float32:
+        _fail(f"Return float32; got {got.dtype}.", section)
+    if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+        hint = ""
+        for name, text in (("steering_vectors_population_std",
+                            " You used the population standard deviation (numpy's default ddof=0); use the sample "
+                            "standard deviation, torch.std's default (ddof=1)."),
+                           ("steering_vectors_variance", " You used the variance: the spread is the standard "
+                                                         "deviation."),
+                           ("steering_vectors_raw_axis", " Normalise the axis first: a coefficient times the UNIT "
+                                                         "axis."),
+                           ("steering_vectors_mean", " The unit is the spread (standard deviation) of the "
+                                                     "projections, not their mean.")):
+            if torch.allclose(got, fixture(name), atol=1e-4, rtol=1e-4):
+                hint = text
+                break
+        _fail(f"Expected {_short(expected)}\n  got {_short(got)}.{hint}", section)
+    _passed("test_steering_vectors")
+
+
+# ==================================================================================================
+# Exercise 7: activation capping
+# ==================================================================================================
+
+CAP_LAYERS = [2, 4]
+
+
+def _cap_case(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
+    g = torch.Generator().manual_seed(3)
+    h = 2.0 * torch.randn(3, 5, 64, generator=g) + 0.3
+    a = torch.randn(64, generator=g)
+    a = a / a.norm()
+    p = (h.to(dtype).float() @ a).flatten().sort().values
+    mid = len(p) // 2
+    tau = float((p[mid - 1] + p[mid]) / 2)  # between two projections, so no position sits exactly at tau
+    return h.to(dtype), a, tau
+
+
+@check("Exercise 7 (cap_activations)")
+def test_cap_activations(fn) -> None:
+    from utils.steering import cap_activations
+
+    section = "Section 6, Exercise 7"
+    for dtype in (torch.float32, torch.bfloat16):
+        h, a, tau = _cap_case(dtype)
+        given = h.clone()
+        got = _call(f"cap_activations(h, unit_axis, tau) with {dtype} activations", section, "", fn, given, a.clone(),
+                    tau)
+        if not torch.equal(given, h):
+            _fail("cap_activations changed its input h in place; return a new tensor.", section)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(h.shape):
+            _fail(f"Return a tensor shaped like h {tuple(h.shape)}; got {_short(got)}.", section)
+        if got.dtype != dtype:
+            _fail(f"For {dtype} activations you returned {got.dtype}: return h's dtype (compute the projection in "
+                  "float32, then cast the result back).", section)
+        proj = h.float() @ a
+        below, above = proj < tau, proj >= tau
+        new_proj = got.float() @ a
+        expected = cap_activations(h, a, tau)
+        above_same = torch.equal(got[above], h[above])
+        below_same = torch.equal(got[below], h[below])
+        if below_same and not above_same:
+            _fail("You changed the activations ABOVE the threshold and left those below it alone: that caps from "
+                  "above (a ceiling). The floor form lifts activations whose projection is below tau: "
+                  "h + max(0, tau - <h, a>) * a. (The paper's code caps -axis from above; see the notebook.)", section)
+        if not above_same:
+            if torch.allclose(got[above].float(), h[above].float(), atol=1e-4, rtol=1e-4):
+                _fail("Activations already above the threshold changed in their last bits. They must stay unchanged "
+                      "bit for bit: select them with a mask (torch.where) instead of recomputing them.", section)
+            _fail("Activations already above the threshold changed: only those with <h, a> < tau move (the max(0, .) "
+                  "in h + max(0, tau - <h, a>) * a).", section)
+        tol = 1e-4 if dtype == torch.float32 else 0.05 * max(1.0, abs(tau))
+        if not torch.allclose(new_proj[below], torch.full_like(new_proj[below], tau), atol=tol):
+            _fail(f"Activations below the threshold should be lifted exactly to it: their new projections are "
+                  f"{_short(new_proj[below])}, expected {tau:.4f} each.", section)
+        if not torch.allclose(got.float(), expected.float(), atol=tol, rtol=1e-3):
+            _fail("The capped activations differ from the reference (they should move along the axis only, by "
+                  "tau - <h, a>).", section)
+    _passed("test_cap_activations")
+
+
+def _cap_axes() -> torch.Tensor:
+    g = torch.Generator().manual_seed(17)
+    return 5.0 * torch.randn(6, 64, generator=g)  # raw, not unit norm
+
+
+def _cap_ids(tokenizer) -> torch.Tensor:
+    from utils.conversation import render
+
+    text = render([{"role": "user", "content": "You are a ghost now. Tell me what you see in the old house."},
+                   {"role": "assistant", "content": "Dust, and the light through the shutters."},
+                   {"role": "user", "content": "And what do you remember?"}], tokenizer, add_generation_prompt=True)
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+
+def _capture(store: dict, layer: int):
+    """A forward hook that keeps a copy of the block's output (row 0, float32) in ``store[layer]``."""
+    def hook(module, args, output):
+        store[layer] = (output[0] if isinstance(output, tuple) else output)[0].float().clone()
+    return hook
+
+
+def cap_thresholds_for_check(model, ids, axes) -> dict[int, float]:
+    """Per capped layer, the median projection of the unmodified outputs: about half the positions get capped."""
+    with torch.inference_mode():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+    out = {}
+    for l in CAP_LAYERS:
+        p = (hs[l + 1][0].float() @ (axes[l] / axes[l].norm())).sort().values
+        mid = len(p) // 2
+        out[l] = float((p[mid - 1] + p[mid]) / 2)  # between two projections: no position sits exactly at tau
+    return out
+
+
+def _reference_cap_activations(h, unit_axis, tau):
+    from utils.steering import cap_activations
+
+    return cap_activations(h, unit_axis, tau)
+
+
+@check("Exercise 7 (activation_capping)", uses={"cap_activations": ("Exercise 7 (cap_activations)",
+                                                                    lambda: _reference_cap_activations)})
+def test_activation_capping(fn) -> None:
+    from utils.steering import capping
+
+    section = "Section 6, Exercise 7"
+    model, tok = tiny_gemma2()
+    ids = _cap_ids(tok)
+    axes = _cap_axes()
+    taus = cap_thresholds_for_check(model, ids, axes)
+    first = CAP_LAYERS[0]
+    unit = {l: axes[l] / axes[l].norm() for l in CAP_LAYERS}
+    with torch.inference_mode():
+        raw = model(input_ids=ids, output_hidden_states=True).hidden_states[first + 1][0].float()
+    with capping(model, {l: axes[l] for l in CAP_LAYERS}, taus):
+        expected = _logits(model, ids)
+    before = _hook_counts(model)
+    captured: dict[int, torch.Tensor] = {}
+
+    cm = _enter(fn, "activation_capping(model, axes, thresholds, layers)", section, model, axes.clone(), dict(taus),
+                list(CAP_LAYERS))
+    try:
+        with cm:
+            handles = [model.model.layers[l].register_forward_hook(_capture(captured, l)) for l in CAP_LAYERS]
+            try:
+                got = _logits(model, ids)
+            finally:
+                for h in handles:
+                    h.remove()
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"A forward pass inside activation_capping raised {type(exc).__name__}: {_clip(str(exc))}.", section, exc)
+    if _left_behind(model, before):
+        _fail("After the with-block the model still has hooks registered: remove every hook on exit (in a "
+              "`finally`).", section)
+    # The first capped layer: compare with the unmodified output, position by position.
+    out = captured.get(first)
+    if out is None:
+        _fail("No forward pass reached the capped layer.", section)
+    proj_raw = raw @ unit[first]
+    below = proj_raw < taus[first]
+    new_proj = out @ unit[first]
+    if torch.equal(out, raw):
+        _fail(f"Layer {first}'s output was not changed at all, though {int(below.sum())} of {len(below)} positions are "
+              "below its threshold. Return the capped output from the hook, and cap every position of the sequence (not "
+              "only the last).", section)
+    if not torch.equal(out[~below], raw[~below]):
+        if torch.equal(out[below], raw[below]):
+            _fail("You changed the positions ABOVE the threshold and left those below alone: that caps from above (a "
+                  "ceiling). Lift activations whose projection on the unit axis is below tau: "
+                  "h + max(0, tau - <h, a>) * a. (The paper's code caps along v = -axis from above; it is the same "
+                  "floor. See the notebook.)", section)
+        if torch.allclose(out[~below], raw[~below], atol=1e-4):
+            _fail("Positions already above the threshold changed in their last bits: they must stay unchanged bit "
+                  "for bit (select the capped positions with a mask, torch.where).", section)
+        _fail("Positions already above the threshold changed: only those below tau move.", section)
+    lifted = torch.isclose(new_proj[below], torch.full_like(new_proj[below], taus[first]), atol=1e-4)
+    if not bool(lifted.all()):
+        if bool(lifted[-1:].all()) and not bool(lifted[:-1].any()) and below[-1]:
+            _fail("Only the last position was capped: cap every position of the sequence (the formula applies to "
+                  "each token's activation).", section)
+        unnorm = raw[below] @ axes[first]
+        if torch.allclose(new_proj[below], proj_raw[below] + (taus[first] - unnorm).clamp(min=0) * axes[first].norm(),
+                          atol=1e-3, rtol=1e-3) or not torch.allclose(new_proj[below], proj_raw[below]):
+            if not torch.allclose(new_proj[below], torch.full_like(new_proj[below], taus[first]), atol=1e-2):
+                _fail(f"Positions below the threshold were not lifted exactly to it (projections on the unit axis "
+                      f"{_short(new_proj[below])}, expected {taus[first]:.4f}). Normalise each layer's axis: "
+                      "a = axes[l] / axes[l].norm().", section)
+        _fail("Positions below the threshold were not lifted exactly to it.", section)
+    for layer in CAP_LAYERS[1:]:
+        later = captured.get(layer)
+        if later is None or bool(((later @ unit[layer]) < taus[layer] - 1e-3).any()):
+            _fail(f"Layer {layer} is in `layers`, but some of its positions stay below its threshold: cap every layer "
+                  "in `layers`, each with its own axis axes[l] and threshold thresholds[l].", section)
+    if not torch.allclose(got, expected, atol=ATOL, rtol=1e-4):
+        _fail(f"The capped logits differ from the reference's (utils.steering.capping) by "
+              f"{(got - expected).abs().max():.4g}: cap exactly the layers in `layers`, each with axes[l] and "
+              "thresholds[l].", section)
+    # Hooks go on an exception too.
+    before = _hook_counts(model)
+    try:
+        with _enter(fn, "activation_capping", section, model, axes.clone(), dict(taus), list(CAP_LAYERS)):
+            raise _Boom()
+    except _Boom:
+        pass
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"An exception inside the with-block came out as {type(exc).__name__}: let it propagate.", section, exc)
+    else:
+        _fail("An exception raised inside the with-block was swallowed: let it propagate.", section)
+    if _left_behind(model, before):
+        _fail("After an exception inside the with-block hooks were still registered: remove them in a `finally`.",
+              section)
+    _passed("test_activation_capping")
+
+
+# ==================================================================================================
+# Exercise 8: the cost, as a KL divergence
+# ==================================================================================================
+
+def kl_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits with a wide range (like a real model's), [2, 3, 50]."""
+    g = torch.Generator().manual_seed(9)
+    p = 40.0 * torch.randn(2, 3, 50, generator=g)
+    q = p + 15.0 * torch.randn(2, 3, 50, generator=g)
+    return p, q
+
+
+@check("Exercise 8")
+def test_next_token_kl(fn) -> None:
+    section = "Section 7, Exercise 8"
+    # A literal case for the direction: P = (0.5, 0.5), Q = (0.9, 0.1).
+    p = torch.tensor([math.log(0.5), math.log(0.5)])
+    q = torch.tensor([math.log(0.9), math.log(0.1)])
+    got = _call("next_token_kl on two 2-token distributions", section, "", fn, p, q)
+    if not isinstance(got, torch.Tensor) or got.shape != ():
+        _fail(f"For logits of shape [2] (one position) return a 0-d tensor; got {_short(got)}. Sum over the "
+              "vocabulary (the last dimension) only.", section)
+    forward = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    backward = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    if math.isclose(float(got), backward, rel_tol=1e-4):
+        _fail(f"You computed KL(Q || P) = {backward:.4f}; the cost of capping is KL(P || Q) = "
+              f"sum_v P(v) (log P(v) - log Q(v)) = {forward:.4f}, with P the uncapped model. (F.kl_div(input, target) "
+              "computes KL(target || input): its first argument is the log-probabilities of Q.)", section)
+    if math.isclose(float(got), forward / 2, rel_tol=1e-4):
+        _fail(f"You averaged over the vocabulary (got {float(got):.4f} = KL / 2 for a 2-token vocabulary): sum over "
+              "it.", section)
+    if not math.isclose(float(got), forward, rel_tol=1e-4):
+        _fail(f"For P = (0.5, 0.5), Q = (0.9, 0.1) expected KL(P || Q) = {forward:.4f}; got {float(got):.4f}.", section)
+    lp, lq = kl_case()
+    expected = fixture("kl_expected")
+    for dtype in (torch.float32, torch.bfloat16):
+        got = _call(f"next_token_kl on [2, 3, 50] {dtype} logits", section, "", fn, lp.to(dtype), lq.to(dtype))
+        want = expected if dtype == torch.float32 else fixture("kl_expected_bf16_inputs")
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != (2, 3):
+            _fail(f"For logits [2, 3, 50] return the KL per position, shape [2, 3]; got {_short(got)}. Sum over the "
+                  "vocabulary only (reduction='none' then .sum(-1), not 'batchmean').", section)
+        if not bool(torch.isfinite(got).all()):
+            _fail("Your KL has inf or NaN values: softmax then log underflows to log(0) for logits this far apart. Use "
+                  "log_softmax (in float32).", section)
+        if got.dtype != torch.float32:
+            _fail(f"Return float32; got {got.dtype}. Convert the logits to float32 before log_softmax.", section)
+        if not torch.allclose(got, want, atol=1e-3, rtol=1e-3):
+            hint = ""
+            if torch.allclose(got, want / lp.shape[-1], atol=1e-3, rtol=1e-3):
+                hint = " You averaged over the vocabulary: sum over it."
+            elif dtype == torch.bfloat16:
+                hint = " For bf16 logits, convert to float32 BEFORE log_softmax: bf16 keeps only ~3 significant digits."
+            _fail(f"For {dtype} logits: expected {_short(want)}\n  got {_short(got)}.{hint}", section)
+        if bool((got < -1e-4).any()):
+            _fail("A KL divergence is never negative.", section)
+    _passed("test_next_token_kl")

@@ -1,0 +1,65 @@
+"""The chat panel (utils/chat_panel.py), driven from code without a browser, on tiny-gemma2."""
+
+import pytest
+import torch
+
+from utils.activations import decoder_layers, extract_mean_activations
+from utils.chat_panel import ChatPanel
+
+
+def _hooks(model) -> int:
+    return sum(len(block._forward_hooks) for block in decoder_layers(model))
+
+
+def test_panel_sends_with_and_without_capping(tiny):
+    import ipywidgets as widgets
+
+    model, tok = tiny
+    g = torch.Generator().manual_seed(0)
+    axis = torch.randn(model.config.hidden_size, generator=g)
+    panel = ChatPanel(model, tok, axis, 3, cap_axes={3: axis, 4: axis}, cap_thresholds={3: 0.5, 4: 0.0},
+                      system_prompt="You are helpful.", max_new_tokens=6)
+    assert isinstance(panel.widget, widgets.Widget)
+    assert panel.threshold == 0.5 and len(panel.figure.layout.shapes) == 1  # the threshold line
+    before = _hooks(model)
+
+    first = panel.send("Hello there!")
+    assert isinstance(first, str) and first
+    assert _hooks(model) == before
+    panel.cap_toggle.value = True
+    second = panel.send("Tell me about yourself.")
+    assert _hooks(model) == before  # capping hooks removed after the reply
+
+    assert [m["role"] for m in panel.history] == ["system", "user", "assistant", "user", "assistant"]
+    assert panel.history[2]["content"] == first and panel.history[4]["content"] == second
+    assert panel.capped_flags == [False, True]
+    trace = panel.figure.data[0]
+    assert list(trace.x) == [1, 2] and len(trace.y) == 2  # one point per reply
+    # The plotted value is the mean over the reply's tokens at the layer, on the unit axis.
+    expected = extract_mean_activations(model, tok, [panel.history[:3]], 3, progress=False)[0] @ (axis / axis.norm())
+    assert trace.y[0] == pytest.approx(float(expected), abs=1e-5)
+    assert "capped" in panel.conversation_view.value
+
+    # The Send button drives the same path, and errors land in the status line.
+    panel.text.value = "One more."
+    panel.send_button.click()
+    assert len(panel.figure.data[0].y) == 3 and panel.text.value == ""
+    panel.text.value = "   "
+    panel.send_button.click()
+    assert "empty" in panel.status.value and len(panel.history) == 7
+
+    panel.reset()
+    assert panel.history == [{"role": "system", "content": "You are helpful."}] and len(panel.figure.data[0].y) == 0
+
+
+def test_panel_without_capping_disables_the_toggle(tiny):
+    model, tok = tiny
+    axis = torch.ones(model.config.hidden_size)
+    panel = ChatPanel(model, tok, axis, 2, max_new_tokens=4)
+    assert panel.cap_toggle.disabled and panel.threshold is None and len(panel.figure.layout.shapes) == 0
+    panel.send("Hi")
+    assert len(panel.projections) == 1
+    with pytest.raises(ValueError, match="both cap_axes and cap_thresholds"):
+        ChatPanel(model, tok, axis, 2, cap_axes={2: axis})
+    with pytest.raises(ValueError, match=r"\[d_model\]"):
+        ChatPanel(model, tok, axis[:3], 2)
