@@ -63,3 +63,16 @@ def test_panel_without_capping_disables_the_toggle(tiny):
         ChatPanel(model, tok, axis, 2, cap_axes={2: axis})
     with pytest.raises(ValueError, match=r"\[d_model\]"):
         ChatPanel(model, tok, axis[:3], 2)
+
+
+def test_the_live_plot_is_an_svg_with_one_point_per_reply_and_the_threshold(panel_factory=None):
+    """The panel draws its plot as inline SVG in an HTML widget (no Output widget: headless runs hung on it)."""
+    from utils.chat_panel import ChatPanel
+
+    panel = ChatPanel.__new__(ChatPanel)
+    panel.layer, panel.threshold = 3, 0.5
+    panel.projections, panel.capped_flags = [1.0, 0.2, 0.7], [False, True, False]
+    svg = panel._svg()
+    assert svg.count("<circle") == 3 and "capping threshold 0.5" in svg and "stroke-dasharray" in svg
+    panel.projections, panel.capped_flags = [], []
+    assert "No replies yet" in panel._svg()

@@ -116,11 +116,13 @@ class ChatPanel:
         self.reset_button = widgets.Button(description="Reset")
         self.status = widgets.HTML(value=self._status_text())
         self.conversation_view = widgets.HTML(layout=widgets.Layout(width="50%", max_height="480px", overflow="auto"))
-        self.plot_output = widgets.Output(layout=widgets.Layout(width="50%"))
+        # The live plot is an inline SVG in an HTML widget, redrawn after each reply. (An ``Output`` widget
+        # that re-displays a plotly figure made headless runs hang: nbclient waits on its captured output.)
+        self.plot_view = widgets.HTML(layout=widgets.Layout(width="50%"))
         self.widget = widgets.VBox([
             widgets.HBox([self.text, self.send_button, self.cap_toggle, self.reset_button]),
             self.status,
-            widgets.HBox([self.conversation_view, self.plot_output]),
+            widgets.HBox([self.conversation_view, self.plot_view]),
         ])
         self.send_button.on_click(self._on_send)
         self.reset_button.on_click(lambda _button: self.reset())
@@ -240,17 +242,52 @@ class ChatPanel:
             parts.append(f"<div style='margin:4px 0'><b style='color:{colour}'>{html.escape(role)}</b>: "
                          f"<span style='white-space:pre-wrap'>{html.escape(m['content'])}</span></div>")
         self.conversation_view.value = "".join(parts) or "<i>No messages yet.</i>"
-        try:
-            from IPython import get_ipython
-        except ImportError:  # pragma: no cover - IPython comes with ipywidgets
-            return
-        if get_ipython() is None:  # not in a notebook: nothing to draw into
-            return
-        from IPython.display import clear_output, display
+        self.plot_view.value = self._svg()
 
-        with self.plot_output:
-            clear_output(wait=True)
-            display(self.figure)
+    def _svg(self, width: int = 420, height: int = 300) -> str:
+        """The projections so far as a small SVG line chart (the same data as :attr:`figure`)."""
+        pad_l, pad_r, pad_t, pad_b = 56, 12, 34, 36
+        title = f"<text x='{pad_l}' y='18' font-size='13'>Each reply's projection (layer {self.layer})</text>"
+        values = list(self.projections) + ([self.threshold] if self.threshold is not None else [])
+        if not self.projections:
+            return (f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg' "
+                    f"font-family='sans-serif'>{title}<text x='{pad_l}' y='{height // 2}' font-size='12' "
+                    "fill='#777'>No replies yet.</text></svg>")
+        lo, hi = min(values), max(values)
+        if hi - lo < 1e-9:
+            lo, hi = lo - 1.0, hi + 1.0
+        lo, hi = lo - 0.08 * (hi - lo), hi + 0.08 * (hi - lo)
+        n = len(self.projections)
+
+        def x(i: int) -> float:
+            return pad_l + (width - pad_l - pad_r) * (i / max(n - 1, 1) if n > 1 else 0.5)
+
+        def y(v: float) -> float:
+            return pad_t + (height - pad_t - pad_b) * (hi - v) / (hi - lo)
+
+        parts = [f"<svg width='{width}' height='{height}' xmlns='http://www.w3.org/2000/svg' font-family='sans-serif'>",
+                 title,
+                 f"<line x1='{pad_l}' y1='{pad_t}' x2='{pad_l}' y2='{height - pad_b}' stroke='#444'/>",
+                 f"<line x1='{pad_l}' y1='{height - pad_b}' x2='{width - pad_r}' y2='{height - pad_b}' stroke='#444'/>",
+                 f"<text x='4' y='{pad_t + 4}' font-size='11'>{hi:.3g}</text>",
+                 f"<text x='4' y='{height - pad_b}' font-size='11'>{lo:.3g}</text>",
+                 f"<text x='{width // 2 - 16}' y='{height - 8}' font-size='11'>reply</text>"]
+        if self.threshold is not None:
+            ty = y(self.threshold)
+            parts.append(f"<line x1='{pad_l}' y1='{ty:.1f}' x2='{width - pad_r}' y2='{ty:.1f}' stroke='#555' "
+                         f"stroke-dasharray='6 4'/><text x='{width - pad_r - 130}' y='{ty - 4:.1f}' font-size='11' "
+                         f"fill='#555'>capping threshold {self.threshold:.3g}</text>")
+        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(self.projections))
+        parts.append(f"<polyline points='{points}' fill='none' stroke='#999' stroke-width='2'/>")
+        for i, (v, capped) in enumerate(zip(self.projections, self.capped_flags)):
+            colour = _CAPPED if capped else _UNCAPPED
+            parts.append(f"<circle cx='{x(i):.1f}' cy='{y(v):.1f}' r='5' fill='{colour}'>"
+                         f"<title>reply {i + 1}: {v:.3f} ({'capped' if capped else 'uncapped'})</title></circle>")
+            parts.append(f"<text x='{x(i) - 3:.1f}' y='{height - pad_b + 14}' font-size='10'>{i + 1}</text>")
+        parts.append("</svg>")
+        legend = (f"<div style='font-size:11px'><span style='color:{_UNCAPPED}'>&#9679;</span> uncapped &nbsp; "
+                  f"<span style='color:{_CAPPED}'>&#9679;</span> capped</div>")
+        return "".join(parts) + legend
 
     def _ipython_display_(self):  # displaying the panel shows its widget
         from IPython.display import display
