@@ -9,8 +9,9 @@ Stages, as in the paper's pipeline:
    default vector over all default responses;
 5. **axis**: mean(default) - mean(roles).
 
-Everything is cached under ``--cache-dir`` (default ``.cache/pipeline/<model>/``), keyed by model,
-persona, prompt index and question index. Stop a run at any point (Ctrl-C, a crash, a killed
+Everything is cached under ``--cache-dir`` (default ``.cache/pipeline/<model>/gen-<tag>/``), keyed by
+model, the generation settings (``<tag>``: backend, max tokens, temperature, top-p, seed, and locally
+the generation dtype, sampler version and chunk size), persona, prompt index and question index. Stop a run at any point (Ctrl-C, a crash, a killed
 machine) and run the same command again: finished work is read back, only the rest is done, and the
 results are identical to an uninterrupted run. Local generation and extraction work in fixed chunks
 with fixed seeds, so a chunk redone after a crash gives the same text and numbers.
@@ -197,6 +198,20 @@ def _chunk_seed(seed: int, keys: list[str]) -> int:
     return seed + int(hashlib.sha256("\n".join(keys).encode()).hexdigest()[:8], 16)
 
 
+def _generation_key(cfg: Config, model=None) -> str:
+    """A tag for every setting that changes the generated text, so a change never mixes results in the cache."""
+    from utils.generation import SAMPLER_VERSION, choose_generation_dtype, settings_key
+
+    settings = {"backend": cfg.backend, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "seed": cfg.seed}
+    if cfg.backend == "local":
+        device = model.get_input_embeddings().weight.device if model is not None else None
+        settings.update(dtype=choose_generation_dtype(device).name, sampler=SAMPLER_VERSION, chunk_size=cfg.chunk_size)
+    else:
+        settings["generation_model"] = cfg.generation_model or cfg.model
+    return settings_key(settings)
+
+
 class Pipeline:
     """Holds a run's configuration, caches and (lazily) the model and clients."""
 
@@ -205,7 +220,7 @@ class Pipeline:
         self.cfg, self.progress = cfg, progress
         self._model, self._tokenizer = model, tokenizer
         self._generation_client, self._judge_client = generation_client, judge_client
-        self.cache = cfg.cache_dir / _slug(cfg.model)
+        self.cache = cfg.cache_dir / _slug(cfg.model) / f"gen-{_generation_key(cfg, model)}"
         self.out = cfg.out_dir / _slug(cfg.model)
         self.responses = JsonlStore(self.cache / "responses.jsonl")
         self.judgements = JsonlStore(self.cache / "judgements.jsonl")
