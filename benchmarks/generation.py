@@ -168,7 +168,7 @@ def run_worker(variant: str, args, out_path: str) -> None:
     from utils.generation import choose_generation_dtype, generation_model, parameter_bytes
     from utils.models import load_model
 
-    torch.set_num_threads(NUM_THREADS)
+    torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(args.model)
     for param in model.parameters():  # page in the memory-mapped float32 weights, so RSS counts them
@@ -187,6 +187,7 @@ def run_worker(variant: str, args, out_path: str) -> None:
     run_variant(variant, gen, tokenizer, conversations, 4)  # warm-up
     rss_loaded = rss_bytes()
     times, replies = [], None
+    cpu0 = sum(os.times()[:2])
     with ForeignLoad() as load:
         for r in range(args.repeats):
             if r == 0:
@@ -198,6 +199,7 @@ def run_worker(variant: str, args, out_path: str) -> None:
                 t0 = time.perf_counter()
                 run_variant(variant, gen, tokenizer, conversations, args.new_tokens)
                 times.append(time.perf_counter() - t0)
+    cpu_seconds = (sum(os.times()[:2]) - cpu0) / args.repeats
     prof = profile_table(variant, gen, tokenizer, conversations, args.profile_tokens)
     from utils.conversation import render
 
@@ -208,7 +210,7 @@ def run_worker(variant: str, args, out_path: str) -> None:
     flops = matmul_flops(gen, prompt_lengths, reply_lengths)
     Path(out_path).write_text(json.dumps({
         "variant": variant, "dtype": str(dtype).removeprefix("torch."), "reason": reason,
-        "seconds": min(times), "times": times, "foreign_cores": load.cores,
+        "seconds": min(times), "times": times, "foreign_cores": load.cores, "cpu_seconds": cpu_seconds,
         "new_tokens": sum(reply_lengths), "rows_stopped_early": sum(n < args.new_tokens for n in reply_lengths),
         "prompt_width": max(prompt_lengths), "rss_f32_model": rss_f32, "rss_loaded": rss_loaded,
         "rss_peak": mem.peak, "generation_weights_bytes": parameter_bytes(gen),
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant; the best counts")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=NUM_THREADS, help="torch threads (the demo machine has 2)")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -238,14 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     print(f"model {args.model}: {args.n} demo requests, {args.new_tokens} new tokens, temperature {TEMPERATURE}, "
-          f"top-p {TOP_P}; torch {torch.__version__}, {NUM_THREADS} threads", flush=True)
+          f"top-p {TOP_P}; torch {torch.__version__}, {args.threads} threads", flush=True)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
             out = str(Path(tmp) / variant)
             cmd = [sys.executable, "-m", "benchmarks.generation", "--worker", variant, "--model", args.model,
                    "--n", str(args.n), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
-                   "--profile-tokens", str(args.profile_tokens), "--out", out]
+                   "--profile-tokens", str(args.profile_tokens), "--threads", str(args.threads), "--out", out]
             proc = subprocess.run(cmd, cwd=PROJECT_ROOT, env=dict(os.environ, TQDM_DISABLE="1"),
                                   capture_output=True, text=True)
             if proc.returncode != 0:
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     mib = 2 ** 20
     base = results["f32_generate"]
     print(f"\n{'variant':<18}{'dtype':>9}{'best s':>8}{'new tok':>9}{'tok/s':>8}{'ratio':>7}{'limit s':>9}"
-          f"{'of limit':>9}{'weights':>10}{'RSS':>9}{'peak':>9}{'other load':>12}")
+          f"{'of limit':>9}{'weights':>10}{'RSS':>9}{'peak':>9}{'CPU s':>8}{'other load':>12}")
     for v in variants:
         r = results[v]
         r["tokens_per_s"] = r["new_tokens"] / r["seconds"]
@@ -265,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{LABELS[v]:<18}{r['dtype']:>9}{r['seconds']:>8.2f}{r['new_tokens']:>9}{r['tokens_per_s']:>8.0f}"
               f"{base['seconds'] / r['seconds']:>6.2f}x{r['compute_limit_s']:>9.2f}"
               f"{r['compute_limit_s'] / r['seconds']:>9.0%}{r['generation_weights_bytes'] / mib:>7.0f}MiB"
-              f"{r['rss_loaded'] / mib:>6.0f}MiB{r['rss_peak'] / mib:>6.0f}MiB{other:>12}")
+              f"{r['rss_loaded'] / mib:>6.0f}MiB{r['rss_peak'] / mib:>6.0f}MiB{r['cpu_seconds']:>8.1f}{other:>12}")
+    print("  CPU s = this process's CPU time per timed run (all threads); other load = cores other processes kept "
+          "busy meanwhile: well above 0 means contended, unreliable timings (rerun on a quiet machine).")
     print("  RSS = after loading the float32 model, making the generation copy (if any) and a warm-up; "
           "peak = during the first timed run.")
     for v in variants:
@@ -298,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_mib": {v: round(results[v]["rss_peak"] / mib, 1) for v in variants},
         "rss_after_load_mib": {v: round(results[v]["rss_loaded"] / mib, 1) for v in variants},
         "generation_weights_mib": {v: round(results[v]["generation_weights_bytes"] / mib, 1) for v in variants},
+        "cpu_seconds": {v: round(results[v]["cpu_seconds"], 2) for v in variants},
         "other_load_cores": {v: results[v]["foreign_cores"] for v in variants},
-        "repeats": args.repeats,
+        "repeats": args.repeats, "threads": args.threads,
     }
     if "bf16_generate" in results:
         summary["speedup_bf16_generate_vs_f32_generate"] = round(base["seconds"] / results["bf16_generate"]["seconds"], 3)
