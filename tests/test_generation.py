@@ -159,17 +159,17 @@ def test_sampler_greedy_and_seeds():
 def test_greedy_equals_hf_generate_in_the_same_dtype(tiny, dtype):
     model, tok = tiny
     gen = generation_model(model, dtype)
-    ours = generate(gen, tok, CONVS, max_new_tokens=12, temperature=0)
-    theirs = hf_generate_batch(gen, tok, CONVS, max_new_tokens=12, temperature=0)
+    ours = generate(gen, tok, CONVS, max_new_tokens=8, temperature=0)
+    theirs = hf_generate_batch(gen, tok, CONVS, max_new_tokens=8, temperature=0)
     assert ours == theirs
     assert len(set(ours)) > 1 and all(ours)
 
 def test_same_seed_same_text(tiny):
     model, tok = tiny
     gen = generation_model(model, torch.bfloat16)
-    a = generate(gen, tok, CONVS, max_new_tokens=10, seed=5)
-    assert generate(gen, tok, CONVS, max_new_tokens=10, seed=5) == a
-    assert generate(gen, tok, CONVS, max_new_tokens=10, seed=6) != a
+    a = generate(gen, tok, CONVS, max_new_tokens=6, seed=5)
+    assert generate(gen, tok, CONVS, max_new_tokens=6, seed=5) == a
+    assert generate(gen, tok, CONVS, max_new_tokens=6, seed=6) != a
 
 def test_rows_that_stop_leave_the_batch_and_the_rest_continue(tiny):
     model, tok = tiny
