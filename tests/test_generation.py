@@ -205,3 +205,14 @@ def test_runner_cache_key_carries_the_generation_settings(tmp_path, monkeypatch)
     other = "float32" if choose_generation_dtype().dtype != torch.float32 else "bfloat16"
     monkeypatch.setenv(generation.DTYPE_ENV, other)
     assert _generation_key(Config(**base)) != key, "the generation dtype is not in the cache key"
+
+
+def test_runner_never_mixes_records_from_other_generation_settings(tmp_path):
+    from utils.pipeline import JsonlStore
+
+    path = tmp_path / "responses.jsonl"
+    JsonlStore(path, "settings-a").put({"key": "bard|0|0", "response": "from a"})
+    assert not JsonlStore(path, "settings-b").ok("bard|0|0")
+    JsonlStore(path, "settings-b").put({"key": "bard|0|0", "response": "from b"})
+    assert JsonlStore(path, "settings-a").records["bard|0|0"]["response"] == "from a"
+    assert JsonlStore(path, "settings-b").records["bard|0|0"]["response"] == "from b"

@@ -9,10 +9,11 @@ Stages, as in the paper's pipeline:
    default vector over all default responses;
 5. **axis**: mean(default) - mean(roles).
 
-Everything is cached under ``--cache-dir`` (default ``.cache/pipeline/<model>/gen-<tag>/``), keyed by
-model, the generation settings (``<tag>``: backend, max tokens, temperature, top-p, seed, and locally
-the generation dtype, sampler version and chunk size), persona, prompt index and question index. Stop a run at any point (Ctrl-C, a crash, a killed
-machine) and run the same command again: finished work is read back, only the rest is done, and the
+Everything is cached under ``--cache-dir`` (default ``.cache/pipeline/<model>/``), keyed by model,
+persona, prompt index and question index; each response and judgement record also carries a tag of the
+generation settings (backend, max tokens, temperature, top-p, seed, and locally the generation dtype,
+sampler version and chunk size), and records made with other settings are not reused. Stop a run at
+any point (Ctrl-C, a crash, a killed machine) and run the same command again: finished work is read back, only the rest is done, and the
 results are identical to an uninterrupted run. Local generation and extraction work in fixed chunks
 with fixed seeds, so a chunk redone after a crash gives the same text and numbers.
 
@@ -75,10 +76,11 @@ class Item:
 
 class JsonlStore:
     """``key -> record`` persisted as JSON lines. The last record for a key wins; a torn last line
-    (a crash mid-write) is ignored."""
+    (a crash mid-write) is ignored. With a ``tag``, records are stamped with it, and records with
+    another tag are ignored on load."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, tag: str | None = None):
+        self.path, self.tag = path, tag
         self.records: dict[str, dict] = {}
         self._lock = threading.Lock()
         if path.exists():
@@ -87,10 +89,14 @@ class JsonlStore:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if tag is not None and record.get("gen") != tag:
+                    continue  # made with other generation settings: never mixed in
                 self.records[record["key"]] = record
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def put(self, record: dict) -> None:
+        if self.tag is not None:
+            record = {**record, "gen": self.tag}
         line = json.dumps(record, ensure_ascii=False)
         with self._lock:
             with self.path.open("a") as fh:
@@ -220,10 +226,11 @@ class Pipeline:
         self.cfg, self.progress = cfg, progress
         self._model, self._tokenizer = model, tokenizer
         self._generation_client, self._judge_client = generation_client, judge_client
-        self.cache = cfg.cache_dir / _slug(cfg.model) / f"gen-{_generation_key(cfg, model)}"
+        self.cache = cfg.cache_dir / _slug(cfg.model)
         self.out = cfg.out_dir / _slug(cfg.model)
-        self.responses = JsonlStore(self.cache / "responses.jsonl")
-        self.judgements = JsonlStore(self.cache / "judgements.jsonl")
+        self.generation_tag = _generation_key(cfg, model)
+        self.responses = JsonlStore(self.cache / "responses.jsonl", self.generation_tag)
+        self.judgements = JsonlStore(self.cache / "judgements.jsonl", self.generation_tag)
         self.roles = load_roles()
         unknown = [r for r in cfg.roles if r not in self.roles]
         if unknown:
