@@ -22,7 +22,7 @@ help:
 	@echo "make lab         open JupyterLab on the notebooks"
 	@echo "make notebooks   regenerate exercises/ solutions/ nbgrader/source/ from src/"
 	@echo "make fixtures    regenerate the checks' fixtures from the reference solution"
-	@echo "make benchmark   time persona-vector extraction (slow; prints ratios)"
+	@echo "make benchmark   time persona-vector extraction and local generation (slow; prints ratios)"
 	@echo "make check-catalogue        mistakes caught / correct variants accepted, per exercise"
 	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV (SUBMISSIONS=dir)"
 	@echo "make instructor-ui          switch on nbgrader's formgrader/assignment UIs in .venv (off by default)"
@@ -87,6 +87,7 @@ lab: setup
 
 benchmark: models
 	$(PY) -m benchmarks.extraction --model smollm2-135m-instruct
+	$(PY) -m benchmarks.generation --model smollm2-135m-instruct
 
 instructor-roundtrip: setup
 	$(PY) -m tools.grade_roundtrip --course-root $(COURSE_ROOT) $(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))

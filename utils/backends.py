@@ -3,8 +3,9 @@
 - :func:`make_api_client`: an OpenAI-compatible client (OpenRouter by default, or any server that
   speaks the OpenAI API, such as vLLM). Key, base URL and models come from the environment.
 - :class:`LocalChatClient`: generates with a loaded Hugging Face model. Requests that arrive from
-  many threads at once are gathered into batches for ``model.generate`` (left padding), so the same
-  thread-pool code that calls an API runs fast offline.
+  many threads at once are gathered into batches for :func:`utils.generation.generate` (bf16 where
+  the hardware supports it, exact top-p sampling, a lean decode loop; see that module), so the same
+  thread-pool code that calls an API runs fast offline. The float32 model stays for extraction.
 - :class:`OfflineRuleJudge`: a transparent, rule-based stand-in for the LLM judge, for runs with no
   API key. It is *not* an LLM; it reads only whether the response claims to be an AI and whether it
   names the role. The notebook says so wherever it is used.
@@ -81,15 +82,35 @@ class LocalChatClient:
     """OpenAI-style chat client backed by a local model; batches concurrent requests.
 
     Args:
-        model, tokenizer: from :func:`utils.load_model`.
+        model, tokenizer: from :func:`utils.load_model` (the float32 model; it is not modified).
         max_batch_size: the most requests generated together.
         gather_seconds: how long the batcher waits for more requests before generating.
-        seed: seeds torch before each batch (sampling still depends on how requests are batched).
+        seed: the seed of the first batch; batch ``i`` uses ``seed + i`` (sampling still depends on how
+            requests are batched).
+        dtype: the generation dtype (default :func:`utils.generation.choose_generation_dtype`, which
+            ``$COURSE_GENERATION_DTYPE`` overrides). A copy in that dtype is made once, if needed.
+        verbose: print the dtype chosen, why, and the memory the copy takes.
+
+    ``client.generation_model`` is the model that generates (register generation-time hooks on it);
+    ``client.dtype_choice`` says which dtype and why.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, gather_seconds: float = 0.05, seed: int = 0):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, gather_seconds: float = 0.05, seed: int = 0,
+                 dtype=None, verbose: bool = True):
+        from utils.generation import DtypeChoice, choose_generation_dtype, generation_model, parameter_bytes
+
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.gather_seconds, self.seed = max_batch_size, gather_seconds, seed
+        device = model.get_input_embeddings().weight.device
+        self.dtype_choice = (DtypeChoice(dtype, "given by the caller.") if dtype is not None
+                             else choose_generation_dtype(device))
+        self.generation_model = generation_model(model, self.dtype_choice.dtype)
+        if verbose:
+            extra = ("the model itself" if self.generation_model is model else
+                     f"a {self.dtype_choice.name} copy of the weights, +{parameter_bytes(self.generation_model) / 2**20:.0f} "
+                     f"MiB (the {model.dtype} model is kept for extraction)")
+            print(f"LocalChatClient generates in {self.dtype_choice.name} on {device}: {self.dtype_choice.reason} "
+                  f"Generating with {extra}.", flush=True)
         self.chat = SimpleNamespace(completions=_Completions(self._create))
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="LocalChatClient", daemon=True)
@@ -141,7 +162,7 @@ class LocalChatClient:
 
     def _generate(self, batch: list[_Request]) -> list[str]:
         first = batch[0]
-        texts = generate_batch(self.model, self.tokenizer, [r.messages for r in batch], first.max_tokens,
+        texts = generate_batch(self.generation_model, self.tokenizer, [r.messages for r in batch], first.max_tokens,
                                first.temperature, first.top_p, seed=self.seed + self.batches_run)
         self.batches_run += 1
         return texts
@@ -149,7 +170,22 @@ class LocalChatClient:
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, temperature: float = 0.7,
                    top_p: float = 0.9, seed: int = 0) -> list[str]:
-    """Generate one reply per conversation in a single left-padded ``generate`` call.
+    """One reply per conversation with the fast backend, :func:`utils.generation.generate`.
+
+    ``model`` may be the float32 model: it generates through :func:`utils.generation.generation_model`
+    (its cached copy in the generation dtype, or itself). The system prompt is handled by
+    :func:`utils.conversation.render`. Deterministic for a given batch, seed and thread count. Replies are
+    stripped; an empty reply is returned as ``""`` for the caller to treat as a failure.
+    """
+    from utils.generation import generate, generation_model
+
+    return generate(generation_model(model), tokenizer, conversations, max_new_tokens, temperature, top_p, seed)
+
+
+def hf_generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, temperature: float = 0.7,
+                   top_p: float = 0.9, seed: int = 0) -> list[str]:
+    """The previous backend, kept as the benchmark's baseline and the tests' reference: one left-padded HF
+    ``model.generate`` call in the model's own dtype (HF adds its default top-k 50 before top-p).
 
     The system prompt is handled by :func:`utils.conversation.render` (merged into the first user turn
     for Gemma). Deterministic for a given batch, seed and thread count. Replies are stripped; an empty

@@ -13,8 +13,10 @@ Stages, as in the paper's pipeline:
    with ``--stage axes`` once stages 1-5 are done.
 
 Everything is cached under ``--cache-dir`` (default ``.cache/pipeline/<model>/``), keyed by model,
-persona, prompt index and question index. Stop a run at any point (Ctrl-C, a crash, a killed
-machine) and run the same command again: finished work is read back, only the rest is done, and the
+persona, prompt index and question index; each response and judgement record also carries a tag of the
+generation settings (backend, max tokens, temperature, top-p, seed, and locally the generation dtype,
+sampler version and chunk size), and records made with other settings are not reused. Stop a run at
+any point (Ctrl-C, a crash, a killed machine) and run the same command again: finished work is read back, only the rest is done, and the
 results are identical to an uninterrupted run. Local generation and extraction work in fixed chunks
 with fixed seeds, so a chunk redone after a crash gives the same text and numbers.
 
@@ -79,10 +81,11 @@ class Item:
 
 class JsonlStore:
     """``key -> record`` persisted as JSON lines. The last record for a key wins; a torn last line
-    (a crash mid-write) is ignored."""
+    (a crash mid-write) is ignored. With a ``tag``, records are stamped with it, and records with
+    another tag are ignored on load."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, tag: str | None = None):
+        self.path, self.tag = path, tag
         self.records: dict[str, dict] = {}
         self._lock = threading.Lock()
         if path.exists():
@@ -91,10 +94,14 @@ class JsonlStore:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue
+                if tag is not None and record.get("gen") != tag:
+                    continue  # made with other generation settings: never mixed in
                 self.records[record["key"]] = record
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def put(self, record: dict) -> None:
+        if self.tag is not None:
+            record = {**record, "gen": self.tag}
         line = json.dumps(record, ensure_ascii=False)
         with self._lock:
             with self.path.open("a") as fh:
@@ -204,6 +211,20 @@ def _chunk_seed(seed: int, keys: list[str]) -> int:
     return seed + int(hashlib.sha256("\n".join(keys).encode()).hexdigest()[:8], 16)
 
 
+def _generation_key(cfg: Config, model=None) -> str:
+    """A tag for every setting that changes the generated text, so a change never mixes results in the cache."""
+    from utils.generation import SAMPLER_VERSION, choose_generation_dtype, settings_key
+
+    settings = {"backend": cfg.backend, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
+                "top_p": cfg.top_p, "seed": cfg.seed}
+    if cfg.backend == "local":
+        device = model.get_input_embeddings().weight.device if model is not None else None
+        settings.update(dtype=choose_generation_dtype(device).name, sampler=SAMPLER_VERSION, chunk_size=cfg.chunk_size)
+    else:
+        settings["generation_model"] = cfg.generation_model or cfg.model
+    return settings_key(settings)
+
+
 class Pipeline:
     """Holds a run's configuration, caches and (lazily) the model and clients."""
 
@@ -214,8 +235,9 @@ class Pipeline:
         self._generation_client, self._judge_client = generation_client, judge_client
         self.cache = cfg.cache_dir / _slug(cfg.model)
         self.out = cfg.out_dir / _slug(cfg.model)
-        self.responses = JsonlStore(self.cache / "responses.jsonl")
-        self.judgements = JsonlStore(self.cache / "judgements.jsonl")
+        self.generation_tag = _generation_key(cfg, model)
+        self.responses = JsonlStore(self.cache / "responses.jsonl", self.generation_tag)
+        self.judgements = JsonlStore(self.cache / "judgements.jsonl", self.generation_tag)
         self.roles = load_roles()
         unknown = [r for r in cfg.roles if r not in self.roles]
         if unknown:
