@@ -72,8 +72,24 @@ def _learner_lines(exc: BaseException) -> list[str]:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_learner_frame(f.filename)]
     if not frames:
         return []
-    return ([entry.rstrip("\n") for entry in traceback.format_list(frames)]
-            + [line.rstrip("\n") for line in traceback.format_exception_only(type(exc), exc)])
+    lines = []
+    for frame in frames:
+        lines.append(f"  {_where(frame.filename)}, line {frame.lineno}, in {frame.name}")
+        if frame.line:
+            lines.append(f"    {frame.line.strip()}")
+    return lines + [line.rstrip("\n") for line in traceback.format_exception_only(type(exc), exc)]
+
+
+def _where(filename: str) -> str:
+    """``Cell In[12]`` for a notebook cell (as IPython names it in its own tracebacks), else the file."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        count = shell.compile._filename_map.get(filename) if shell is not None else None
+    except Exception:  # no IPython, or one without the map: the file name is still right
+        count = None
+    return f"Cell In[{count}]" if count is not None else f'File "{filename}"'
 
 
 def _debugging() -> bool:

@@ -8,9 +8,8 @@ autograded notebooks, the feedback HTML and the grades CSV. Every part has ``sol
 
 - ``rewritten``: seven exercises answered correctly but differently: full marks (21);
 - ``mistakes``: three wrong exercises, one of them the batched extraction without the attention mask,
-  which Exercise 5 calls: each costs only its own points (15 of 21);
-- ``tampered``: ``mistakes`` with a failing check edited to ``pass`` and a passing one deleted: both
-  restored, the same scores as ``mistakes``;
+  which Exercise 5 calls: each costs only its own points (15 of 21). The student also edited a failing
+  check cell to ``pass`` and deleted a passing one: both are restored, so neither changes a score;
 - ``broken``: a syntax error, an endless loop, and an exercise deleted with its check (18 of 21), graded
   at most 60 s slower than the solution.
 
@@ -40,8 +39,7 @@ ROOT = rt.ROOT
 MAX_SECONDS = 300  # one part's whole round trip, on 2 busy CPU cores (measured: about 150 s for Part 1)
 LOOP_EXTRA_SECONDS = 60  # an endless loop may cost at most this much grading time over a correct submission
 # What the issue's classroom must score, in points (of 21 for Part 1).
-TOTALS = {"part1_persona_space": {"solution": 21, "rewritten": 21, "mistakes": 15, "tampered": 15, "broken": 18,
-                                  "blank": 0}}
+TOTALS = {"part1_persona_space": {"solution": 21, "rewritten": 21, "mistakes": 15, "broken": 18, "blank": 0}}
 FIGURES = {"part1_persona_space": 7}  # plotly figures the solution notebook shows
 API_KEY_VARIABLES = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
@@ -307,7 +305,7 @@ def test_an_endless_loop_costs_one_check_and_little_time(graded):
 
 @PART1
 def test_tampered_check_cells_are_restored(graded):
-    nb = _autograded(graded, "tampered")
+    nb = _autograded(graded, "mistakes")
     original = {_grade_id(c): c.source for c in graded.source.cells}
     assert _cell(nb, "check_cosine").source == original["check_cosine"]
     ids = [_grade_id(c) for c in nb.cells]
@@ -417,4 +415,15 @@ def test_feedback_shows_every_figure(graded, student):
     assert page.count("* plotly.js v") == (1 if made else 0), "plotly.js must be embedded once per page"
     if student == "solution":
         assert made == FIGURES.get(graded.part, made) and made > 0
-    assert "cdn.plot.ly" not in page, "the figures must not need the network"
+    external = re.findall(r"<script[^>]*\bsrc=[\"']?(https?://[^\"' >]+)", page)
+    assert not any("plot" in url for url in external), f"the figures must not need the network: {external}"
+
+
+def test_learners_environment_has_no_grading_ui():
+    """`make setup` switched every part of nbgrader's Jupyter UI off (tools/nbgrader_ui.py), the menu included;
+    tests/test_browser.py looks at the result in a real JupyterLab."""
+    from tools import nbgrader_ui
+
+    plugins = nbgrader_ui.lab_plugins()
+    assert {"@jupyter/nbgrader:menu", "@jupyter/nbgrader:formgrader"} <= set(plugins), plugins
+    assert nbgrader_ui.visible() == [], "run `make nbgrader-ui-off` (`make instructor-ui` switched them on)"

@@ -14,8 +14,8 @@ below, ``<part>`` stands for it. The steps, each one nbgrader command run in the
    ``--submission alice=path/to/alice.ipynb`` (repeatable) or ``--submissions-dir DIR`` holding
    ``<student>.ipynb`` or ``<student>/<part>.ipynb`` files (e.g. downloaded from your LMS).
    With neither, the sample students of ``tools/sample_submissions.py`` are used, named ``demo-*``:
-   the solution, a blank release and, for Part 1, answers written differently, three mistakes, the
-   same with tampered check cells, and a syntax error plus an endless loop.
+   the solution, a blank release and, for Part 1, answers written differently, three mistakes (with
+   tampered check cells), and a syntax error plus an endless loop.
 3. ``autograde``: ``nbgrader autograde`` (restores edited or deleted check cells, runs every notebook on
    tiny-gemma2 with the small sizes, see ``nbgrader_config.py``).
 4. ``feedback``: ``nbgrader generate_feedback``: HTML per student in ``<root>/feedback/``, hidden tests removed.

@@ -16,9 +16,9 @@ then some cells replaced (a new source) or deleted (``None``). For Part 1:
 - ``rewritten``: seven exercises answered correctly but written differently (hooks instead of
   ``output_hidden_states``, ``executor.map``, ``F.normalize``, NumPy's SVD, ...): full marks;
 - ``mistakes``: three exercises wrong, one of them the batched extraction without the attention mask,
-  which Exercise 5 calls: each costs only its own check's points (15 of 21);
-- ``tampered``: ``mistakes``, with the failing cosine check edited to ``pass`` and the (passing) PCA check
-  deleted: nbgrader restores both, so the scores are those of ``mistakes``;
+  which Exercise 5 calls: each costs only its own check's points (15 of 21). The student also edited the
+  failing cosine check to ``pass`` and deleted the (passing) PCA check: nbgrader restores both, so
+  tampering changes no score;
 - ``broken``: a syntax error (Exercise 7), an endless retry loop (Exercise 2a: it fails its check after
   ``COURSE_CHECK_TIMEOUT`` seconds, and later cells that call it fail at once), and Exercise 8 deleted with
   its check (nbgrader puts the check back; it scores 0).
@@ -206,8 +206,7 @@ def generate_response_api(client, model_name, system_prompt, question, max_token
 EDITS: dict[str, dict[str, dict[str, Edit]]] = {
     "part1_persona_space": {
         "rewritten": _P1_REWRITTEN,
-        "mistakes": _P1_MISTAKES,
-        "tampered": {**_P1_MISTAKES, "check_cosine": "pass", "check_pca": None},
+        "mistakes": {**_P1_MISTAKES, "check_cosine": "pass", "check_pca": None},
         "broken": {
             "ex_generate_one": _P1_ENDLESS_RETRY,
             "ex_trait": _replace("return pos_activations.float().mean(dim=0) - neg_activations.float().mean(dim=0)",
@@ -222,7 +221,6 @@ LOST: dict[str, dict[str, set[str]]] = {
     "part1_persona_space": {
         "rewritten": set(),
         "mistakes": {"check_extract_batched", "check_cosine", "check_axis"},
-        "tampered": {"check_extract_batched", "check_cosine", "check_axis"},
         "broken": {"check_generate_one", "check_trait", "check_auc"},
     },
 }
