@@ -139,12 +139,19 @@ def _visible_text(path: Path) -> str:
     return html.unescape(re.sub(r"<[^>]+>", "", page))
 
 
+def _checks_module(part: str) -> Path:
+    """The checks the part's notebook imports (``import tests.<module> as checks``)."""
+    found = re.search(r"import tests\.(\w+) as checks", (ROOT / "src" / f"{part}.py").read_text())
+    assert found, f"src/{part}.py does not import its checks as `import tests.<module> as checks`"
+    return ROOT / "tests" / f"{found.group(1)}.py"
+
+
 def _check_internal_names(part: str) -> set[str]:
-    """Names only the checks' own code uses: the module-level helpers, fixtures, fakes and constants of
-    ``tests/<part>.py`` (its public ``test_*`` functions are called from the visible check cells), and the
+    """Names only the checks' own code uses: the module-level helpers, fixtures, fakes and constants of the
+    part's checks module (its public ``test_*`` functions are called from the visible check cells), and the
     private ones of ``tests/checking.py`` (its public names are English words: fail, call, check)."""
     names = set()
-    for path, private_only in ((ROOT / "tests" / f"{part}.py", False), (ROOT / "tests" / "checking.py", True)):
+    for path, private_only in ((_checks_module(part), False), (ROOT / "tests" / "checking.py", True)):
         for node in ast.parse(path.read_text()).body:
             found = set()
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -380,7 +387,7 @@ def test_feedback_reads_like_a_tutor(graded, student):
     """No traceback through the checks' own code: no path of theirs, no helper or fixture name, only the
     message (and the student's own frames when their code raised)."""
     text = _visible_text(rt.feedback_path(graded.course, student, graded.part))
-    for internal in (f"tests/{graded.part}.py", "tests/checking.py", "_fail(", "_call("):
+    for internal in (f"tests/{_checks_module(graded.part).name}", "tests/checking.py", "_fail(", "_call("):
         assert internal not in text, f"{student}'s feedback shows {internal!r}"
     words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
     leaked = sorted(_check_internal_names(graded.part) & words)
