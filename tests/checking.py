@@ -65,6 +65,43 @@ def _is_learner_frame(filename: str) -> bool:
     return "site-packages" not in path and "dist-packages" not in path and not path.startswith(_STDLIB)
 
 
+def _learner_lines(exc: BaseException) -> list[str]:
+    """The frames of ``exc``'s traceback that are the learner's code, and its last line, formatted."""
+    if exc.__traceback__ is None:
+        return []
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_learner_frame(f.filename)]
+    if not frames:
+        return []
+    lines = []
+    for frame in frames:
+        lines.append(f"  {_where(frame.filename)}, line {frame.lineno}, in {frame.name}")
+        if frame.line:
+            lines.append(f"    {frame.line.strip()}")
+    return lines + [line.rstrip("\n") for line in traceback.format_exception_only(type(exc), exc)]
+
+
+def _where(filename: str) -> str:
+    """``Cell In[12]`` for a notebook cell (as IPython names it in its own tracebacks), else the file."""
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        count = shell.compile._filename_map.get(filename) if shell is not None else None
+    except Exception:  # no IPython, or one without the map: the file name is still right
+        count = None
+    return f"Cell In[{count}]" if count is not None else f'File "{filename}"'
+
+
+def _debugging() -> bool:
+    """``COURSE_CHECK_DEBUG=1`` shows failures with their full traceback, checks' frames included (for
+    whoever maintains the checks)."""
+    return os.environ.get("COURSE_CHECK_DEBUG", "") not in ("", "0")
+
+
+def _full_traceback(exc: BaseException) -> list[str]:
+    return [line.rstrip("\n") for line in traceback.format_exception(type(exc), exc, exc.__traceback__)]
+
+
 class CheckFailure(AssertionError):
     """A check found a mistake; the message says which, and how to fix it.
 
@@ -73,17 +110,38 @@ class CheckFailure(AssertionError):
     """
 
     def _render_traceback_(self) -> list[str]:
+        if _debugging():
+            return _full_traceback(self)
         red, bold, reset = "\x1b[31m", "\x1b[1m", "\x1b[0m"
         lines = [f"{red}{bold}✗ Check failed{reset}"]
         lines += [f"{red}{line}{reset}" if i == 0 else line for i, line in enumerate(str(self).split("\n"))]
         cause = self.__cause__
-        if cause is not None and cause.__traceback__ is not None and not isinstance(cause, CheckFailure):
-            frames = [f for f in traceback.extract_tb(cause.__traceback__) if _is_learner_frame(f.filename)]
-            if frames:
-                lines += ["", "Where your code raised it:"]
-                lines += [entry.rstrip("\n") for entry in traceback.format_list(frames)]
-                lines += [line.rstrip("\n") for line in traceback.format_exception_only(type(cause), cause)]
+        if cause is not None and not isinstance(cause, CheckFailure):
+            learner = _learner_lines(cause)
+            if learner:
+                lines += ["", "Where your code raised it:", *learner]
         return lines
+
+
+def _render_learner_exception(exc: BaseException, header: str) -> None:
+    """Make a learner's own exception, raised through a check, render as ``header`` plus the learner's
+    frames only (IPython's ``_render_traceback_``, set on this exception object; its type is unchanged)."""
+
+    def render() -> list[str]:
+        if _debugging():
+            return _full_traceback(exc)
+        learner = _learner_lines(exc) or [line.rstrip("\n") for line in traceback.format_exception_only(type(exc), exc)]
+        return [f"\x1b[31m\x1b[1m{header}\x1b[0m", "", *learner]
+
+    try:
+        exc._render_traceback_ = render
+    except (AttributeError, TypeError):  # an exception type without a __dict__: shown as usual
+        pass
+
+
+def _not_written_yet(exc: NotImplementedError, name: str) -> None:
+    _render_learner_exception(exc, f"✗ {name} is not written yet: replace `raise NotImplementedError()` in its "
+                                   "cell with your code, run that cell, then this one.")
 
 
 def fail(message: str, section: str | None = None, cause: BaseException | None = None) -> None:
@@ -186,7 +244,10 @@ def call(what: str, section: str | None, hint: str, fn: Callable, *args, **kwarg
              "correct answer takes well under a second or two). Look for a loop that never ends: a `while` whose "
              "condition never changes, a retry without a limit, or waiting on something that never comes.",
              section)
-    except (NotImplementedError, CheckFailure):
+    except CheckFailure:
+        raise
+    except NotImplementedError as exc:
+        _not_written_yet(exc, getattr(fn, "__name__", what))
         raise
     except Exception as exc:
         fail(f"{what} raised {type(exc).__name__}: {clip(str(exc))}{' ' + hint if hint else ''}", section, exc)
@@ -211,6 +272,14 @@ def limited(fn: Callable, section: str | None = None) -> Callable:
             fail(f"{name} did not return within {seconds:g} s (the check's limit). Look for a loop that never ends: "
                  "a `while` whose condition never changes, a retry without a limit, or waiting on something that "
                  "never comes.", section)
+        except CheckFailure:
+            raise
+        except NotImplementedError as exc:
+            _not_written_yet(exc, name)
+            raise
+        except Exception as exc:  # the check decides what it means; if it lets it through, it reads cleanly
+            _render_learner_exception(exc, f"✗ Check failed: {name} raised {type(exc).__name__}: {clip(str(exc))}")
+            raise
 
     return run
 
@@ -240,10 +309,21 @@ def check(exercise: str, uses: dict[str, tuple[str, Callable[[], Callable]]] | N
         @functools.wraps(test)
         def run(fn, *args, **kwargs):
             RESULTS[exercise] = False
-            with contextlib.ExitStack() as stack:
-                for name, (earlier, reference) in (uses or {}).items():
-                    stack.enter_context(using_reference(fn, name, reference(), earlier))
-                result = test(fn, *args, **kwargs)
+            try:
+                with contextlib.ExitStack() as stack:
+                    for name, (earlier, reference) in (uses or {}).items():
+                        stack.enter_context(using_reference(fn, name, reference(), earlier))
+                    result = test(fn, *args, **kwargs)
+            except (CheckFailure, NotImplementedError):
+                raise
+            except Exception as exc:
+                if hasattr(exc, "_render_traceback_"):  # the learner's own exception, already readable
+                    raise
+                # The check itself stumbled on something the learner's answer returned (or a bug in the
+                # check): still one readable message, the learner's frames only, never the check's.
+                fail(f"{exercise}: the check could not finish on your answer: {type(exc).__name__}: "
+                     f"{clip(str(exc))}. Compare what your function returns with its docstring (types, shapes, "
+                     "keys).", None, exc)
             RESULTS[exercise] = True
             return result
 

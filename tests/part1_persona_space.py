@@ -75,6 +75,20 @@ from tests.checking import (CheckFailure, call as _call, check, clip as _clip, f
 # The course's references for earlier exercises (its utils machinery), swapped in by checks of later ones
 # --------------------------------------------------------------------------------------------------
 
+def _reference_generate_response_api(client, model_name, system_prompt, question, max_tokens=128, temperature=0.7,
+                                     top_p=0.9):
+    from utils.conversation import merge_system_prompt
+
+    messages = merge_system_prompt([{"role": "system", "content": system_prompt}, {"role": "user", "content": question}],
+                                   system_supported="gemma" not in model_name.lower())
+    completion = client.chat.completions.create(model=model_name, messages=messages, max_tokens=max_tokens,
+                                                temperature=temperature, top_p=top_p)
+    text = (completion.choices[0].message.content or "").strip()
+    if not text:
+        raise ValueError(f"{model_name} returned an empty response.")
+    return text
+
+
 def _reference_normalize_messages(messages, tokenizer):
     from utils.conversation import normalize_messages
 
@@ -442,7 +456,7 @@ def test_generate_response_api(fn) -> None:
     _passed("test_generate_response_api")
 
 
-@check("Exercise 2b")
+@check("Exercise 2b", uses={"generate_response_api": ("Exercise 2a", lambda: _reference_generate_response_api)})
 def test_generate_all_responses(fn) -> None:
     section = "Section 2, Exercise 2b"
     personas = {"default_empty": "", "bard": "You are a bard.", "ghost": "You are a ghost."}

@@ -96,3 +96,43 @@ def test_check_records_results_and_grades_on_its_own_merit():
     with pytest.raises(CheckFailure):
         check_outer(ns2["outer"])
     assert checking.RESULTS["Exercise 99"] is False
+
+
+def test_an_unwritten_exercise_reads_as_one_sentence_and_keeps_its_type():
+    """NotImplementedError stays NotImplementedError (the notebook tests count on it) but renders as a
+    sentence plus the stub's own line, not as a traceback through the checks."""
+    ns = _learner_namespace("def stub(x):\n    raise NotImplementedError()\n")
+    with pytest.raises(NotImplementedError) as info:
+        checking.call("stub(1)", "Section 1", "", ns["stub"], 1)
+    text = "\n".join(info.value._render_traceback_())
+    assert "stub is not written yet" in text and "raise NotImplementedError()" in text
+    assert "checking.py" not in text and "Traceback" not in text
+
+
+def test_a_learner_exception_through_limited_keeps_its_type_and_reads_cleanly():
+    ns = _learner_namespace("def f():\n    return {}['k']\n")
+    with pytest.raises(KeyError) as info:
+        checking.limited(ns["f"], "Section 1")()
+    text = "\n".join(info.value._render_traceback_())
+    assert "f raised KeyError" in text and "return {}['k']" in text and "checking.py" not in text
+
+
+def test_a_check_that_stumbles_on_an_answer_fails_with_a_message_not_a_crash():
+    @checking.check("Exercise 97")
+    def check_shape(fn):
+        fn().shape  # the learner returned something without a shape: the check's own code raises
+
+    ns = _learner_namespace("def f():\n    return [1, 2]\n")
+    with pytest.raises(CheckFailure) as info:
+        check_shape(ns["f"])
+    assert "Exercise 97: the check could not finish on your answer: AttributeError" in str(info.value)
+    assert checking.RESULTS["Exercise 97"] is False
+    assert "test_checking.py" not in "\n".join(info.value._render_traceback_())
+
+
+def test_debug_mode_shows_the_full_traceback(monkeypatch):
+    monkeypatch.setenv("COURSE_CHECK_DEBUG", "1")
+    with pytest.raises(CheckFailure) as info:
+        checking.fail("Your mask includes padding.")
+    text = "\n".join(info.value._render_traceback_())
+    assert "Traceback (most recent call last)" in text and "checking.py" in text

@@ -1,18 +1,21 @@
-"""Hand out, collect, autograde and give feedback on Part 1 with nbgrader, offline, on a CPU.
+"""Hand out, collect, autograde and give feedback on a course part with nbgrader, offline, on a CPU.
 
-    python -m tools.grade_roundtrip [--course-root DIR] [--submission STUDENT=NOTEBOOK ...]
+    python -m tools.grade_roundtrip [--assignment PART] [--course-root DIR] [--submission STUDENT=NOTEBOOK ...]
                                     [--submissions-dir DIR] [--steps generate,collect,autograde,feedback,export]
 
-The steps, each one nbgrader command run in the course root (default ``nbgrader/course/``, ignored by git):
+``--assignment`` is one of ``tools.build_notebooks.PARTS`` (default: the first, ``part1_persona_space``);
+below, ``<part>`` stands for it. The steps, each one nbgrader command run in the course root (default
+``nbgrader/course/``, ignored by git):
 
 1. ``generate``: write ``<root>/nbgrader_config.py`` (it loads the repository's ``nbgrader_config.py``)
-   and ``<root>/source/part1_persona_space/``, made from ``src/part1_persona_space.py`` by the notebook
-   builder, then ``nbgrader generate_assignment``: the student release in ``<root>/release/``.
-2. ``collect``: copy each student's notebook to ``<root>/submitted/<student>/part1_persona_space/``. Give
+   and ``<root>/source/<part>/``, made from ``src/<part>.py`` by the notebook builder, then
+   ``nbgrader generate_assignment``: the student release in ``<root>/release/``.
+2. ``collect``: copy each student's notebook to ``<root>/submitted/<student>/<part>/``. Give
    ``--submission alice=path/to/alice.ipynb`` (repeatable) or ``--submissions-dir DIR`` holding
-   ``<student>.ipynb`` or ``<student>/part1_persona_space.ipynb`` files (e.g. downloaded from your LMS).
-   With neither, two demo submissions are used: ``demo-solution`` (the solution notebook) and
-   ``demo-blank`` (the untouched release).
+   ``<student>.ipynb`` or ``<student>/<part>.ipynb`` files (e.g. downloaded from your LMS).
+   With neither, the sample students of ``tools/sample_submissions.py`` are used, named ``demo-*``:
+   the solution, a blank release and, for Part 1, answers written differently, three mistakes (with
+   tampered check cells), and a syntax error plus an endless loop.
 3. ``autograde``: ``nbgrader autograde`` (restores edited or deleted check cells, runs every notebook on
    tiny-gemma2 with the small sizes, see ``nbgrader_config.py``).
 4. ``feedback``: ``nbgrader generate_feedback``: HTML per student in ``<root>/feedback/``, hidden tests removed.
@@ -22,7 +25,8 @@ The steps, each one nbgrader command run in the course root (default ``nbgrader/
 for steps 1-2 instead; the other steps are the same.)
 
 Nothing is written outside the course root, except each graded run's figures, in one scratch folder in
-the system's temporary directory. Each notebook takes 10-25 s to grade on one CPU core.
+the system's temporary directory. After autograding, the seconds each notebook ran are printed (the
+README's "For instructors" section has measured numbers).
 Run it with this project's Python (``.venv/bin/python``): nbgrader runs in it, and so do the notebooks.
 """
 
@@ -36,13 +40,14 @@ import shutil
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from tools.build_notebooks import PARTS
+
 ROOT = Path(__file__).resolve().parent.parent
-PART = "part1_persona_space"
-ASSIGNMENT = PART
-NOTEBOOK = f"{PART}.ipynb"
+PART = PARTS[0]  # the default assignment; every function takes the assignment (a part's name) as a parameter
 DEFAULT_COURSE_ROOT = ROOT / "nbgrader" / "course"
 STEPS = ("generate", "collect", "autograde", "feedback", "export")
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
@@ -85,11 +90,17 @@ def nbgrader(course_root: Path, *args: str, echo: bool = True) -> str:
     return proc.stdout
 
 
-def release_path(course_root: Path) -> Path:
-    return Path(course_root) / "release" / ASSIGNMENT / NOTEBOOK
+def _notebook(part: str) -> str:
+    if part not in PARTS:
+        raise RoundTripError(f"Unknown assignment {part!r}; choose from {', '.join(PARTS)}.")
+    return f"{part}.ipynb"
 
 
-def setup_course(course_root: Path) -> None:
+def release_path(course_root: Path, part: str = PART) -> Path:
+    return Path(course_root) / "release" / part / _notebook(part)
+
+
+def setup_course(course_root: Path, part: str = PART) -> None:
     """The course root's config and the assignment source, generated from ``src/`` like the notebooks."""
     from tools import build_notebooks
 
@@ -98,33 +109,37 @@ def setup_course(course_root: Path) -> None:
     if config.exists() and not config.read_text().startswith(CONFIG_HEADER):
         raise RoundTripError(f"{config} exists and was not written by this tool; move it away first.")
     config.write_text(COURSE_CONFIG)
-    source = course_root / "source" / ASSIGNMENT
+    source = course_root / "source" / part
     shutil.rmtree(source, ignore_errors=True)
     source.mkdir(parents=True)
     # Only the notebook: nbgrader copies every other file of source/<assignment>/ into the release.
-    (source / NOTEBOOK).write_text(build_notebooks.dumps(build_notebooks.nbgrader_source(PART)))
+    (source / _notebook(part)).write_text(build_notebooks.dumps(build_notebooks.nbgrader_source(part)))
 
 
-def generate(course_root: Path, echo: bool = True) -> Path:
-    setup_course(course_root)
-    nbgrader(course_root, "generate_assignment", ASSIGNMENT, "--force", echo=echo)
-    return release_path(course_root)
+def generate(course_root: Path, echo: bool = True, part: str = PART) -> Path:
+    setup_course(course_root, part)
+    nbgrader(course_root, "generate_assignment", part, "--force", echo=echo)
+    return release_path(course_root, part)
 
 
-def find_submissions(folder: Path) -> dict[str, Path]:
-    """``<student>.ipynb`` or ``<student>/part1_persona_space.ipynb`` files in ``folder``."""
+def find_submissions(folder: Path, part: str = PART) -> dict[str, Path]:
+    """``<student>.ipynb`` or ``<student>/<part>.ipynb`` files in ``folder``."""
     found = {p.stem: p for p in sorted(folder.glob("*.ipynb"))}
-    found.update({p.parent.name: p for p in sorted(folder.glob(f"*/{NOTEBOOK}"))})
+    found.update({p.parent.name: p for p in sorted(folder.glob(f"*/{_notebook(part)}"))})
     if not found:
-        raise RoundTripError(f"No submissions in {folder} (expected <student>.ipynb or <student>/{NOTEBOOK}).")
+        raise RoundTripError(f"No submissions in {folder} (expected <student>.ipynb or <student>/{_notebook(part)}).")
     return found
 
 
-def demo_submissions(course_root: Path) -> dict[str, Path]:
-    return {"demo-solution": ROOT / "solutions" / NOTEBOOK, "demo-blank": release_path(course_root)}
+def demo_submissions(course_root: Path, part: str = PART) -> dict[str, Path]:
+    """The sample students (``tools/sample_submissions.py``), written to ``<root>/demo-submissions/<part>/``."""
+    from tools import sample_submissions
+
+    return sample_submissions.build(part, release_path(course_root, part),
+                                    Path(course_root) / "demo-submissions" / part, prefix="demo-")
 
 
-def collect(course_root: Path, submissions: Mapping[str, Path]) -> list[Path]:
+def collect(course_root: Path, submissions: Mapping[str, Path], part: str = PART) -> list[Path]:
     """Copy each student's notebook where ``nbgrader autograde`` looks for it."""
     copied = []
     for student, notebook in submissions.items():
@@ -133,37 +148,62 @@ def collect(course_root: Path, submissions: Mapping[str, Path]) -> list[Path]:
         notebook = Path(notebook)
         if not notebook.is_file():
             raise RoundTripError(f"{student}: no notebook at {notebook}")
-        dest = Path(course_root) / "submitted" / student / ASSIGNMENT
+        dest = Path(course_root) / "submitted" / student / part
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
-        shutil.copyfile(notebook, dest / NOTEBOOK)
-        copied.append(dest / NOTEBOOK)
+        shutil.copyfile(notebook, dest / _notebook(part))
+        copied.append(dest / _notebook(part))
     return copied
 
 
-def autograde(course_root: Path, echo: bool = True) -> None:
-    nbgrader(course_root, "autograde", ASSIGNMENT, "--force", echo=echo)
+def autograde(course_root: Path, echo: bool = True, part: str = PART) -> None:
+    nbgrader(course_root, "autograde", part, "--force", echo=echo)
 
 
-def feedback(course_root: Path, echo: bool = True) -> None:
-    nbgrader(course_root, "generate_feedback", ASSIGNMENT, "--force", echo=echo)
+def feedback(course_root: Path, echo: bool = True, part: str = PART) -> None:
+    nbgrader(course_root, "generate_feedback", part, "--force", echo=echo)
 
 
 def export(course_root: Path, echo: bool = True) -> Path:
+    """Every assignment's grades, one row per student and assignment."""
     out = Path(course_root) / "grades.csv"
     nbgrader(course_root, "export", "--to", str(out), echo=echo)
     return out
 
 
-def read_grades(csv_path: Path) -> dict[str, dict[str, str]]:
+def read_grades(csv_path: Path, part: str = PART) -> dict[str, dict[str, str]]:
     with open(csv_path, newline="") as f:
-        return {row["student_id"]: row for row in csv.DictReader(f) if row["assignment"] == ASSIGNMENT}
+        return {row["student_id"]: row for row in csv.DictReader(f) if row["assignment"] == part}
+
+
+def autograded_path(course_root: Path, student: str, part: str = PART) -> Path:
+    return Path(course_root) / "autograded" / student / part / _notebook(part)
+
+
+def feedback_path(course_root: Path, student: str, part: str = PART) -> Path:
+    return Path(course_root) / "feedback" / student / part / f"{part}.html"
+
+
+def notebook_seconds(course_root: Path, student: str, part: str = PART) -> float:
+    """How long ``student``'s notebook ran when autograded: from the first cell's start to the last cell's
+    reply, as the kernel recorded them (the same for every submission: kernel start-up not included)."""
+    import nbformat
+
+    nb = nbformat.read(autograded_path(course_root, student, part), as_version=4)
+    stamps = [c.metadata.get("execution", {}) for c in nb.cells if c.cell_type == "code"]
+    starts = [s["iopub.execute_input"] for s in stamps if "iopub.execute_input" in s]
+    ends = [s["shell.execute_reply"] for s in stamps if "shell.execute_reply" in s]
+    if not starts or not ends:
+        raise RoundTripError(f"{student}'s autograded notebook has no execution times (was it executed?)")
+    parse = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    return (max(map(parse, ends)) - min(map(parse, starts))).total_seconds()
 
 
 def roundtrip(course_root: Path, submissions: Mapping[str, Path] | None = None,
-              steps: Iterable[str] = STEPS, echo: bool = True) -> dict[str, float]:
-    """Run ``steps`` in order on ``course_root``; return the seconds each took."""
+              steps: Iterable[str] = STEPS, echo: bool = True, part: str = PART) -> dict[str, float]:
+    """Run ``steps`` in order on ``course_root`` for assignment ``part``; return the seconds each took."""
     course_root = Path(course_root).resolve()
+    _notebook(part)
     steps = list(steps)
     unknown = set(steps) - set(STEPS)
     if unknown:
@@ -177,20 +217,20 @@ def roundtrip(course_root: Path, submissions: Mapping[str, Path] | None = None,
         if echo:
             print(f"== {step}", flush=True)
         if step == "generate":
-            generate(course_root, echo)
+            generate(course_root, echo, part)
         elif step == "collect":
-            for path in collect(course_root, submissions or demo_submissions(course_root)):
+            for path in collect(course_root, submissions or demo_submissions(course_root, part), part):
                 if echo:
                     print(f"   {path.relative_to(course_root)}")
         elif step == "autograde":
             try:
-                autograde(course_root, echo)
+                autograde(course_root, echo, part)
             except RoundTripError as exc:
                 # nbgrader grades every submission it can and exits 1 if one failed (an unreadable
                 # notebook, say): still give the others their feedback and grades, then report it.
                 failed_autograde = exc
         elif step == "feedback":
-            feedback(course_root, echo)
+            feedback(course_root, echo, part)
         elif step == "export":
             export(course_root, echo)
         seconds[step] = time.perf_counter() - t0
@@ -209,31 +249,38 @@ def _submission(text: str) -> tuple[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--assignment", default=PART, choices=PARTS, help="the part to grade (default: %(default)s)")
     parser.add_argument("--course-root", type=Path, default=DEFAULT_COURSE_ROOT,
                         help="the nbgrader course root (default: %(default)s)")
     parser.add_argument("--submission", type=_submission, action="append", default=[], metavar="STUDENT=NOTEBOOK")
     parser.add_argument("--submissions-dir", type=Path)
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of: " + ",".join(STEPS))
     args = parser.parse_args(argv)
-    submissions = dict(args.submission)
-    if args.submissions_dir:
-        submissions.update(find_submissions(args.submissions_dir))
+    part = args.assignment
     try:
+        submissions = dict(args.submission)
+        if args.submissions_dir:
+            submissions.update(find_submissions(args.submissions_dir, part))
         seconds = roundtrip(args.course_root, submissions or None, [s.strip() for s in args.steps.split(",") if s],
-                            echo=True)
+                            echo=True, part=part)
     except RoundTripError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     course_root = args.course_root.resolve()
     print("\n== seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
           + f"; total {sum(seconds.values()):.1f}")
+    if "autograde" in seconds:
+        graded = sorted(p.parent.parent.name for p in (course_root / "autograded").glob(f"*/{part}/{part}.ipynb"))
+        print("== seconds each notebook ran when autograded (kernel start-up not included):")
+        for student in graded:
+            print(f"   {student:24s} {notebook_seconds(course_root, student, part):6.1f}")
     grades = course_root / "grades.csv"
     if "export" in seconds:
-        print(f"== {grades}")
-        for student, row in sorted(read_grades(grades).items()):
+        print(f"== {grades} ({part})")
+        for student, row in sorted(read_grades(grades, part).items()):
             print(f"   {student:24s} {float(row['score']):5.1f} / {float(row['max_score']):.1f}")
     if "feedback" in seconds:
-        print(f"== feedback: {course_root / 'feedback'}/<student>/{ASSIGNMENT}/{PART}.html")
+        print(f"== feedback: {course_root / 'feedback'}/<student>/{part}/{part}.html")
     return 0
 
 

@@ -1,0 +1,300 @@
+"""Student-like submissions of a course part, built from its release and its solution notebook.
+
+    python -m tools.sample_submissions OUT_DIR [--part part1_persona_space]
+
+writes ``OUT_DIR/<student>.ipynb`` for each sample student. ``make instructor-roundtrip`` grades them
+when given no submissions, and ``tests/test_nbgrader.py`` grades them and asserts the exact scores.
+
+Every part has two:
+
+- ``solution``: the solution notebook, as a student who pasted every solution would hand it in;
+- ``blank``: the untouched release.
+
+A part can add more in :data:`EDITS`: the release with every exercise answered from the solution notebook,
+then some cells replaced (a new source) or deleted (``None``). For Part 1:
+
+- ``rewritten``: seven exercises answered correctly but written differently (hooks instead of
+  ``output_hidden_states``, ``executor.map``, ``F.normalize``, NumPy's SVD, ...): full marks;
+- ``mistakes``: three exercises wrong, one of them the batched extraction without the attention mask,
+  which Exercise 5 calls: each costs only its own check's points (15 of 21). The student also edited the
+  failing cosine check to ``pass`` and deleted the (passing) PCA check: nbgrader restores both, so
+  tampering changes no score;
+- ``broken``: a syntax error (Exercise 7), an endless retry loop (Exercise 2a: it fails its check after
+  ``COURSE_CHECK_TIMEOUT`` seconds, and later cells that call it fail at once), and Exercise 8 deleted with
+  its check (nbgrader puts the check back; it scores 0).
+
+:data:`LOST` says which check cells each student loses. The wrong and rewritten answers are written out
+here or made by editing the solution's own source; the solution itself is read from ``solutions/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Callable, Union
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+
+Edit = Union[str, Callable[[str], str], None]  # a new source, a function of the solution's source, or None: delete
+
+
+def _replace(old: str, new: str) -> Callable[[str], str]:
+    def edit(source: str) -> str:
+        if old not in source:
+            raise ValueError(f"The solution no longer contains {old!r}: update tools/sample_submissions.py.")
+        return source.replace(old, new)
+
+    return edit
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 1
+# --------------------------------------------------------------------------------------------------
+
+_P1_REWRITTEN = {
+    "ex_generate_all": '''\
+def generate_all_responses(client, model_name, personas, questions, max_workers=16, **generation_kwargs):
+    import concurrent.futures as cf
+
+    from tqdm.auto import tqdm
+
+    keys = [(persona, q) for persona in personas for q in range(len(questions))]
+
+    def one(key):
+        persona, q = key
+        try:
+            return key, generate_response_api(client, model_name, personas[persona], questions[q],
+                                              **generation_kwargs), None
+        except Exception as e:
+            return key, None, f"{type(e).__name__}: {e}"
+
+    responses, failures = {}, {}
+    with cf.ThreadPoolExecutor(max_workers) as pool:
+        for key, text, error in tqdm(pool.map(one, keys), total=len(keys), desc="generate"):
+            if error is None:
+                responses[key] = text
+            else:
+                failures[key] = error
+    return responses, failures
+''',
+    "ex_extract_batched": '''\
+def extract_response_activations_batched(model, tokenizer, conversations, layer, batch_size=8):
+    # A forward hook on the block instead of output_hidden_states; padding and masks built by hand.
+    device = next(model.parameters()).device
+    suffix = turn_suffix_len(tokenizer)
+    captured = {}
+
+    def hook(module, inputs, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    rows = []
+    try:
+        for b in range(0, len(conversations), batch_size):
+            encoded = []
+            for messages in conversations[b:b + batch_size]:
+                text, start = format_messages(messages, tokenizer)
+                ids = tokenizer(text, add_special_tokens=False).input_ids
+                encoded.append((ids, start, len(ids) - suffix))
+            width = max(len(ids) for ids, _, _ in encoded)
+            input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros(len(encoded), width, dtype=torch.long)
+            span = torch.zeros(len(encoded), width)
+            for i, (ids, start, end) in enumerate(encoded):
+                offset = width - len(ids) if tokenizer.padding_side == "left" else 0
+                input_ids[i, offset:offset + len(ids)] = torch.tensor(ids)
+                attention[i, offset:offset + len(ids)] = 1
+                span[i, offset + start:offset + end] = 1
+            with torch.inference_mode():
+                model(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+            hidden = captured["h"].float().cpu()
+            rows.append((hidden * span[:, :, None]).sum(dim=1) / span.sum(dim=1, keepdim=True))
+    finally:
+        handle.remove()
+    return torch.cat(rows)
+''',
+    "ex_cosine": '''\
+import torch.nn.functional as F
+
+
+def compute_cosine_similarity_matrix(vectors):
+    unit = F.normalize(vectors.float(), dim=-1)
+    return torch.einsum("id,jd->ij", unit, unit)
+
+
+def compute_cosine_similarity_matrix_centered(vectors):
+    v = vectors.float()
+    return compute_cosine_similarity_matrix(v - v.mean(0))
+''',
+    "ex_pca": '''\
+def pca_decompose_persona_vectors(vectors, n_components=5):
+    x = vectors.double().numpy()
+    x = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    components = torch.from_numpy(vt[:n_components]).float()
+    ratio = torch.from_numpy(s**2 / (s**2).sum())[:n_components].float()
+    return torch.from_numpy(x).float() @ components.T, ratio, components
+''',
+    "ex_axis": '''\
+def compute_assistant_axis(default_vectors, role_vectors):
+    d = default_vectors.float().sum(dim=0) / len(default_vectors)
+    r = role_vectors.float().sum(dim=0) / len(role_vectors)
+    return torch.nn.functional.normalize(d - r, dim=0)
+
+
+def characterize_axis(axis, vectors):
+    names = list(vectors)
+    stacked = torch.stack([vectors[n].float() for n in names])
+    cos = torch.nn.functional.cosine_similarity(stacked, axis.float()[None, :], dim=1)
+    return [(names[i], cos[i].item()) for i in torch.argsort(cos, descending=True).tolist()]
+''',
+    "ex_trait": '''\
+def compute_trait_vector(pos_activations, neg_activations):
+    return torch.sub(pos_activations.float().mean(0), neg_activations.float().mean(0))
+''',
+    "ex_auc": '''\
+def axis_auc(scores, positive):
+    pairs = list(zip(scores.tolist(), positive.tolist()))
+    pos = [s for s, p in pairs if p]
+    neg = [s for s, p in pairs if not p]
+    if not pos or not neg:
+        raise ValueError("The AUC needs at least one example of each class.")
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return wins / (len(pos) * len(neg))
+''',
+}
+
+_P1_MISTAKES = {
+    # Forgets the attention mask: with Gemma's left padding the model attends to the padding.
+    "ex_extract_batched": _replace("model(**enc, output_hidden_states=True)",
+                                   "model(enc.input_ids, output_hidden_states=True)"),
+    # "Centred" cosine that does not centre.
+    "ex_cosine": _replace("return compute_cosine_similarity_matrix(v - v.mean(dim=0, keepdim=True))",
+                          "return compute_cosine_similarity_matrix(v)"),
+    # The axis points away from the defaults.
+    "ex_axis": _replace("axis = default_vectors.float().mean(dim=0) - role_vectors.float().mean(dim=0)",
+                        "axis = role_vectors.float().mean(dim=0) - default_vectors.float().mean(dim=0)"),
+}
+
+_P1_ENDLESS_RETRY = '''\
+class EmptyResponseError(ValueError):
+    """The model returned no text."""
+
+
+def generate_response_api(client, model_name, system_prompt, question, max_tokens=128, temperature=0.7,
+                          top_p=0.9):
+    messages = []
+    user_content = question
+    if system_prompt.strip():
+        if "gemma" in model_name.lower():
+            user_content = f"{system_prompt}\\n\\n{question}"
+        else:
+            messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": user_content})
+    while True:  # retry until the model says something: never ends if it keeps saying nothing
+        completion = client.chat.completions.create(model=model_name, messages=messages, max_tokens=max_tokens,
+                                                    temperature=temperature, top_p=top_p)
+        text = (completion.choices[0].message.content or "").strip()
+        if text:
+            return text
+'''
+
+EDITS: dict[str, dict[str, dict[str, Edit]]] = {
+    "part1_persona_space": {
+        "rewritten": _P1_REWRITTEN,
+        "mistakes": {**_P1_MISTAKES, "check_cosine": "pass", "check_pca": None},
+        "broken": {
+            "ex_generate_one": _P1_ENDLESS_RETRY,
+            "ex_trait": _replace("return pos_activations.float().mean(dim=0) - neg_activations.float().mean(dim=0)",
+                                 "return (pos_activations.float().mean(dim=0) - neg_activations.float().mean(dim=0)"),
+            "ex_auc": None,
+            "check_auc": None,
+        },
+    },
+}
+
+LOST: dict[str, dict[str, set[str]]] = {
+    "part1_persona_space": {
+        "rewritten": set(),
+        "mistakes": {"check_extract_batched", "check_cosine", "check_axis"},
+        "broken": {"check_generate_one", "check_trait", "check_auc"},
+    },
+}
+"""Check cells (grade ids) each sample student loses all points of; every other check gets full points.
+``blank`` loses every check; ``solution`` none."""
+
+
+def students(part: str) -> list[str]:
+    return ["solution", "blank", *EDITS.get(part, {})]
+
+
+def lost(part: str, student: str, checks: list[str]) -> set[str]:
+    if student == "blank":
+        return set(checks)
+    return set(LOST.get(part, {}).get(student, set()))
+
+
+def _grade_id(cell) -> str | None:
+    return cell.metadata.get("nbgrader", {}).get("grade_id")
+
+
+def answered(release: nbformat.NotebookNode, solution: nbformat.NotebookNode,
+             edits: dict[str, Edit]) -> nbformat.NotebookNode:
+    """The release with every exercise answered from ``solution``, then ``edits`` applied."""
+    nb = copy.deepcopy(release)
+    solved = {_grade_id(c): c.source for c in solution.cells}
+    unknown = set(edits) - {_grade_id(c) for c in nb.cells}
+    if unknown:
+        raise ValueError(f"No cells {sorted(unknown)} in the release: update tools/sample_submissions.py.")
+    cells = []
+    for cell in nb.cells:
+        gid = _grade_id(cell)
+        if cell.metadata.get("nbgrader", {}).get("solution"):
+            cell.source = solved[gid]
+        if gid in edits:
+            edit = edits[gid]
+            if edit is None:
+                continue
+            cell.source = edit(cell.source) if callable(edit) else edit
+        cells.append(cell)
+    nb.cells = cells
+    return nb
+
+
+def build(part: str, release: Path, out_dir: Path, prefix: str = "") -> dict[str, Path]:
+    """Write each sample student's notebook to ``out_dir/<prefix><student>.ipynb``; return student -> path."""
+    from tools.build_notebooks import solution_notebook
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handed_out = nbformat.read(release, as_version=4)
+    solution = solution_notebook(part)
+    notebooks = {"solution": solution, "blank": handed_out}
+    for student, edits in EDITS.get(part, {}).items():
+        notebooks[student] = answered(handed_out, solution, edits)
+    paths = {}
+    for student, nb in notebooks.items():
+        path = out_dir / f"{prefix}{student}.ipynb"
+        nbformat.write(nb, path)
+        paths[f"{prefix}{student}"] = path
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.build_notebooks import PARTS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--part", default=PARTS[0], choices=PARTS)
+    args = parser.parse_args(argv)
+    release = ROOT / "exercises" / f"{args.part}.ipynb"
+    for student, path in build(args.part, release, args.out_dir).items():
+        print(f"{student:12s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
