@@ -402,3 +402,30 @@ def test_capping_benchmark_runs_at_tiny_size(capsys):
     assert bench.main(["--model", "tiny-gemma2", "--prompts", "2", "--new-tokens", "3", "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["capping_overhead_ratio"] > 0 and result["layers"] == [4] and 0 <= result["fraction_capped"] <= 1
+
+
+def test_interventions_act_on_generation_through_the_bf16_twin(tiny, monkeypatch):
+    """generate_batch runs a float32 model's generation-dtype twin: a `with capping(model, ...)` or
+    `with steering(model, ...)` on the float32 model must change what it generates, and its hooks must
+    be gone from both models afterwards."""
+    from utils.backends import generate_batch
+    from utils.generation import generation_model
+
+    monkeypatch.setenv("COURSE_GENERATION_DTYPE", "bfloat16")
+    model, tok = tiny
+    twin = generation_model(model)
+    assert twin is not model and next(twin.parameters()).dtype == torch.bfloat16
+    before = (_hook_counts(model), _hook_counts(twin))
+    convs = [[{"role": "user", "content": "Tell me about the sea."}]]
+    plain = generate_batch(model, tok, convs, 8, temperature=0.0)
+    vector = 200.0 * _unit(_axes(64, [2], seed=3)[2])
+    with steering(model, {2: vector}):
+        assert _hook_counts(twin) != before[1], "the twin that generates has the hook too"
+        steered = generate_batch(model, tok, convs, 8, temperature=0.0)
+    assert steered != plain
+    stats = CapStats()
+    axes = _axes(64, [3, 4], seed=5)
+    with capping(model, axes, {3: 1e4, 4: 1e4}, stats=stats):  # a floor far above every activation
+        generate_batch(model, tok, convs, 4, temperature=0.0)
+    assert stats.fraction_capped() == 1.0, "every generated position was capped"
+    assert (_hook_counts(model), _hook_counts(twin)) == before

@@ -404,14 +404,33 @@ def intervene(
 
     handles = []
     try:
-        if positions == "generated" or stats is not None:
-            handles.append(model.model.register_forward_pre_hook(state.pre_hook(positions), with_kwargs=True))
-        for layer in sorted(set(adds) | set(caps)):
-            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
+        for target in hooked_models(model):
+            if positions == "generated" or stats is not None:
+                handles.append(target.model.register_forward_pre_hook(state.pre_hook(positions), with_kwargs=True))
+            target_blocks = decoder_layers(target)
+            for layer in sorted(set(adds) | set(caps)):
+                handles.append(target_blocks[layer].register_forward_hook(make_hook(layer)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def hooked_models(model) -> list:
+    """The models an intervention or probe on ``model`` is registered on: ``model`` itself and its
+    generation twin, :func:`utils.generation.generation_model` (the bf16 copy that
+    :func:`utils.backends.generate_batch` and :func:`utils.generation.generate` run on a float32 CPU
+    model), without duplicates. So a ``with capping(model, ...)`` acts on every forward pass of either:
+    the float32 passes that read activations and the bf16 passes that generate. The twin is made here if
+    it does not exist yet (on a CPU with bf16, SmolLM2's costs 257 MiB; a model already in the generation
+    dtype is its own twin). A module that cannot generate (no ``generate`` method) has no twin.
+    """
+    from utils.generation import generation_model
+
+    if not callable(getattr(model, "generate", None)):
+        return [model]
+    twin = generation_model(model)
+    return [model] if twin is model else [model, twin]
 
 
 @contextlib.contextmanager
@@ -490,8 +509,10 @@ class ProjectionProbe:
         if self._handles:
             raise RuntimeError("This ProjectionProbe is already active; make a new one to nest.")
         try:
+            targets = [decoder_layers(target) for target in hooked_models(self._model)]
             for layer in self._axes:
-                self._handles.append(self._blocks[layer].register_forward_hook(self._hook(layer)))
+                for blocks in targets:
+                    self._handles.append(blocks[layer].register_forward_hook(self._hook(layer)))
                 key = (id(self._model), layer)
                 _ACTIVE_PROBES[key] = _ACTIVE_PROBES.get(key, 0) + 1
         except BaseException:
@@ -502,7 +523,8 @@ class ProjectionProbe:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        for layer in list(self._axes)[: len(self._handles)]:
+        registered = len(self._handles) // max(len(hooked_models(self._model)), 1)
+        for layer in list(self._axes)[:registered]:
             key = (id(self._model), layer)
             _ACTIVE_PROBES[key] -= 1
             if not _ACTIVE_PROBES[key]:
