@@ -67,6 +67,17 @@ GRADING_ENV_DEFAULTS = {
     # Figures and summary.json of each graded run: one scratch folder per instructor account, overwritten
     # by every submission, so they never pile up in the course root or reach students' feedback.
     "COURSE_OUT_DIR": os.path.join(tempfile.gettempdir(), f"persona-space-grading-{_user()}"),
+    # Part 2 at test sizes: one assistant turn per transcript, short windows, one case study, one replayed
+    # turn, one steering question. Its starting point (Part 1's results on tiny-gemma2) is computed by the
+    # course's own code on the first Part 2 submission and read back for the others: a folder of its own,
+    # so no student's Part 1 notebook can write into it.
+    "COURSE_MAX_TURNS": "1",
+    "COURSE_MAX_TOKENS": "1536",
+    "COURSE_CASE_STUDIES": "llama-3.3-70b/jailbreak",
+    "COURSE_REPLAY_TURNS": "1",
+    "COURSE_STEER_QUESTIONS": "1",
+    "COURSE_PART1_DIR": os.path.join(tempfile.gettempdir(), f"persona-space-grading-part1-results-{_user()}"),
+    "COURSE_PART2_OUT_DIR": os.path.join(tempfile.gettempdir(), f"persona-space-grading-part2-{_user()}"),
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     # Each check gives the learner's function this many seconds per call (tests/checking.py); a function
