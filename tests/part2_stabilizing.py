@@ -148,48 +148,50 @@ def test_parse_transcript(fn) -> None:
                 hint = (" You stripped or otherwise changed it: return the content exactly as in the file."
                         if isinstance(g["content"], str) and g["content"].strip() == e["content"].strip() else "")
                 _fail(f"Message {i} of {path.name}: the content differs from the file's.{hint}", section)
-    folder = Path(tempfile.mkdtemp(prefix="transcripts-"))
-    # A valid file with a system prompt and untidy whitespace: accepted, content unchanged.
-    valid = [{"role": "system", "content": "You are a gardener."}] + copy.deepcopy(VALID_CONVERSATION)
-    path = _write(folder, "valid_garden.json", {"model": "test", "conversation": valid})
-    got = _call("parse_transcript on a valid file with a system message", section,
-                "A system message may come first; after it, user and assistant turns alternate.", fn, path)
-    if got != valid:
-        hint = ""
-        if isinstance(got, list) and len(got) == len(valid) - 1:
-            hint = " You dropped the system message: keep it, as the first message."
-        elif isinstance(got, list) and len(got) == len(valid) and [m.get("content") for m in got] != \
-                [m["content"] for m in valid]:
-            hint = " Return each message's content exactly as in the file (do not strip it)."
-        _fail(f"For a valid file with a system message, expected {_clip(repr(valid), 200)}; got "
-              f"{_clip(repr(got), 200)}.{hint}", section)
-    # Malformed files: an error that names the file and the turn.
-    for n, (description, conversation, bad_turn, what) in enumerate(MALFORMED_CASES):
-        path = _write(folder, f"broken_case_{'abcde'[n]}.json", {"conversation": conversation})
-        try:
-            got = limited(fn, section)(path)
-        except (NotImplementedError, CheckFailure):
-            raise
-        except ValueError as exc:
-            message = str(exc)
-            if path.name not in message:
-                _fail(f"For a file with {description}, your error says {_clip(message)!r}, which does not name the "
-                      f"file. Put the path in the message ({path.name} here), so a learner with 50 transcripts "
-                      "knows which one to open.", section, exc)
-            rest = message.replace(str(path), " ").replace(path.name, " ")
-            numbers = {int(x) for x in re.findall(r"\d+", rest)}
-            if bad_turn not in numbers:
-                hint = (" Count turns from 0: the index of the message in 'conversation'."
-                        if bad_turn + 1 in numbers else "")
-                _fail(f"For a file with {description} (turn {bad_turn}, 0-based), your error says {_clip(message)!r}, "
-                      f"which does not name the turn.{hint}", section, exc)
-            continue
-        except Exception as exc:
-            _fail(f"For a file with {description} you raised {type(exc).__name__}: {_clip(str(exc))}. Check for "
-                  f"{what} yourself and raise TranscriptError (a ValueError) naming the file and the turn.",
-                  section, exc)
-        _fail(f"For a file with {description} (turn {bad_turn}) you returned {_clip(repr(got), 120)}; expected "
-              f"TranscriptError. Check for {what}.", section)
+    # Temporary files, removed afterwards; messages show the folder as <tmp>, so they read the same every run.
+    with tempfile.TemporaryDirectory(prefix="transcripts-") as tmp:
+        folder = Path(tmp)
+        # A valid file with a system prompt and untidy whitespace: accepted, content unchanged.
+        valid = [{"role": "system", "content": "You are a gardener."}] + copy.deepcopy(VALID_CONVERSATION)
+        path = _write(folder, "valid_garden.json", {"model": "test", "conversation": valid})
+        got = _call("parse_transcript on a valid file with a system message", section,
+                    "A system message may come first; after it, user and assistant turns alternate.", fn, path)
+        if got != valid:
+            hint = ""
+            if isinstance(got, list) and len(got) == len(valid) - 1:
+                hint = " You dropped the system message: keep it, as the first message."
+            elif isinstance(got, list) and len(got) == len(valid) and [m.get("content") for m in got] != \
+                    [m["content"] for m in valid]:
+                hint = " Return each message's content exactly as in the file (do not strip it)."
+            _fail(f"For a valid file with a system message, expected {_clip(repr(valid), 200)}; got "
+                  f"{_clip(repr(got), 200)}.{hint}", section)
+        # Malformed files: an error that names the file and the turn.
+        for n, (description, conversation, bad_turn, what) in enumerate(MALFORMED_CASES):
+            path = _write(folder, f"broken_case_{'abcde'[n]}.json", {"conversation": conversation})
+            try:
+                got = limited(fn, section)(path)
+            except (NotImplementedError, CheckFailure):
+                raise
+            except ValueError as exc:
+                message = str(exc).replace(str(folder), "<tmp>")
+                if path.name not in message:
+                    _fail(f"For a file with {description}, your error says {_clip(message)!r}, which does not name the "
+                          f"file. Put the path in the message ({path.name} here), so a learner with 50 transcripts "
+                          "knows which one to open.", section, exc)
+                rest = message.replace("<tmp>", " ").replace(path.name, " ")
+                numbers = {int(x) for x in re.findall(r"\d+", rest)}
+                if bad_turn not in numbers:
+                    hint = (" Count turns from 0: the index of the message in 'conversation'."
+                            if bad_turn + 1 in numbers else "")
+                    _fail(f"For a file with {description} (turn {bad_turn}, 0-based), your error says {_clip(message)!r}, "
+                          f"which does not name the turn.{hint}", section, exc)
+                continue
+            except Exception as exc:
+                _fail(f"For a file with {description} you raised {type(exc).__name__}: {_clip(str(exc))}. Check for "
+                      f"{what} yourself and raise TranscriptError (a ValueError) naming the file and the turn.",
+                      section, exc)
+            _fail(f"For a file with {description} (turn {bad_turn}) you returned {_clip(repr(got), 120)}; expected "
+                  f"TranscriptError. Check for {what}.", section)
     _passed("test_parse_transcript")
 
 

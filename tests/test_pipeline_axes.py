@@ -44,7 +44,7 @@ def test_capping_stage_after_a_run_and_alone(tmp_path, tiny, capsys):
 
     # `--stage axes` reruns only this stage, from the cache, with another percentile
     args = ["--model", "tiny-gemma2", "--roles", "bard,ghost,analyst", "--questions", "3", "--prompts", "2",
-            "--layers", "2,4", "--max-tokens", "6", "--cache-dir", str(tmp_path / "cache"), "--out",
+            "--layers", "2,4", "--max-tokens", "6", "--chunk-size", "8", "--cache-dir", str(tmp_path / "cache"), "--out",
             str(tmp_path / "out"), "--stage", "axes", "--percentile", "75"]
     assert pipeline.main(args) == 0
     again = json.loads((out / "capping.json").read_text())

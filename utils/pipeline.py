@@ -561,6 +561,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--min-score", type=int, default=3)
     p.add_argument("--min-count", type=int, default=50, help="score-3 responses a role needs for a vector (paper: 50)")
     p.add_argument("--workers", type=int, default=16)
+    p.add_argument("--chunk-size", type=int, default=Config.chunk_size,
+                   help="local generation: requests per fixed, seeded chunk (part of the cache key)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (for small runs)")
     p.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache" / "pipeline")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "out" / "pipeline")
@@ -569,6 +571,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--percentile", type=float, default=25.0,
                    help="stage 6: capping threshold = this percentile of default projections (paper: 25)")
     a = p.parse_args(argv)
+    if a.chunk_size < 1:
+        p.error(f"--chunk-size must be at least 1; got {a.chunk_size}.")
     all_roles = sorted(load_roles())
     if a.roles == "all":
         roles = all_roles
@@ -590,7 +594,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
                   backend=a.backend, judge=a.judge, generation_model=a.generation_model, judge_model=a.judge_model,
                   max_tokens=a.max_tokens, temperature=a.temperature, min_score=a.min_score, min_count=a.min_count,
                   workers=a.workers, limit=a.limit, cache_dir=a.cache_dir, out_dir=a.out,
-                  cap_percentile=a.percentile, stage=a.stage)
+                  cap_percentile=a.percentile, stage=a.stage, chunk_size=a.chunk_size)
 
 
 def main(argv: list[str] | None = None) -> int:
