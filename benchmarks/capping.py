@@ -4,10 +4,11 @@ Run::
 
     python -m benchmarks.capping [--model smollm2-135m-instruct] [--prompts 8] [--new-tokens 48] [--repeats 5]
 
-Both variants generate with :func:`utils.backends.generate_batch` (one left-padded batch, greedy, so the
-work is deterministic), on the same ``--prompts`` persona conversations, at ``--new-tokens`` new tokens
-each: ``min_new_tokens`` is set to the same number on the model's generation config for the run, so an
-early end-of-sequence cannot make one variant do less work. The capped variant wraps the call in
+Both variants generate with the course's generation path, :func:`utils.generation.generate_tokens` on
+:func:`utils.generation.generation_model` (what :func:`utils.backends.generate_batch` runs: bf16 on a CPU
+that supports it, ``COURSE_GENERATION_DTYPE`` overrides), in one batch, greedy, on the same ``--prompts``
+persona conversations, at exactly ``--new-tokens`` new tokens each: no stop token ends a row early, so
+capping's changed text cannot make one variant do less work. The capped variant wraps the call in
 :func:`utils.steering.capping` at :func:`utils.steering.cap_layer_range` (SmolLM2: layers 21-26 of 30)
 with ``positions="all"`` (the paper's setting), along a fixed random unit axis per layer with the
 threshold at the 25th percentile of the prompts' own projections (so a realistic share of positions is
@@ -61,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.prompts < 1 or args.new_tokens < 1 or args.repeats < 1:
@@ -69,58 +69,61 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from utils.backends import generate_batch
+    from utils.conversation import encode, render
+    from utils.generation import choose_generation_dtype, generate_tokens, generation_model
     from utils.models import load_model
     from utils.steering import CapStats, cap_layer_range, capping
 
     model, tokenizer = load_model(args.model)
-    if args.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
     model.eval()
+    gen_model = generation_model(model)  # capping(model, ...) hooks this twin too (utils.steering.hooked_models)
+    dtype = str(next(gen_model.parameters()).dtype).removeprefix("torch.")
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
     layers = cap_layer_range(n_layers)
     g = torch.Generator().manual_seed(0)
     axes = {layer: torch.randn(d_model, generator=g) for layer in layers}
     conversations = _conversations(args.model, args.prompts)
     taus = _thresholds(model, tokenizer, conversations, axes)
+    prompts = [encode(render(c, tokenizer, add_generation_prompt=True), tokenizer) for c in conversations]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def run():
+        out = generate_tokens(gen_model, prompts, args.new_tokens, temperature=0.0, pad_id=pad, stop_ids=())
+        assert all(len(row) == args.new_tokens for row in out), "every row generates exactly --new-tokens"
+        return out
 
     def plain():
-        return generate_batch(model, tokenizer, conversations, args.new_tokens, temperature=0.0)
+        return run()
 
     def capped():
         with capping(model, axes, taus):
-            return generate_batch(model, tokenizer, conversations, args.new_tokens, temperature=0.0)
+            return run()
 
     stats = CapStats()
 
     def capped_stats():
         with capping(model, axes, taus, stats=stats):
-            return generate_batch(model, tokenizer, conversations, args.new_tokens, temperature=0.0)
+            return run()
 
     variants = {"plain": plain, "capped": capped, "capped+stats": capped_stats}
-    saved_min = model.generation_config.min_new_tokens
-    model.generation_config.min_new_tokens = args.new_tokens  # equal work: no early end of sequence
     best = {name: float("inf") for name in variants}
     best_cpu = {name: float("inf") for name in variants}
-    try:
-        for fn in variants.values():  # warm-up
-            fn()
-        names = list(variants)
-        for r in range(args.repeats):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                t0, c0 = time.perf_counter(), time.process_time()
-                variants[name]()
-                best[name] = min(best[name], time.perf_counter() - t0)
-                best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
-    finally:
-        model.generation_config.min_new_tokens = saved_min
+    for fn in variants.values():  # warm-up
+        fn()
+    names = list(variants)
+    for r in range(args.repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            variants[name]()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
 
     ratio = best["capped"] / best["plain"]
     ratio_stats = best["capped+stats"] / best["plain"]
     ratio_cpu = best_cpu["capped"] / best_cpu["plain"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"model {args.model} ({args.dtype}), {args.prompts} prompts x {args.new_tokens} new tokens, greedy, "
-          f"generate_batch; capping layers {layers[0]}-{layers[-1]} ({len(layers)} of {n_layers}); "
+    print(f"model {args.model} (generates in {dtype}: {choose_generation_dtype(None).reason}), {args.prompts} prompts "
+          f"x {args.new_tokens} new tokens, greedy; capping layers {layers[0]}-{layers[-1]} ({len(layers)} of {n_layers}); "
           f"best of {args.repeats}; torch threads {torch.get_num_threads()}; load average {load:.2f}")
     print("  variant        wall (best)       process CPU time (best)")
     for name in variants:
@@ -130,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"capping_overhead_ratio": round(ratio, 4), "capping_with_stats_ratio": round(ratio_stats, 4),
                       "capping_overhead_ratio_cpu_time": round(ratio_cpu, 4),
                       "plain_s": round(best["plain"], 4), "capped_s": round(best["capped"], 4),
-                      "model": args.model, "dtype": args.dtype, "prompts": args.prompts, "new_tokens": args.new_tokens,
+                      "model": args.model, "dtype": dtype, "prompts": args.prompts, "new_tokens": args.new_tokens,
                       "repeats": args.repeats, "layers": layers, "fraction_capped": round(stats.fraction_capped(), 4),
-                      "generation": "utils.backends.generate_batch", "load_average": round(load, 2)}))
+                      "generation": "utils.generation.generate_tokens on generation_model(model)", "load_average": round(load, 2)}))
     return 0
 
 

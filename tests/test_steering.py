@@ -401,7 +401,7 @@ def test_capping_benchmark_runs_at_tiny_size(capsys):
 
     assert bench.main(["--model", "tiny-gemma2", "--prompts", "2", "--new-tokens", "3", "--repeats", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["capping_overhead_ratio"] > 0 and result["layers"] == [4] and 0 <= result["fraction_capped"] <= 1
+    assert result["capping_overhead_ratio"] > 0 and result["layers"] == [4] and 0 < result["fraction_capped"] < 1  # capping acts on generation
 
 
 def test_interventions_act_on_generation_through_the_bf16_twin(tiny, monkeypatch):
