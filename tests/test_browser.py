@@ -275,8 +275,8 @@ def test_solution_notebook_renders_figures_and_progress_bars(browser, lab, part,
         assert drawn == figures, f"{figures} figures made, {drawn} drawn"
         assert bars == widgets, f"{widgets} progress bars made, {bars} drawn"
         # Every widget output, bar or not, is drawn as a widget view (not the "model not found" text).
-        views = page.evaluate("mime => Array.from(document.querySelectorAll(`.jp-OutputArea-output[data-mime-type=\"${mime}\"]`))"
-                              ".filter(e => e.querySelector('[class*=\"widget-\"]')).length", WIDGET_MIME)
+        views = page.evaluate("() => Array.from(document.querySelectorAll('.jp-OutputArea-output'))"
+                              ".filter(e => e.querySelector('[class*=\"widget-\"]')).length")
         assert views == len(shown), f"{len(shown)} widgets shown, {views} drawn"
         stderr = page.evaluate("() => Array.from(document.querySelectorAll("
                                "'.jp-OutputArea-output[data-mime-type=\"application/vnd.jupyter.stderr\"]'))"
