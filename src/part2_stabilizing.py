@@ -607,8 +607,8 @@ if USE_API:
     judge_client, judge_model = make_api_client(), os.environ.get("COURSE_JUDGE_MODEL", DEFAULT_JUDGE_MODEL)
 else:
     judge_client, judge_model = OfflineRuleJudge(), "offline-rule-judge"
-print(f"{len(steer_personas)} personas x {len(steer_questions)} questions x {len(steer_coefficients)} coefficients; "
-      f"judge: {judge_model}")
+print("Judging:", "through the API" if USE_API else "offline (no API key found)", f"(judge: {judge_model})")
+print(f"{len(steer_personas)} personas x {len(steer_questions)} questions x {len(steer_coefficients)} coefficients")
 with timer("steering"):
     records = steering_sweep(model, tokenizer, steer_personas, steer_questions, AXIS[LAYER], LAYER,
                              steer_coefficients, max_new_tokens=MAX_NEW_TOKENS, judge_client=judge_client,

@@ -685,7 +685,7 @@ def test_steering_vectors(fn) -> None:
 # Exercise 7: activation capping
 # ==================================================================================================
 
-CAP_LAYERS = [2, 4]
+_CAP_LAYERS = [2, 4]
 
 
 def _cap_case(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -768,7 +768,7 @@ def cap_thresholds_for_check(model, ids, axes) -> dict[int, float]:
     with torch.inference_mode():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
     out = {}
-    for l in CAP_LAYERS:
+    for l in _CAP_LAYERS:
         p = (hs[l + 1][0].float() @ (axes[l] / axes[l].norm())).sort().values
         mid = len(p) // 2
         out[l] = float((p[mid - 1] + p[mid]) / 2)  # between two projections: no position sits exactly at tau
@@ -791,20 +791,20 @@ def test_activation_capping(fn) -> None:
     ids = _cap_ids(tok)
     axes = _cap_axes()
     taus = cap_thresholds_for_check(model, ids, axes)
-    first = CAP_LAYERS[0]
-    unit = {l: axes[l] / axes[l].norm() for l in CAP_LAYERS}
+    first = _CAP_LAYERS[0]
+    unit = {l: axes[l] / axes[l].norm() for l in _CAP_LAYERS}
     with torch.inference_mode():
         raw = model(input_ids=ids, output_hidden_states=True).hidden_states[first + 1][0].float()
-    with capping(model, {l: axes[l] for l in CAP_LAYERS}, taus):
+    with capping(model, {l: axes[l] for l in _CAP_LAYERS}, taus):
         expected = _logits(model, ids)
     before = _hook_counts(model)
     captured: dict[int, torch.Tensor] = {}
 
     cm = _enter(fn, "activation_capping(model, axes, thresholds, layers)", section, model, axes.clone(), dict(taus),
-                list(CAP_LAYERS))
+                list(_CAP_LAYERS))
     try:
         with cm:
-            handles = [model.model.layers[l].register_forward_hook(_capture(captured, l)) for l in CAP_LAYERS]
+            handles = [model.model.layers[l].register_forward_hook(_capture(captured, l)) for l in _CAP_LAYERS]
             try:
                 got = _logits(model, ids)
             finally:
@@ -851,7 +851,7 @@ def test_activation_capping(fn) -> None:
                       f"{_short(new_proj[below])}, expected {taus[first]:.4f}). Normalise each layer's axis: "
                       "a = axes[l] / axes[l].norm().", section)
         _fail("Positions below the threshold were not lifted exactly to it.", section)
-    for layer in CAP_LAYERS[1:]:
+    for layer in _CAP_LAYERS[1:]:
         later = captured.get(layer)
         if later is None or bool(((later @ unit[layer]) < taus[layer] - 1e-3).any()):
             _fail(f"Layer {layer} is in `layers`, but some of its positions stay below its threshold: cap every layer "
@@ -863,7 +863,7 @@ def test_activation_capping(fn) -> None:
     # Hooks go on an exception too.
     before = _hook_counts(model)
     try:
-        with _enter(fn, "activation_capping", section, model, axes.clone(), dict(taus), list(CAP_LAYERS)):
+        with _enter(fn, "activation_capping", section, model, axes.clone(), dict(taus), list(_CAP_LAYERS)):
             raise _Boom()
     except _Boom:
         pass

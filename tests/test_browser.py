@@ -49,6 +49,8 @@ WRONG = {
         "raised AttributeError: 'Tensor' object has no attribute 'men'",
     ),
 }
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+TQDM_TEXT = re.compile(r"\d+%\|.*\| *\d+/\d+")  # a tqdm bar's text: "desc:  40%|####      | 2/5 [..."
 CHECK_INTERNALS = ("Traceback (most recent call last)", "tests/checking.py", "site-packages", "_fail(", "_call(")
 
 
@@ -259,7 +261,10 @@ def test_solution_notebook_renders_figures_and_progress_bars(browser, lab, part,
         cells = _cells(page)
         assert _errors(cells) == [], _errors(cells)
         figures = sum("application/vnd.plotly.v1+json" in o.get("data", {}) for c in cells for o in c["outputs"])
-        widgets = sum("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for c in cells for o in c["outputs"])
+        shown = [o["data"] for c in cells for o in c["outputs"] if WIDGET_MIME in o.get("data", {})]
+        # A tqdm bar's widget output carries the bar as its plain text; other widgets (Part 2's chat panel)
+        # are not progress bars, and are checked to be drawn below.
+        widgets = sum(bool(TQDM_TEXT.search(d.get("text/plain", ""))) for d in shown)
         assert figures > 0 and widgets > 0, (figures, widgets)
         # Drawn, not just stored: plotly's SVG and the widgets' progress bars are in the page.
         page.wait_for_function("n => document.querySelectorAll('.js-plotly-plot .main-svg').length >= n",
@@ -269,6 +274,10 @@ def test_solution_notebook_renders_figures_and_progress_bars(browser, lab, part,
                              ".jp-OutputArea-output .jupyter-widget-hprogress').length")
         assert drawn == figures, f"{figures} figures made, {drawn} drawn"
         assert bars == widgets, f"{widgets} progress bars made, {bars} drawn"
+        # Every widget output, bar or not, is drawn as a widget view (not the "model not found" text).
+        views = page.evaluate("() => Array.from(document.querySelectorAll('.jp-OutputArea-output'))"
+                              ".filter(e => e.querySelector('[class*=\"widget-\"]')).length")
+        assert views == len(shown), f"{len(shown)} widgets shown, {views} drawn"
         stderr = page.evaluate("() => Array.from(document.querySelectorAll("
                                "'.jp-OutputArea-output[data-mime-type=\"application/vnd.jupyter.stderr\"]'))"
                                ".map(e => e.innerText).filter(t => /Traceback|Error/.test(t))")

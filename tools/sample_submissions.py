@@ -14,7 +14,7 @@ A part can add more in :data:`EDITS`: the release with every exercise answered f
 then some cells replaced (a new source) or deleted (``None``). For Part 1:
 
 - ``rewritten``: seven exercises answered correctly but written differently (hooks instead of
-  ``output_hidden_states``, ``executor.map``, ``F.normalize``, NumPy's SVD, ...): full marks;
+  ``output_hidden_states``, ``executor.map``, ``F.normalize``, PCA's fit and a projection by hand, ...): full marks;
 - ``mistakes``: three exercises wrong, one of them the batched extraction without the attention mask,
   which Exercise 5 calls: each costs only its own check's points (15 of 21). The student also edited the
   failing cosine check to ``pass`` and deleted the (passing) PCA check: nbgrader restores both, so
@@ -121,23 +121,22 @@ def extract_response_activations_batched(model, tokenizer, conversations, layer,
 import torch.nn.functional as F
 
 
-def compute_cosine_similarity_matrix(vectors):
-    unit = F.normalize(vectors.float(), dim=-1)
-    return torch.einsum("id,jd->ij", unit, unit)
+def compute_cosine_similarity_matrix(persona_vectors):
+    names = [name for name in persona_vectors]
+    unit = F.normalize(torch.stack([persona_vectors[name].float() for name in names]), dim=-1)
+    return torch.einsum("id,jd->ij", unit, unit), names
 
 
-def compute_cosine_similarity_matrix_centered(vectors):
-    v = vectors.float()
-    return compute_cosine_similarity_matrix(v - v.mean(0))
+def compute_cosine_similarity_matrix_centered(persona_vectors):
+    mean = torch.stack([v.float() for v in persona_vectors.values()]).mean(0)
+    return compute_cosine_similarity_matrix({name: v.float() - mean for name, v in persona_vectors.items()})
 ''',
     "ex_pca": '''\
-def pca_decompose_persona_vectors(vectors, n_components=5):
-    x = vectors.double().numpy()
-    x = x - x.mean(axis=0)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    components = torch.from_numpy(vt[:n_components]).float()
-    ratio = torch.from_numpy(s**2 / (s**2).sum())[:n_components].float()
-    return torch.from_numpy(x).float() @ components.T, ratio, components
+def pca_decompose_persona_vectors(persona_vectors):
+    # Fit, then project by hand, instead of fit_transform.
+    x = np.stack([v.double().cpu().numpy() for v in persona_vectors.values()])
+    pca = PCA(n_components=2, svd_solver="full").fit(x)
+    return (x - pca.mean_) @ pca.components_.T, pca
 ''',
     "ex_axis": '''\
 def compute_assistant_axis(default_vectors, role_vectors):
@@ -146,11 +145,11 @@ def compute_assistant_axis(default_vectors, role_vectors):
     return torch.nn.functional.normalize(d - r, dim=0)
 
 
-def characterize_axis(axis, vectors):
-    names = list(vectors)
-    stacked = torch.stack([vectors[n].float() for n in names])
-    cos = torch.nn.functional.cosine_similarity(stacked, axis.float()[None, :], dim=1)
-    return [(names[i], cos[i].item()) for i in torch.argsort(cos, descending=True).tolist()]
+def characterize_axis(persona_vectors, assistant_axis):
+    names = list(persona_vectors)
+    stacked = torch.stack([persona_vectors[n].float() for n in names])
+    cos = torch.nn.functional.cosine_similarity(stacked, assistant_axis.float()[None, :], dim=1)
+    return {names[i]: cos[i].item() for i in torch.argsort(cos).tolist()}
 ''',
     "ex_trait": '''\
 def compute_trait_vector(pos_activations, neg_activations):
@@ -173,11 +172,10 @@ _P1_MISTAKES = {
     "ex_extract_batched": _replace("model(**enc, output_hidden_states=True)",
                                    "model(enc.input_ids, output_hidden_states=True)"),
     # "Centred" cosine that does not centre.
-    "ex_cosine": _replace("return compute_cosine_similarity_matrix(v - v.mean(dim=0, keepdim=True))",
-                          "return compute_cosine_similarity_matrix(v)"),
+    "ex_cosine": _replace('centred = vectors - einops.reduce(vectors, "n_personas d_model -> d_model", "mean")',
+                          "centred = vectors"),
     # The axis points away from the defaults.
-    "ex_axis": _replace("axis = default_vectors.float().mean(dim=0) - role_vectors.float().mean(dim=0)",
-                        "axis = role_vectors.float().mean(dim=0) - default_vectors.float().mean(dim=0)"),
+    "ex_axis": _replace("axis = mean_default - mean_role", "axis = mean_role - mean_default"),
 }
 
 _P1_ENDLESS_RETRY = '''\
@@ -209,8 +207,7 @@ EDITS: dict[str, dict[str, dict[str, Edit]]] = {
         "mistakes": {**_P1_MISTAKES, "check_cosine": "pass", "check_pca": None},
         "broken": {
             "ex_generate_one": _P1_ENDLESS_RETRY,
-            "ex_trait": _replace("return pos_activations.float().mean(dim=0) - neg_activations.float().mean(dim=0)",
-                                 "return (pos_activations.float().mean(dim=0) - neg_activations.float().mean(dim=0)"),
+            "ex_trait": _replace("return mean_pos - mean_neg", "return (mean_pos - mean_neg"),
             "ex_auc": None,
             "check_auc": None,
         },
