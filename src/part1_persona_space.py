@@ -1106,31 +1106,6 @@ fig.show()
 #
 # **Think first:** which control would you expect to drop the most on Gemma 2 27B, and why?
 
-# %%
-# Save Part 1's results for Part 2 (out/part1/part1_results.safetensors + .json): every kept response's mean
-# activation at EVERY layer, the persona vectors and the Assistant Axis per layer, and the default responses'
-# activations (Part 2's capping thresholds are percentiles of their projections).
-from utils.part1_results import save_part1_results
-
-with timer("save_for_part2"):
-    saved_keys = [k for k in judged_responses if k[0] in ACTIVE and (k not in scores or scores[k] >= MIN_SCORE)]
-    saved_acts = extract_mean_activations(  # [n_kept, n_layers, d_model]
-        model, tokenizer, [[{"role": "system", "content": PERSONAS[p]}, {"role": "user", "content": QUESTIONS[q]},
-                            {"role": "assistant", "content": judged_responses[(p, q)]}] for p, q in saved_keys],
-        list(range(NUM_LAYERS)), desc="all layers")
-    rows = {n: [i for i, k in enumerate(saved_keys) if k[0] == n] for n in names}
-    all_layer_vectors = torch.stack([saved_acts[rows[n]].mean(dim=0) for n in names])  # [n_personas, n_layers, d_model]
-    default_rows = torch.tensor([n in DEFAULT_PERSONA_NAMES for n in names])
-    saved = save_part1_results(
-        OUT_DIR, model_name=MODEL_NAME, layer=LAYER, names=names, persona_vectors=all_layer_vectors,
-        default_names=[n for n in names if n in DEFAULT_PERSONA_NAMES],
-        axis=all_layer_vectors[default_rows].mean(dim=0) - all_layer_vectors[~default_rows].mean(dim=0),
-        default_activations=saved_acts[[i for i, k in enumerate(saved_keys) if k[0] in DEFAULT_PERSONA_NAMES]],
-        extra={"computed_by": "Part 1's notebook", "judge": judge_model, "min_score": MIN_SCORE,
-               "n_questions": len(QUESTIONS), "max_new_tokens": MAX_NEW_TOKENS})
-print(f"Saved Part 1's results for Part 2: {saved} ({len(names)} personas x {NUM_LAYERS} layers)")
-
-
 # %% [markdown]
 # ## Summary
 #
@@ -1163,3 +1138,32 @@ summary = {
 }
 (OUT_DIR / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
+
+
+# %%
+# Part 2 starts from here. Save, to out/part1/part1_results.safetensors + .json: every kept response's mean
+# activation at EVERY layer (one more pass, over all the blocks), the persona vectors and the Assistant Axis
+# per layer, and the default responses' activations (Part 2's capping thresholds are percentiles of their
+# projections). This runs after Part 1's summary, so its time is printed here and stored with the results
+# rather than counted in Part 1's `seconds`.
+from utils.part1_results import save_part1_results
+
+save_start = time.perf_counter()
+saved_keys = [k for k in judged_responses if k[0] in ACTIVE and (k not in scores or scores[k] >= MIN_SCORE)]
+saved_acts = extract_mean_activations(  # [n_kept, n_layers, d_model]
+    model, tokenizer, [[{"role": "system", "content": PERSONAS[p]}, {"role": "user", "content": QUESTIONS[q]},
+                        {"role": "assistant", "content": judged_responses[(p, q)]}] for p, q in saved_keys],
+    list(range(NUM_LAYERS)), desc="all layers")
+rows = {n: [i for i, k in enumerate(saved_keys) if k[0] == n] for n in names}
+all_layer_vectors = torch.stack([saved_acts[rows[n]].mean(dim=0) for n in names])  # [n_personas, n_layers, d_model]
+default_rows = torch.tensor([n in DEFAULT_PERSONA_NAMES for n in names])
+save_seconds = round(time.perf_counter() - save_start, 1)
+saved = save_part1_results(
+    OUT_DIR, model_name=MODEL_NAME, layer=LAYER, names=names, persona_vectors=all_layer_vectors,
+    default_names=[n for n in names if n in DEFAULT_PERSONA_NAMES],
+    axis=all_layer_vectors[default_rows].mean(dim=0) - all_layer_vectors[~default_rows].mean(dim=0),
+    default_activations=saved_acts[[i for i, k in enumerate(saved_keys) if k[0] in DEFAULT_PERSONA_NAMES]],
+    extra={"computed_by": "Part 1's notebook", "judge": judge_model, "min_score": MIN_SCORE,
+           "n_questions": len(QUESTIONS), "max_new_tokens": MAX_NEW_TOKENS, "seconds_all_layers": save_seconds})
+print(f"Saved Part 1's results for Part 2: {saved} ({len(names)} personas x {NUM_LAYERS} layers, "
+      f"{save_seconds} s for the pass over every layer)")

@@ -77,7 +77,8 @@ import tests.part2_stabilizing as checks
 from IPython.display import display
 
 from utils import choose_model, load_model, plots
-from utils.backends import DEFAULT_JUDGE_MODEL, OfflineRuleJudge, api_key_present, make_api_client
+from utils.backends import (DEFAULT_JUDGE_MODEL, OfflineRuleJudge, api_key_present, generate_batch,
+                            make_api_client)
 from utils.chat_panel import ChatPanel
 from utils.conversation import chat_messages
 from utils.data import DEFAULT_PERSONA_NAMES, working_personas, working_questions
@@ -89,6 +90,7 @@ from utils.part1_results import load_or_compute_part1_results
 from utils.runtime import StageTimer
 from utils.steering import CapStats, cap_layer_range, capping
 from utils.transcripts import case_studies, drift_transcripts
+from utils.generation import generation_model
 from utils.turns import TurnTooLongError, context_length
 
 torch.set_grad_enabled(False)
@@ -131,6 +133,12 @@ print(f"Transcripts: first {MAX_TURNS} assistant turns, windows of at most {MAX_
 # %%
 with timer("load_model"):
     model, tokenizer = load_model(MODEL_NAME)
+    # Two models, one set of weights: `model` (float32 on a CPU) is what every measurement reads, and
+    # GEN_MODEL is the copy that writes text, in the generation dtype (bf16 where the hardware has it; on a
+    # GPU the model is already bf16 and GEN_MODEL *is* `model`). A hook acts only on the module it is
+    # registered on, so a hook meant to change what the model *writes* goes on GEN_MODEL.
+    # (utils.steering's context managers register on both.)
+    GEN_MODEL = generation_model(model)
 NUM_LAYERS = model.config.num_hidden_layers
 D_MODEL = model.config.hidden_size
 CONTEXT = context_length(model)  # the model's context, at most 8,192
@@ -146,6 +154,8 @@ with timer("part1_results"):
 print(how)
 LAYER = part1.layer
 AXIS = part1.axis  # [n_layers, d_model], raw: mean(defaults) - mean(roles) at every layer
+print(f"Text is written by GEN_MODEL in {next(GEN_MODEL.parameters()).dtype}; activations are read from `model` in "
+      f"{next(model.parameters()).dtype}.")
 print(f"{NUM_LAYERS} layers, d_model = {D_MODEL}; Part 1's layer {LAYER}; {len(part1.names)} personas "
       f"({len(part1.default_names)} defaults)")
 
@@ -575,12 +585,11 @@ unit_axis = AXIS[LAYER] / AXIS[LAYER].norm()
 persona_projections = part1.vectors_at(LAYER) @ unit_axis  # [n_personas]
 print(f"Spread of Part 1's persona projections at layer {LAYER}: std = {persona_projections.std():.3f}")
 vectors = steering_vectors(AXIS[LAYER], persona_projections, [-10.0, 10.0])
-from utils.backends import generate_batch
 
 question = [chat_messages("", "Who are you, and what do you care about?")]
 for multiple, vector in zip([-10.0, 10.0], vectors):
-    with add_steering(model, LAYER, vector):
-        reply = generate_batch(model, tokenizer, question, MAX_NEW_TOKENS, temperature=0.0)[0]
+    with add_steering(GEN_MODEL, LAYER, vector):  # on the model that writes the text
+        reply = generate_batch(GEN_MODEL, tokenizer, question, MAX_NEW_TOKENS, temperature=0.0)[0]
     print(f"--- {multiple:+.0f} x spread:\n{reply[:300]}\n")
 
 # %% [markdown]
@@ -721,7 +730,8 @@ checks.test_activation_capping(activation_capping)
 # ### Does capping hold the persona?
 #
 # Replay the user turns of a drift transcript and of a case study, and let the model write its **own**
-# replies (greedy), once plainly and once inside your `activation_capping` at the cap layers. Then read each
+# replies (greedy), once plainly and once inside your `activation_capping` at the cap layers, registered on
+# GEN_MODEL, the model that writes (see Setup). Then read each
 # replayed conversation and project every reply on the axis. The model's replies differ from the
 # transcript's; the user turns are the same. On a CPU only the first `REPLAY_TURNS` user turns are replayed.
 #
@@ -737,7 +747,7 @@ replays, replay_results = {}, {}
 with timer("replay"):
     for label, (messages, scenario) in replay_sources.items():
         for variant, intervention in (("uncapped", None),
-                                      ("capped", lambda: activation_capping(model, AXIS, THRESHOLDS, CAP_LAYERS))):
+                                      ("capped", lambda: activation_capping(GEN_MODEL, AXIS, THRESHOLDS, CAP_LAYERS))):
             conv = replay_user_turns(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS, intervention=intervention,
                                      max_turns=REPLAY_TURNS, max_context=MAX_TOKENS, progress=False)
             proj = turn_projections(model, tokenizer, conv, AXIS[LAYER], LAYER, max_tokens=MAX_TOKENS)
@@ -864,6 +874,7 @@ summary = {
     "layer": LAYER,
     "layer_convention": "output of model.model.layers[layer] = hidden_states[layer + 1]",
     "part1_results": how,
+    "part1_all_layers_seconds": (part1.extra or {}).get("seconds_all_layers"),  # Part 1's pass for Part 2
     "cap_layers": CAP_LAYERS,
     "cap_percentile": CAP_PERCENTILE,
     "thresholds": {str(k): v for k, v in THRESHOLDS.items()},
