@@ -55,10 +55,21 @@ def _cell(nb, grade_id):
     return next(c for c in nb.cells if _grade_id(c) == grade_id)
 
 
+_ROUND_TRIPS: dict[str, SimpleNamespace] = {}
+
+
 @pytest.fixture(scope="module", params=PARTS)
 def graded(request, tmp_path_factory):
-    """Run one part's whole round trip once; return where everything is and how long it took."""
+    """One part's whole round trip, run once per part whatever order pytest runs the tests in (the tests
+    parametrise ``graded`` in more than one way, and pytest may tear a module fixture down between them)."""
     part = request.param
+    if part not in _ROUND_TRIPS:
+        _ROUND_TRIPS[part] = _round_trip(part, tmp_path_factory)
+    return _ROUND_TRIPS[part]
+
+
+def _round_trip(part: str, tmp_path_factory) -> SimpleNamespace:
+    """Run one part's whole round trip; return where everything is and how long it took."""
     course = tmp_path_factory.mktemp(f"course-{part}")
     work = tmp_path_factory.mktemp(f"submissions-{part}")
     with pytest.MonkeyPatch.context() as mp:
