@@ -224,15 +224,12 @@ def _replace_everywhere(fn: Callable, replacement: Callable) -> None:
             namespace[key] = replacement
 
 
-def call(what: str, section: str | None, hint: str, fn: Callable, *args, **kwargs):
-    """Call the learner's ``fn`` the way a check does.
-
-    Seeded (so randomised answers are reproducible) without touching the learner's own random state, and
-    under :func:`timeout_seconds`. An unexpected exception becomes a :class:`CheckFailure` that says what
-    was being checked, with the learner's exception attached as its cause (their frames are shown).
-    """
+def _seeded_and_limited(what: str, section: str | None, fn: Callable, args, kwargs):
+    """Run ``fn`` seeded (without touching the learner's own random state) and under :func:`timeout_seconds`.
+    A function that does not return fails the check, and its names in the notebook are rebound to a stand-in
+    that fails at once; a function that already hung raises its own CheckFailure straight away."""
     if getattr(fn, "__course_hung__", False):
-        fn(*args, **kwargs)  # raises its own CheckFailure at once
+        return fn(*args, **kwargs)
     seconds = timeout_seconds()
     try:
         with torch.random.fork_rng(devices=[]), _time_limit(seconds):
@@ -244,6 +241,17 @@ def call(what: str, section: str | None, hint: str, fn: Callable, *args, **kwarg
              "correct answer takes well under a second or two). Look for a loop that never ends: a `while` whose "
              "condition never changes, a retry without a limit, or waiting on something that never comes.",
              section)
+
+
+def call(what: str, section: str | None, hint: str, fn: Callable, *args, **kwargs):
+    """Call the learner's ``fn`` the way a check does.
+
+    Seeded (so randomised answers are reproducible) without touching the learner's own random state, and
+    under :func:`timeout_seconds`. An unexpected exception becomes a :class:`CheckFailure` that says what
+    was being checked, with the learner's exception attached as its cause (their frames are shown).
+    """
+    try:
+        return _seeded_and_limited(what, section, fn, args, kwargs)
     except CheckFailure:
         raise
     except NotImplementedError as exc:
@@ -260,18 +268,8 @@ def limited(fn: Callable, section: str | None = None) -> Callable:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if getattr(fn, "__course_hung__", False):
-            return fn(*args, **kwargs)
-        seconds = timeout_seconds()
         try:
-            with torch.random.fork_rng(devices=[]), _time_limit(seconds):
-                torch.manual_seed(0)
-                return fn(*args, **kwargs)
-        except _TimeLimit:
-            _replace_everywhere(fn, _hung_stand_in(fn, seconds))
-            fail(f"{name} did not return within {seconds:g} s (the check's limit). Look for a loop that never ends: "
-                 "a `while` whose condition never changes, a retry without a limit, or waiting on something that "
-                 "never comes.", section)
+            return _seeded_and_limited(name, section, fn, args, kwargs)
         except CheckFailure:
             raise
         except NotImplementedError as exc:
