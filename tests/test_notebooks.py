@@ -91,14 +91,10 @@ def _assigned_names(source: str) -> set[str]:
     return names
 
 
-def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
-    """Run the untouched exercise notebook: every error is NotImplementedError from an exercise stub,
-    or a NameError for a value that an earlier failing cell would have defined once solved."""
-    for key, value in {**TINY_ENV, "COURSE_OUT_DIR": str(tmp_path / "out")}.items():
-        monkeypatch.setenv(key, value)
-    nb = execute(ROOT / "exercises" / f"{PART}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
-                 echo=False, timeout=600)
-    solved = {c.id: c.source for c in nbformat.read(ROOT / "solutions" / f"{PART}.ipynb", as_version=4).cells}
+def _stub_errors(nb, part: str) -> list[tuple[str, str]]:
+    """(cell id, exception name) of every error in an executed exercise notebook, asserting that each is a
+    NotImplementedError from a stub, or a NameError for a value an earlier failing cell would have defined."""
+    solved = {c.id: c.source for c in nbformat.read(ROOT / "solutions" / f"{part}.ipynb", as_version=4).cells}
     undefined: set[str] = set()
     errors = []
     for cell in nb.cells:
@@ -114,6 +110,17 @@ def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
         else:
             assert err.ename == "NotImplementedError", f"cell {cell.id}: {err.ename}: {err.evalue}"
         undefined |= _assigned_names(solved[cell.id])  # what this cell would have defined, once solved
+    return errors
+
+
+def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
+    """Run the untouched exercise notebook: every error is NotImplementedError from an exercise stub,
+    or a NameError for a value that an earlier failing cell would have defined once solved."""
+    for key, value in {**TINY_ENV, "COURSE_OUT_DIR": str(tmp_path / "out")}.items():
+        monkeypatch.setenv(key, value)
+    nb = execute(ROOT / "exercises" / f"{PART}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
+                 echo=False, timeout=600)
+    errors = _stub_errors(nb, PART)
     assert errors, "the exercise notebook ran without hitting a single stub"
     not_implemented = [cid for cid, name in errors if name == "NotImplementedError"]
     # The first failure is the first exercise (the judge template), right where the learner starts.
@@ -155,21 +162,6 @@ def test_part2_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     nb = execute(ROOT / "exercises" / f"{PART2}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
                  echo=False, timeout=300)
-    solved = {c.id: c.source for c in nbformat.read(ROOT / "solutions" / f"{PART2}.ipynb", as_version=4).cells}
-    undefined: set[str] = set()
-    errors = []
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        err = next((o for o in cell.outputs if o.output_type == "error"), None)
-        if err is None:
-            continue
-        errors.append((cell.id, err.ename))
-        if err.ename == "NameError":
-            missing = err.evalue.split("'")[1]
-            assert missing in undefined, f"cell {cell.id}: NameError for {missing!r}, not a cascade: {err.evalue}"
-        else:
-            assert err.ename == "NotImplementedError", f"cell {cell.id}: {err.ename}: {err.evalue}"
-        undefined |= _assigned_names(solved[cell.id])
+    errors = _stub_errors(nb, PART2)
     assert errors and errors[0] == ("check-parse-transcript", "NotImplementedError")
     assert len([e for e in errors if e[1] == "NotImplementedError"]) >= 5
