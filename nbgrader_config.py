@@ -71,7 +71,7 @@ GRADING_ENV_DEFAULTS = {
     # turn, one steering question. Its starting point (Part 1's results on tiny-gemma2) is computed by the
     # course's own code on the first Part 2 submission and read back for the others: a folder of its own,
     # so no student's Part 1 notebook can write into it.
-    "COURSE_MAX_TURNS": "1",
+    "COURSE_MAX_TURNS": "2",
     "COURSE_MAX_TOKENS": "1536",
     "COURSE_CASE_STUDIES": "llama-3.3-70b/jailbreak",
     "COURSE_REPLAY_TURNS": "1",

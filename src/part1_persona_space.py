@@ -90,6 +90,7 @@ from pathlib import Path
 import einops
 import numpy as np
 import torch
+import transformers
 from IPython.display import display
 from jaxtyping import Bool, Float
 from sklearn.decomposition import PCA
@@ -121,6 +122,7 @@ timer = StageTimer()
 choice = choose_model()
 MODEL_NAME = choice.name
 print(f"Model: {MODEL_NAME}\n  why: {choice.reason}")
+print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 N_QUESTIONS = int(os.environ.get("COURSE_N_QUESTIONS", 15))
 MAX_NEW_TOKENS = int(os.environ.get("COURSE_MAX_NEW_TOKENS", 256 if torch.cuda.is_available() else 64))
@@ -429,6 +431,8 @@ with timer("generate"):
         generation_client, generation_model, PERSONAS, QUESTIONS, max_workers=32,
         max_tokens=MAX_NEW_TOKENS, temperature=0.7, top_p=0.9,
     )
+# Threads finish in any order: sort, so that a rerun builds every matrix below in the same order.
+responses, failures = dict(sorted(responses.items())), dict(sorted(failures.items()))
 print(f"{len(responses)} responses, {len(failures)} failures")
 for key, error in list(failures.items())[:10]:
     print("  FAILED", key, error)
@@ -981,6 +985,7 @@ with timer("traits"):
         trait_responses, trait_failures = generate_all_responses(
             generation_client, generation_model, trait_personas, trait_questions, max_workers=32,
             max_tokens=MAX_NEW_TOKENS, temperature=0.7, top_p=0.9)
+        trait_responses = dict(sorted(trait_responses.items()))
         if trait_failures:
             print(f"{len(trait_failures)} trait generations failed, e.g. {next(iter(trait_failures.items()))}")
         trait_vectors = {}
@@ -1107,6 +1112,36 @@ fig.show()
 # **Think first:** which control would you expect to drop the most on Gemma 2 27B, and why?
 
 # %% [markdown]
+# ## Saving for Part 2
+#
+# Part 2 starts from here. The next cell saves, to `out/part1/part1_results.safetensors` + `.json`: every kept
+# response's mean activation at **every** layer (one more pass, over all the blocks, with the course's fast
+# extraction), the persona vectors and the Assistant Axis per layer, and the default responses' activations
+# (Part 2's capping thresholds are percentiles of their projections). Its time counts in the summary.
+
+# %%
+from utils.part1_results import save_part1_results
+
+with timer("all_layers"):
+    saved_keys = [k for k in judged_responses if k[0] in ACTIVE and (k not in scores or scores[k] >= MIN_SCORE)]
+    saved_acts = extract_mean_activations(  # [n_kept, n_layers, d_model]
+        model, tokenizer, [[{"role": "system", "content": PERSONAS[p]}, {"role": "user", "content": QUESTIONS[q]},
+                            {"role": "assistant", "content": judged_responses[(p, q)]}] for p, q in saved_keys],
+        list(range(NUM_LAYERS)), desc="all layers")
+    rows = {n: [i for i, k in enumerate(saved_keys) if k[0] == n] for n in names}
+    all_layer_vectors = torch.stack([saved_acts[rows[n]].mean(dim=0) for n in names])  # [n_personas, n_layers, d_model]
+    default_rows = torch.tensor([n in DEFAULT_PERSONA_NAMES for n in names])
+    saved = save_part1_results(
+        OUT_DIR, model_name=MODEL_NAME, layer=LAYER, names=names, persona_vectors=all_layer_vectors,
+        default_names=[n for n in names if n in DEFAULT_PERSONA_NAMES],
+        axis=all_layer_vectors[default_rows].mean(dim=0) - all_layer_vectors[~default_rows].mean(dim=0),
+        default_activations=saved_acts[[i for i, k in enumerate(saved_keys) if k[0] in DEFAULT_PERSONA_NAMES]],
+        extra={"computed_by": "Part 1's notebook", "judge": judge_model, "min_score": MIN_SCORE,
+               "n_questions": len(QUESTIONS), "max_new_tokens": MAX_NEW_TOKENS})
+print(f"Saved Part 1's results for Part 2: {saved} ({len(names)} personas x {NUM_LAYERS} layers, "
+      f"{timer.seconds()['all_layers']} s for the pass over every layer)")
+
+# %% [markdown]
 # ## Summary
 #
 # The last cell writes `out/part1/summary.json` (the figures are HTML files beside it). Compare with
@@ -1136,34 +1171,5 @@ summary = {
     "controls": control_results,
     "seconds": timer.seconds(),
 }
-(OUT_DIR / "summary.json").write_text(json.dumps(summary, indent=2))
+(OUT_DIR / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))  # NaN is an error, never JSON
 print(json.dumps(summary, indent=2))
-
-
-# %%
-# Part 2 starts from here. Save, to out/part1/part1_results.safetensors + .json: every kept response's mean
-# activation at EVERY layer (one more pass, over all the blocks), the persona vectors and the Assistant Axis
-# per layer, and the default responses' activations (Part 2's capping thresholds are percentiles of their
-# projections). This runs after Part 1's summary, so its time is printed here and stored with the results
-# rather than counted in Part 1's `seconds`.
-from utils.part1_results import save_part1_results
-
-save_start = time.perf_counter()
-saved_keys = [k for k in judged_responses if k[0] in ACTIVE and (k not in scores or scores[k] >= MIN_SCORE)]
-saved_acts = extract_mean_activations(  # [n_kept, n_layers, d_model]
-    model, tokenizer, [[{"role": "system", "content": PERSONAS[p]}, {"role": "user", "content": QUESTIONS[q]},
-                        {"role": "assistant", "content": judged_responses[(p, q)]}] for p, q in saved_keys],
-    list(range(NUM_LAYERS)), desc="all layers")
-rows = {n: [i for i, k in enumerate(saved_keys) if k[0] == n] for n in names}
-all_layer_vectors = torch.stack([saved_acts[rows[n]].mean(dim=0) for n in names])  # [n_personas, n_layers, d_model]
-default_rows = torch.tensor([n in DEFAULT_PERSONA_NAMES for n in names])
-save_seconds = round(time.perf_counter() - save_start, 1)
-saved = save_part1_results(
-    OUT_DIR, model_name=MODEL_NAME, layer=LAYER, names=names, persona_vectors=all_layer_vectors,
-    default_names=[n for n in names if n in DEFAULT_PERSONA_NAMES],
-    axis=all_layer_vectors[default_rows].mean(dim=0) - all_layer_vectors[~default_rows].mean(dim=0),
-    default_activations=saved_acts[[i for i, k in enumerate(saved_keys) if k[0] in DEFAULT_PERSONA_NAMES]],
-    extra={"computed_by": "Part 1's notebook", "judge": judge_model, "min_score": MIN_SCORE,
-           "n_questions": len(QUESTIONS), "max_new_tokens": MAX_NEW_TOKENS, "seconds_all_layers": save_seconds})
-print(f"Saved Part 1's results for Part 2: {saved} ({len(names)} personas x {NUM_LAYERS} layers, "
-      f"{save_seconds} s for the pass over every layer)")

@@ -70,6 +70,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from jaxtyping import Float
 from torch import Tensor
 
@@ -112,6 +113,7 @@ timer = StageTimer()
 choice = choose_model()
 MODEL_NAME = choice.name
 print(f"Model: {MODEL_NAME}\n  why: {choice.reason}")
+print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 ON_GPU = torch.cuda.is_available()
 N_QUESTIONS = int(os.environ.get("COURSE_N_QUESTIONS", 15))  # only if Part 1's results must be computed
@@ -123,6 +125,9 @@ CASE_STUDIES = os.environ.get("COURSE_CASE_STUDIES", "all" if ON_GPU else "llama
 REPLAY_TURNS = int(os.environ.get("COURSE_REPLAY_TURNS", 10 if ON_GPU else 3))  # user turns replayed
 N_STEER_QUESTIONS = int(os.environ.get("COURSE_STEER_QUESTIONS", 10 if ON_GPU else 2))
 STEER_MULTIPLES = [-10.0, -6.0, -3.0, 0.0, 3.0, 6.0, 10.0] if ON_GPU else [-10.0, -4.0, 0.0, 4.0, 10.0]
+if MAX_TURNS < 2:
+    raise ValueError(f"COURSE_MAX_TURNS is {MAX_TURNS}: a drift curve needs at least 2 assistant turns for its slope. "
+                     "Set it to 2 or more.")
 USE_API = api_key_present()
 PART1_DIR = Path(os.environ.get("COURSE_PART1_DIR", PROJECT_ROOT / "out" / "part1"))
 OUT_DIR = Path(os.environ.get("COURSE_PART2_OUT_DIR", PROJECT_ROOT / "out" / "part2"))
@@ -874,7 +879,6 @@ summary = {
     "layer": LAYER,
     "layer_convention": "output of model.model.layers[layer] = hidden_states[layer + 1]",
     "part1_results": how,
-    "part1_all_layers_seconds": (part1.extra or {}).get("seconds_all_layers"),  # Part 1's pass for Part 2
     "cap_layers": CAP_LAYERS,
     "cap_percentile": CAP_PERCENTILE,
     "thresholds": {str(k): v for k, v in THRESHOLDS.items()},
@@ -886,5 +890,5 @@ summary = {
     "capping": capping_results,
     "seconds": timer.seconds(),
 }
-(OUT_DIR / "summary.json").write_text(json.dumps(summary, indent=2))
+(OUT_DIR / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))  # NaN is an error, never JSON
 print(json.dumps(summary, indent=2))

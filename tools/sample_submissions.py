@@ -23,6 +23,15 @@ then some cells replaced (a new source) or deleted (``None``). For Part 1:
   ``COURSE_CHECK_TIMEOUT`` seconds, and later cells that call it fail at once), and Exercise 8 deleted with
   its check (nbgrader puts the check back; it scores 0).
 
+For Part 2:
+
+- ``rewritten``: seven exercises answered correctly but written differently (a forward hook in place of
+  ``output_hidden_states``, ``np.percentile``, ``np.polyfit``, a context-manager class, ``ExitStack``,
+  ``F.kl_div``, ...): full marks (11);
+- ``mistakes``: three realistic mistakes, each costing only its own check (6 of 11): ``hidden_states[layer]``
+  (off by one), a steering hook removed without ``try/finally`` (its check leaves a hook behind on the
+  check's model, which later checks must not feel), and the KL the wrong way round.
+
 :data:`LOST` says which check cells each student loses. The wrong and rewritten answers are written out
 here or made by editing the solution's own source; the solution itself is read from ``solutions/``.
 """
@@ -201,6 +210,119 @@ def generate_response_api(client, model_name, system_prompt, question, max_token
             return text
 '''
 
+# --------------------------------------------------------------------------------------------------
+# Part 2
+# --------------------------------------------------------------------------------------------------
+
+_P2_REWRITTEN = {
+    "ex_turn_projections": """\
+def turn_projections(model, tokenizer, messages, axis, layer, max_tokens=8192):
+    # A forward hook on the block instead of output_hidden_states; turns gathered in a dict.
+    from utils.turns import turn_windows
+
+    unit = torch.nn.functional.normalize(axis.float().cpu(), dim=0)
+    device = model.get_input_embeddings().weight.device
+    captured, scores = {}, {}
+
+    def hook(module, inputs, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    try:
+        for window in turn_windows(messages, tokenizer, max_tokens):
+            with torch.no_grad():
+                model(input_ids=torch.tensor([window.ids], device=device))
+            h = captured["h"][0].float().cpu()
+            for turn, (start, end) in zip(window.turns, window.spans):
+                scores[turn] = torch.dot(h[start:end].mean(dim=0), unit)
+    finally:
+        handle.remove()
+    return torch.stack([scores[t] for t in sorted(scores)])
+""",
+    "ex_capping_threshold": """\
+def capping_threshold(projections, percentile=25.0):
+    return {layer: float(np.percentile(p.double().numpy(), percentile)) for layer, p in projections.items()}
+""",
+    "ex_drift_summary": """\
+def drift_summary(projections, threshold):
+    y = projections.double().numpy()
+    slope = float(np.polyfit(np.arange(len(y)), y, deg=1)[0])
+    below = [i for i, value in enumerate(y.tolist()) if value < threshold]
+    return slope, (below[0] if below else None)
+""",
+    "ex_add_steering": """\
+class add_steering:
+    # A class with __enter__ and __exit__ instead of @contextlib.contextmanager.
+    def __init__(self, model, layer, vector, positions="all"):
+        if positions not in ("all", "generated"):
+            raise ValueError(f"positions must be 'all' or 'generated', got {positions!r}")
+        self.block, self.vector, self.positions = model.model.layers[layer], vector, positions
+
+    def _hook(self, module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if self.positions == "generated" and h.shape[1] > 1:
+            return output
+        h = h + self.vector.to(h.device, h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    def __enter__(self):
+        self.handle = self.block.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc_info):
+        self.handle.remove()
+        return False
+""",
+    "ex_steering_vectors": """\
+def steering_vectors(axis, projections, multiples):
+    unit = torch.nn.functional.normalize(axis.float(), dim=0)
+    return torch.outer(torch.as_tensor(list(multiples), dtype=torch.float32) * torch.std(projections.float()), unit)
+""",
+    "ex_capping": """\
+def cap_activations(h, unit_axis, tau):
+    # Lift only the rows below the floor, on a copy.
+    a = unit_axis.float().to(h.device)
+    proj = torch.einsum("...d,d->...", h.float(), a)
+    below = proj < tau
+    out = h.clone()
+    out[below] = (h.float()[below] + (tau - proj[below])[:, None] * a).to(h.dtype)
+    return out
+
+
+@contextlib.contextmanager
+def activation_capping(model, axes, thresholds, layers):
+    def make_hook(layer):
+        unit = torch.nn.functional.normalize(axes[layer].float(), dim=0)
+
+        def hook(module, args, output):
+            if isinstance(output, tuple):
+                return (cap_activations(output[0], unit, thresholds[layer]), *output[1:])
+            return cap_activations(output, unit, thresholds[layer])
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.callback(model.model.layers[layer].register_forward_hook(make_hook(layer)).remove)
+        yield model
+""",
+    "ex_next_token_kl": """\
+def next_token_kl(logits_p, logits_q):
+    log_p = torch.nn.functional.log_softmax(logits_p.float(), dim=-1)
+    log_q = torch.nn.functional.log_softmax(logits_q.float(), dim=-1)
+    return torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)
+""",
+}
+
+_P2_MISTAKES = {
+    # Off by one: hidden_states[layer] is the output of block layer - 1.
+    "ex_turn_projections": _replace(".hidden_states[layer + 1]", ".hidden_states[layer]"),
+    # No try/finally: a check that raises inside the block leaves the hook on its model.
+    "ex_add_steering": _replace("    try:\n        yield\n    finally:\n        handle.remove()",
+                                "    yield\n    handle.remove()"),
+    # KL(Q || P) instead of KL(P || Q).
+    "ex_next_token_kl": _replace("(log_p.exp() * (log_p - log_q))", "(log_q.exp() * (log_q - log_p))"),
+}
+
 EDITS: dict[str, dict[str, dict[str, Edit]]] = {
     "part1_persona_space": {
         "rewritten": _P1_REWRITTEN,
@@ -212,6 +334,10 @@ EDITS: dict[str, dict[str, dict[str, Edit]]] = {
             "check_auc": None,
         },
     },
+    "part2_stabilizing": {
+        "rewritten": _P2_REWRITTEN,
+        "mistakes": _P2_MISTAKES,
+    },
 }
 
 LOST: dict[str, dict[str, set[str]]] = {
@@ -219,6 +345,10 @@ LOST: dict[str, dict[str, set[str]]] = {
         "rewritten": set(),
         "mistakes": {"check_extract_batched", "check_cosine", "check_axis"},
         "broken": {"check_generate_one", "check_trait", "check_auc"},
+    },
+    "part2_stabilizing": {
+        "rewritten": set(),
+        "mistakes": {"check_turn_projections", "check_add_steering", "check_next_token_kl"},
     },
 }
 """Check cells (grade ids) each sample student loses all points of; every other check gets full points.
@@ -262,16 +392,24 @@ def answered(release: nbformat.NotebookNode, solution: nbformat.NotebookNode,
     return nb
 
 
-def build(part: str, release: Path, out_dir: Path, prefix: str = "") -> dict[str, Path]:
-    """Write each sample student's notebook to ``out_dir/<prefix><student>.ipynb``; return student -> path."""
+def build(part: str, release: Path, out_dir: Path, prefix: str = "",
+          only: list[str] | None = None) -> dict[str, Path]:
+    """Write each sample student's notebook to ``out_dir/<prefix><student>.ipynb``; return student -> path.
+
+    ``only``: these students (default: all of :func:`students`)."""
     from tools.build_notebooks import solution_notebook
 
+    wanted = students(part) if only is None else list(only)
+    unknown = set(wanted) - set(students(part))
+    if unknown:
+        raise ValueError(f"No sample students {sorted(unknown)} for {part}; there are {students(part)}.")
     out_dir.mkdir(parents=True, exist_ok=True)
     handed_out = nbformat.read(release, as_version=4)
     solution = solution_notebook(part)
     notebooks = {"solution": solution, "blank": handed_out}
     for student, edits in EDITS.get(part, {}).items():
         notebooks[student] = answered(handed_out, solution, edits)
+    notebooks = {student: notebooks[student] for student in wanted}
     paths = {}
     for student, nb in notebooks.items():
         path = out_dir / f"{prefix}{student}.ipynb"

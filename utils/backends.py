@@ -6,6 +6,7 @@
   many threads at once are gathered into batches for :func:`utils.generation.generate` (bf16 where
   the hardware supports it, exact top-p sampling, a lean decode loop; see that module), so the same
   thread-pool code that calls an API runs fast offline. The float32 model stays for extraction.
+  Batches are formed by content, not by arrival order, so a rerun with the same seed gives identical text.
 - :class:`OfflineRuleJudge`: a transparent, rule-based stand-in for the LLM judge, for runs with no
   API key. It is *not* an LLM; it reads only whether the response claims to be an AI and whether it
   names the role. The notebook says so wherever it is used.
@@ -15,6 +16,7 @@ The API key is read from the environment and never printed, logged or cached.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import re
@@ -70,7 +72,11 @@ class _Request:
     max_tokens: int
     temperature: float
     top_p: float
+    seed: int | None = None
     future: Future = field(default_factory=Future)
+
+    def sampling(self) -> tuple:
+        return (self.max_tokens, self.temperature, self.top_p)
 
 
 class _Completions:
@@ -79,28 +85,42 @@ class _Completions:
 
 
 class LocalChatClient:
-    """OpenAI-style chat client backed by a local model; batches concurrent requests.
+    """OpenAI-style chat client backed by a local model; batches concurrent requests, reproducibly.
+
+    Requests that arrive together form a *wave*: the client gathers requests until none has arrived for
+    ``gather_seconds``. It then sorts the wave by content (sampling settings, the request's own ``seed``
+    if it passed one, then the rendered prompt), splits it into batches of at most ``max_batch_size``, and
+    seeds each batch from the client's ``seed`` and the batch's content. A reply therefore depends on the
+    seed and on which requests came together, never on the order in which threads happened to deliver
+    them or on how many batches ran before. A thread pool whose threads submit their next request as soon
+    as they get a reply (the course's ``generate_all_responses``) forms the same waves on every run, so a
+    rerun with the same seed gives identical text. Identical requests in one wave are interchangeable:
+    which caller gets which of their replies is arbitrary unless each passes its own ``seed``.
 
     Args:
         model, tokenizer: from :func:`utils.load_model` (the float32 model; it is not modified).
         max_batch_size: the most requests generated together.
-        gather_seconds: how long the batcher waits for more requests before generating.
-        seed: the seed of the first batch; batch ``i`` uses ``seed + i`` (sampling still depends on how
-            requests are batched).
+        gather_seconds: the quiet time that closes a wave.
+        max_wave_seconds: a wave closes after this long even if requests keep arriving (the client then
+            says so: replies may then depend on timing).
+        seed: the seed every batch's seed is derived from.
         dtype: the generation dtype (default :func:`utils.generation.choose_generation_dtype`, which
             ``$COURSE_GENERATION_DTYPE`` overrides). A copy in that dtype is made once, if needed.
         verbose: print the dtype chosen, why, and the memory the copy takes.
 
     ``client.generation_model`` is the model that generates (register generation-time hooks on it);
-    ``client.dtype_choice`` says which dtype and why.
+    ``client.dtype_choice`` says which dtype and why; ``client.batches_run`` and ``client.waves_run`` count.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 32, gather_seconds: float = 0.05, seed: int = 0,
-                 dtype=None, verbose: bool = True):
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, gather_seconds: float = 0.1, seed: int = 0,
+                 dtype=None, verbose: bool = True, max_wave_seconds: float = 10.0):
         from utils.generation import DtypeChoice, choose_generation_dtype, generation_model, parameter_bytes
 
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.gather_seconds, self.seed = max_batch_size, gather_seconds, seed
+        self.max_wave_seconds = max_wave_seconds
         device = model.get_input_embeddings().weight.device
         self.dtype_choice = (DtypeChoice(dtype, "given by the caller.") if dtype is not None
                              else choose_generation_dtype(device))
@@ -113,14 +133,17 @@ class LocalChatClient:
                   f"Generating with {extra}.", flush=True)
         self.chat = SimpleNamespace(completions=_Completions(self._create))
         self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self.batches_run = 0
+        self.waves_run = 0
+        self.waves_cut = 0
         self._worker = threading.Thread(target=self._run, name="LocalChatClient", daemon=True)
         self._worker.start()
-        self.batches_run = 0
 
     # The OpenAI-compatible entry point.
     def _create(self, *, model: str, messages: list[dict], max_tokens: int = 128, temperature: float = 0.7,
-                top_p: float = 0.9, **_ignored):
-        request = _Request(messages, int(max_tokens), float(temperature), float(top_p))
+                top_p: float = 0.9, seed: int | None = None, **_ignored):
+        request = _Request(messages, int(max_tokens), float(temperature), float(top_p),
+                           None if seed is None else int(seed))
         self._queue.put(request)
         return _completion(request.future.result(), model)
 
@@ -134,38 +157,72 @@ class LocalChatClient:
         self.close()
 
     def _run(self) -> None:
-        pending: list[_Request] = []
         while True:
-            first = pending.pop(0) if pending else self._queue.get()
+            first = self._queue.get()
             if first is None:
                 return
-            batch = [first]
-            deadline = time.monotonic() + self.gather_seconds
-            while len(batch) < self.max_batch_size:
+            wave, closing = [first], False
+            deadline = time.monotonic() + self.max_wave_seconds
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.waves_cut += 1
+                    print(f"LocalChatClient: requests kept arriving for {self.max_wave_seconds} s, so this wave "
+                          f"was cut by time; replies may now depend on timing.", flush=True)
+                    break
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._queue.get(timeout=min(self.gather_seconds, left))
                 except queue.Empty:
                     break
                 if item is None:
-                    self._queue.put(None)
+                    closing = True
                     break
-                same = (item.max_tokens, item.temperature, item.top_p) == (first.max_tokens, first.temperature, first.top_p)
-                (batch if same else pending).append(item)
+                wave.append(item)
+            self._serve(wave)
+            self.waves_run += 1
+            if closing:
+                return
+
+    def _serve(self, wave: list[_Request]) -> None:
+        """Sort a wave by content, generate it in batches, and answer every request (or hand it its error)."""
+        keyed = []
+        for req in wave:
             try:
-                texts = self._generate(batch)
-                for req, text in zip(batch, texts):
+                prompt = render(list(req.messages), self.tokenizer, add_generation_prompt=True)
+            except BaseException as exc:  # a malformed request fails alone
+                req.future.set_exception(exc)
+                continue
+            keyed.append(((req.sampling(), -1 if req.seed is None else req.seed, len(prompt), prompt), req))
+        keyed.sort(key=lambda pair: pair[0])
+        start = 0
+        while start < len(keyed):
+            sampling = keyed[start][0][0]
+            stop = start
+            while stop < len(keyed) and stop - start < self.max_batch_size and keyed[stop][0][0] == sampling:
+                stop += 1
+            batch = keyed[start:stop]
+            start = stop
+            try:
+                texts = self._generate([req for _, req in batch], _batch_seed(self.seed, [key for key, _ in batch]))
+                for (_, req), text in zip(batch, texts):
                     req.future.set_result(text)
-            except BaseException as exc:  # every waiting caller sees the error
-                for req in batch:
+            except BaseException as exc:  # every waiting caller in the batch sees the error
+                for _, req in batch:
                     if not req.future.done():
                         req.future.set_exception(exc)
 
-    def _generate(self, batch: list[_Request]) -> list[str]:
+    def _generate(self, batch: list[_Request], seed: int) -> list[str]:
         first = batch[0]
         texts = generate_batch(self.generation_model, self.tokenizer, [r.messages for r in batch], first.max_tokens,
-                               first.temperature, first.top_p, seed=self.seed + self.batches_run)
+                               first.temperature, first.top_p, seed=seed)
         self.batches_run += 1
         return texts
+
+
+def _batch_seed(seed: int, keys: list[tuple]) -> int:
+    """A batch's sampling seed: a stable hash of the client's seed and the batch's sorted contents."""
+    digest = hashlib.sha256(repr((seed, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, temperature: float = 0.7,

@@ -61,6 +61,7 @@ def run_parallel(
     Returns:
         ``(results, failures)``: ``results[item] = fn(item)`` for the calls that returned;
         ``failures[item] = "ErrorType: message"`` for those that raised. Every item is in exactly one.
+        Both dicts follow the order of ``items``, whatever order the calls finished in.
 
     Raises:
         ValueError: if ``items`` holds duplicates, or ``max_workers < 1``.
@@ -87,4 +88,7 @@ def run_parallel(
             except Exception as exc:  # recorded with its type, never dropped
                 failures[item] = f"{type(exc).__name__}: {exc}"
     assert len(results) + len(failures) == len(items)
-    return results, failures
+    # Threads finish in any order; return the dicts in the order of ``items`` so that a rerun builds
+    # everything downstream in the same order.
+    return ({item: results[item] for item in items if item in results},
+            {item: failures[item] for item in items if item in failures})
