@@ -300,7 +300,8 @@ checks.hidden_test_judge_with_every_paper_prompt(judge_role_response)
 #
 # Offline, `client` is a `LocalChatClient`: it speaks the same `chat.completions.create` interface and
 # gathers the concurrent requests from your thread pool into batches for the local model's
-# `generate`, so your code does not change between the two settings.
+# `generate`, so your code does not change between the two settings. It sorts and seeds each batch by its
+# content, so rerunning the notebook gives the same answers, whatever order your threads happen to run in.
 #
 # ### Exercise 2a: one call
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from tests.checking import (CheckFailure, call as _call, check, clip as _clip, fail as _fail,  # noqa: F401
-                            limited, passed as _passed, short as _short)
+from tests.checking import (CheckFailure, _seeded_and_limited, call as _call, check, clip as _clip,  # noqa: F401
+                            fail as _fail, limited, passed as _passed, short as _short)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ATOL = 1e-4
@@ -504,6 +504,33 @@ def _enter(fn, what, section, *args, **kwargs):
     return cm
 
 
+_DEVICE_ERRORS = ("is not on the expected device", "to be on the same device", "same device")
+
+
+def _on_another_device(what: str, section: str, hint: str, fn, *args):
+    """``fn(*args)`` where the activations sit on another device than the vectors, as in a model spread over GPUs
+    with ``device_map="auto"``. PyTorch's ``meta`` device stands in for the other GPU (shapes, dtypes and devices;
+    no values). Returns ``(ran, result)``. A device mismatch fails the check with ``hint``; code that the meta
+    device cannot run at all (data-dependent shapes such as boolean indexing) returns ``(False, None)``: it
+    moved its tensors correctly as far as this stage can tell, and the earlier stages checked its values."""
+    try:
+        return True, _seeded_and_limited(what, section, fn, args, {})
+    except CheckFailure:
+        raise
+    except Exception as exc:
+        if any(s in str(exc) for s in _DEVICE_ERRORS):
+            _fail(f"{what} raised {type(exc).__name__}: {_clip(str(exc))}. With device_map=\"auto\" a model's blocks "
+                  f"sit on several GPUs, so the activations can be on another device than your vector. {hint}",
+                  section, exc)
+        return False, None
+
+
+def _steer_elsewhere(fn, fake, vector, section):
+    """The fake model's block run on the 'meta' device inside the learner's ``add_steering``."""
+    with _enter(fn, "add_steering on a block on another device", section, fake, STEER_LAYER, vector):
+        return fake.model.layers[STEER_LAYER](torch.zeros(1, 3, vector.shape[0], device="meta"))
+
+
 @check("Exercise 5")
 def test_add_steering(fn) -> None:
     from utils.steering import steering
@@ -593,6 +620,14 @@ def test_add_steering(fn) -> None:
     if not torch.allclose(out[0], x * 2.0 + vector, atol=1e-5):
         _fail("On a block that returns a tuple, the first element is not the block's hidden state plus the vector.",
               section)
+    # A block on another device than the vector (device_map="auto").
+    ran, out = _on_another_device(
+        "add_steering on a block whose output is on another device than the vector (the check uses the 'meta' "
+        "device)", section, "Move the vector to the hidden state's device and dtype inside the hook: "
+        "vector.to(device=h.device, dtype=h.dtype).", _steer_elsewhere, fn, fake, vector.clone(), section)
+    if ran and not (isinstance(out, tuple) and isinstance(out[0], torch.Tensor) and out[0].device.type == "meta"):
+        _fail(f"On a block whose output is on another device, the steered output came out as {_short(out)}: keep "
+              "the hidden state on its own device.", section)
     # Generated tokens only.
     ref_tokens, ref_scores = None, None
     with steering(model, {STEER_LAYER: 3 * vector}, positions="generated"):
@@ -739,6 +774,15 @@ def test_cap_activations(fn) -> None:
         if not torch.allclose(got.float(), expected.float(), atol=tol, rtol=1e-3):
             _fail("The capped activations differ from the reference (they should move along the axis only, by "
                   "tau - <h, a>).", section)
+    # Activations on another device than the axis (device_map="auto").
+    h, a, tau = _cap_case()
+    ran, got = _on_another_device(
+        "cap_activations(h, unit_axis, tau) with h on another device than unit_axis (the check uses the 'meta' "
+        "device)", section, "Move the axis to h's device inside the function: unit_axis.to(h.device).", fn,
+        h.to("meta"), a.clone(), tau)
+    if ran and not (isinstance(got, torch.Tensor) and got.device.type == "meta" and tuple(got.shape) == tuple(h.shape)):
+        _fail(f"With h on another device than the axis, return a tensor on h's device, shaped like h; got "
+              f"{_short(got)}.", section)
     _passed("test_cap_activations")
 
 

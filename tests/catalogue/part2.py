@@ -356,7 +356,10 @@ def _steering_with(*, pre=False, shift=0, normalise=False, sign=1.0, cast=True, 
                     new[:, -1] += v
                     return (new, *output[1:]) if isinstance(output, tuple) and tuple_ok else new
             v = vector / vector.norm() if normalise else vector
-            v = sign * (v.to(device=h.device, dtype=h.dtype) if cast else v)
+            if cast == "dtype":
+                v = sign * v.to(h.dtype)
+            else:
+                v = sign * (v.to(device=h.device, dtype=h.dtype) if cast else v)
             new = h + v
             if pre:
                 return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -386,7 +389,7 @@ def steering_in_place(model, layer, vector, positions="all"):
         h = output[0] if isinstance(output, tuple) else output
         if positions == "generated" and h.shape[-2] > 1:
             return
-        h.add_(vector.to(h.dtype))
+        h.add_(vector.to(device=h.device, dtype=h.dtype))
 
     handle = model.model.layers[layer].register_forward_hook(hook)
     try:
@@ -441,6 +444,8 @@ def _steering_mistakes():
         Mistake("the vector normalised again", _steering_with(normalise=True), "normalised the vector"),
         Mistake("the vector subtracted", _steering_with(sign=-1.0), "subtracted"),
         Mistake("no cast to the hidden state's dtype", _steering_with(cast=False), "dtype"),
+        Mistake("cast to the dtype but not moved to the hidden state's device", _steering_with(cast="dtype"),
+                "device_map"),
         Mistake("tuple outputs not handled", _steering_with(tuple_ok=False), "tuple"),
         Mistake("no finally: hook left on an exception", _steering_with(finally_=False), "after an exception"),
         Mistake("the exception swallowed", _steering_with(swallow=True), "swallowed"),
@@ -494,9 +499,9 @@ def _vectors_mistakes():
 # Exercise 7: cap_activations and activation_capping
 # ==================================================================================================
 
-def _cap_with(*, ceiling=False, no_max=False, recompute=False, bf16_out=False, inplace=False):
+def _cap_with(*, ceiling=False, no_max=False, recompute=False, bf16_out=False, inplace=False, device=True):
     def cap_activations(h, unit_axis, tau):
-        a = unit_axis.float()
+        a = unit_axis.to(device=h.device, dtype=torch.float32) if device else unit_axis.float()
         proj = h.float() @ a
         if ceiling:
             new = h.float() - (proj - tau).clamp(min=0).unsqueeze(-1) * a
@@ -520,7 +525,7 @@ def _cap_with(*, ceiling=False, no_max=False, recompute=False, bf16_out=False, i
 def cap_masked_assign(h, unit_axis, tau):
     """Index assignment on a clone."""
     out = h.clone()
-    a = unit_axis.float()
+    a = unit_axis.float().to(h.device)
     proj = h.float() @ a
     idx = proj < tau
     out[idx] = (h[idx].float() + (tau - proj[idx]).unsqueeze(-1) * a).to(h.dtype)
@@ -529,13 +534,14 @@ def cap_masked_assign(h, unit_axis, tau):
 
 def cap_relu(h, unit_axis, tau):
     """relu of the shortfall, positions above selected back with where."""
-    proj = torch.einsum("...d,d->...", h.float(), unit_axis.float())
+    a = unit_axis.to(h.device).float()
+    proj = torch.einsum("...d,d->...", h.float(), a)
     shift = F.relu(tau - proj)
-    return torch.where(shift.unsqueeze(-1) > 0, (h.float() + shift.unsqueeze(-1) * unit_axis.float()).to(h.dtype), h)
+    return torch.where(shift.unsqueeze(-1) > 0, (h.float() + shift.unsqueeze(-1) * a).to(h.dtype), h)
 
 
 def cap_float64(h, unit_axis, tau):
-    a = unit_axis.double()
+    a = unit_axis.double().to(h.device)
     proj = h.double() @ a
     new = (h.double() + (tau - proj).clamp(min=0)[..., None] * a).to(h.dtype)
     return torch.where((proj < tau)[..., None], new, h)
@@ -548,6 +554,7 @@ def _cap_mistakes():
         Mistake("above-threshold activations recomputed", _cap_with(recompute=True), "bit for bit"),
         Mistake("float32 returned for bf16 input", _cap_with(bf16_out=True), "return h's dtype"),
         Mistake("h modified in place", _cap_with(inplace=True), "in place"),
+        Mistake("the axis not moved to h's device", _cap_with(device=False), "device_map"),
     )
 
 
