@@ -243,6 +243,16 @@ def _seeded_and_limited(what: str, section: str | None, fn: Callable, args, kwar
              section)
 
 
+def load_tensor_fixtures(path: Path) -> dict[str, torch.Tensor]:
+    """A check module's stored tensors (safetensors, no pickle); a missing file fails with how to restore it."""
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        fail(f"The check's fixture file {path} is missing. Restore it with `git checkout -- tests/fixtures` "
+             "(maintainers: `make fixtures`).")
+    return load_file(str(path))
+
+
 def call(what: str, section: str | None, hint: str, fn: Callable, *args, **kwargs):
     """Call the learner's ``fn`` the way a check does.
 

@@ -68,7 +68,8 @@ PERSONA_CASE = dict(
 
 
 from tests.checking import (CheckFailure, call as _call, check, clip as _clip, fail as _fail,  # noqa: E402
-                            limited, passed as _passed, short as _short)
+                            limited, load_tensor_fixtures as _load_tensor_fixtures, passed as _passed,
+                            short as _short)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,13 +120,7 @@ def _reference_single(model, tokenizer, conversations, layer):
 
 @lru_cache(maxsize=1)
 def _tensor_fixtures() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = FIXTURES / "part1_persona_space.safetensors"
-    if not path.exists():
-        _fail(f"The check's fixture file {path} is missing. Restore it with `git checkout -- tests/fixtures` "
-              "(maintainers: `make fixtures`).")
-    return load_file(str(path))
+    return _load_tensor_fixtures(FIXTURES / "part1_persona_space.safetensors")
 
 
 @lru_cache(maxsize=1)

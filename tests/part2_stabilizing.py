@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from tests.checking import (CheckFailure, _seeded_and_limited, call as _call, check, clip as _clip,  # noqa: F401
-                            fail as _fail, limited, passed as _passed, short as _short)
+                            fail as _fail, limited, load_tensor_fixtures as _load_tensor_fixtures,
+                            passed as _passed, short as _short)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ATOL = 1e-4
@@ -45,13 +46,7 @@ def tiny_gemma2():
 
 @lru_cache(maxsize=1)
 def _tensor_fixtures() -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    path = FIXTURES / "part2_stabilizing.safetensors"
-    if not path.exists():
-        _fail(f"The check's fixture file {path} is missing. Restore it with `git checkout -- tests/fixtures` "
-              "(maintainers: `make fixtures`).")
-    return load_file(str(path))
+    return _load_tensor_fixtures(FIXTURES / "part2_stabilizing.safetensors")
 
 
 def fixture(name: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -150,31 +151,40 @@ def build() -> tuple[dict[str, torch.Tensor], dict]:
     return {k: x.detach().float().contiguous().cpu() for k, x in t.items()}, meta
 
 
+def check_or_write(tensors: dict[str, torch.Tensor], path: Path, *, check: bool, made_by: str,
+                   meta: dict | None = None, meta_path: Path | None = None, label: str = "fixtures") -> int:
+    """Write the fixtures (``tensors`` as safetensors, ``meta`` as JSON), or with ``check`` compare them with the
+    committed ones (float tolerance 1e-5) and say which differ. Returns the exit status."""
+    if check:
+        if not path.exists() or (meta_path is not None and not meta_path.exists()):
+            print(f"{label} missing: run `make fixtures`", file=sys.stderr)
+            return 1
+        stored = load_file(str(path))
+        bad = sorted(set(stored) ^ set(tensors))
+        bad += [k for k in tensors if k in stored and not torch.allclose(stored[k], tensors[k], atol=1e-5,
+                                                                          rtol=1e-5, equal_nan=True)]
+        if meta_path is not None and json.loads(meta_path.read_text()) != meta:
+            bad.append(meta_path.name)
+        if bad:
+            print(f"{label} out of date ({bad[:8]}): run `make fixtures`", file=sys.stderr)
+            return 1
+        print(f"{label} are current")
+        return 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"generated_by": made_by})
+    if meta_path is not None:
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {path.name} ({len(tensors)} tensors){' and ' + meta_path.name if meta_path is not None else ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     tensors, meta = build()
-    if args.check:
-        if not TENSORS.exists() or not JSON.exists():
-            print("fixtures missing: run `make fixtures`", file=sys.stderr)
-            return 1
-        stored = load_file(str(TENSORS))
-        bad = sorted(set(stored) ^ set(tensors))
-        bad += [k for k in tensors if k in stored and not torch.allclose(stored[k], tensors[k], atol=1e-5,
-                                                                          rtol=1e-5, equal_nan=True)]
-        if json.loads(JSON.read_text()) != meta:
-            bad.append("part1_persona_space.json")
-        if bad:
-            print(f"fixtures out of date ({bad[:8]}): run `make fixtures`", file=sys.stderr)
-            return 1
-        print("fixtures are current")
-        return 0
-    checks.FIXTURES.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(TENSORS), metadata={"generated_by": "python -m tools.make_fixtures"})
-    JSON.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {TENSORS.name} ({len(tensors)} tensors) and {JSON.name}")
-    return 0
+    return check_or_write(tensors, TENSORS, check=args.check, made_by="python -m tools.make_fixtures", meta=meta,
+                          meta_path=JSON)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import argparse
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from tests import part2_stabilizing as checks
+from tools.make_fixtures import check_or_write
 from tools.reference import load_reference
 
 PART = "part2_stabilizing"
@@ -43,23 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    tensors = build()
-    if args.check:
-        if not TENSORS.exists():
-            print("Part 2 fixtures missing: run `make fixtures`", file=sys.stderr)
-            return 1
-        stored = load_file(str(TENSORS))
-        bad = sorted(set(stored) ^ set(tensors))
-        bad += [k for k in tensors if k in stored and not torch.allclose(stored[k], tensors[k], atol=1e-5, rtol=1e-5)]
-        if bad:
-            print(f"Part 2 fixtures out of date ({bad[:8]}): run `make fixtures`", file=sys.stderr)
-            return 1
-        print("Part 2 fixtures are current")
-        return 0
-    checks.FIXTURES.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(TENSORS), metadata={"generated_by": "python -m tools.make_fixtures_part2"})
-    print(f"wrote {TENSORS.name} ({len(tensors)} tensors)")
-    return 0
+    return check_or_write(build(), TENSORS, check=args.check, made_by="python -m tools.make_fixtures_part2",
+                          label="Part 2 fixtures")
 
 
 if __name__ == "__main__":
