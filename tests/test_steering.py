@@ -404,6 +404,30 @@ def test_capping_benchmark_runs_at_tiny_size(capsys):
     assert result["capping_overhead_ratio"] > 0 and result["layers"] == [4] and 0 < result["fraction_capped"] < 1  # capping acts on generation
 
 
+def test_gpu_part2_script_runs_at_tiny_size(capsys):
+    """benchmarks/gpu_part2.py, the GPU check of Part 2's path at Gemma 2 27B's shape, on the CPU at tiny size:
+    per-turn projections in a window, capped and steered generation, the KL cost; every capped position at or
+    above its threshold when read after the capping hooks, and no hook left behind."""
+    import json
+
+    from benchmarks import gpu_part2
+
+    assert gpu_part2.main(["--shape", "tiny", "--turns", "2", "--prompts", "3", "--new-tokens", "4",
+                           "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["ok"] and result["hooks_left"] == 0 and result["worst_shortfall"] <= 1e-5
+    assert result["drift"]["turns"] == 2 and result["drift"]["finite"]
+    assert 0 < result["fraction_capped"] < 1 and result["capping_overhead_ratio"] > 0 and result["kl_positions"] > 0
+
+
+def test_gpu_part2_script_refuses_the_full_shape_without_a_gpu(monkeypatch):
+    from benchmarks import gpu_part2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        gpu_part2.main([])
+
+
 def test_interventions_act_on_generation_through_the_bf16_twin(tiny, monkeypatch):
     """generate_batch runs a float32 model's generation-dtype twin: a `with capping(model, ...)` or
     `with steering(model, ...)` on the float32 model must change what it generates, and its hooks must
