@@ -17,6 +17,7 @@ The API key is read from the environment and never printed, logged or cached.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import queue
 import re
@@ -194,22 +195,21 @@ class LocalChatClient:
                 continue
             keyed.append(((req.sampling(), -1 if req.seed is None else req.seed, len(prompt), prompt), req))
         keyed.sort(key=lambda pair: pair[0])
-        start = 0
-        while start < len(keyed):
-            sampling = keyed[start][0][0]
-            stop = start
-            while stop < len(keyed) and stop - start < self.max_batch_size and keyed[stop][0][0] == sampling:
-                stop += 1
-            batch = keyed[start:stop]
-            start = stop
-            try:
-                texts = self._generate([req for _, req in batch], _batch_seed(self.seed, [key for key, _ in batch]))
-                for (_, req), text in zip(batch, texts):
-                    req.future.set_result(text)
-            except BaseException as exc:  # every waiting caller in the batch sees the error
-                for _, req in batch:
-                    if not req.future.done():
-                        req.future.set_exception(exc)
+        for _, same_sampling in itertools.groupby(keyed, key=lambda pair: pair[0][0]):
+            group = list(same_sampling)
+            for start in range(0, len(group), self.max_batch_size):
+                self._answer(group[start:start + self.max_batch_size])
+
+    def _answer(self, batch: list[tuple[tuple, _Request]]) -> None:
+        """Generate one batch of (key, request) pairs, seeded by its keys; every caller gets its reply or the error."""
+        try:
+            texts = self._generate([req for _, req in batch], _batch_seed(self.seed, [key for key, _ in batch]))
+            for (_, req), text in zip(batch, texts):
+                req.future.set_result(text)
+        except BaseException as exc:  # every waiting caller in the batch sees the error
+            for _, req in batch:
+                if not req.future.done():
+                    req.future.set_exception(exc)
 
     def _generate(self, batch: list[_Request], seed: int) -> list[str]:
         first = batch[0]
