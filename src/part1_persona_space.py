@@ -1124,19 +1124,17 @@ fig.show()
 from utils.part1_results import save_part1_results
 
 with timer("all_layers"):
-    saved_keys = [k for k in judged_responses if k[0] in ACTIVE and (k not in scores or scores[k] >= MIN_SCORE)]
-    saved_acts = extract_mean_activations(  # [n_kept, n_layers, d_model]
-        model, tokenizer, [[{"role": "system", "content": PERSONAS[p]}, {"role": "user", "content": QUESTIONS[q]},
-                            {"role": "assistant", "content": judged_responses[(p, q)]}] for p, q in saved_keys],
-        list(range(NUM_LAYERS)), desc="all layers")
-    rows = {n: [i for i, k in enumerate(saved_keys) if k[0] == n] for n in names}
+    # The kept responses as conversations, as the controls section built them (`kept_keys`, `with_prompt`).
+    saved_acts = extract_mean_activations(model, tokenizer, with_prompt, list(range(NUM_LAYERS)),
+                                          desc="all layers")  # [n_kept, n_layers, d_model]
+    rows = {n: [i for i, k in enumerate(kept_keys) if k[0] == n] for n in names}
     all_layer_vectors = torch.stack([saved_acts[rows[n]].mean(dim=0) for n in names])  # [n_personas, n_layers, d_model]
     default_rows = torch.tensor([n in DEFAULT_PERSONA_NAMES for n in names])
     saved = save_part1_results(
         OUT_DIR, model_name=MODEL_NAME, layer=LAYER, names=names, persona_vectors=all_layer_vectors,
         default_names=[n for n in names if n in DEFAULT_PERSONA_NAMES],
         axis=all_layer_vectors[default_rows].mean(dim=0) - all_layer_vectors[~default_rows].mean(dim=0),
-        default_activations=saved_acts[[i for i, k in enumerate(saved_keys) if k[0] in DEFAULT_PERSONA_NAMES]],
+        default_activations=saved_acts[[i for i, k in enumerate(kept_keys) if k[0] in DEFAULT_PERSONA_NAMES]],
         extra={"computed_by": "Part 1's notebook", "judge": judge_model, "min_score": MIN_SCORE,
                "n_questions": len(QUESTIONS), "max_new_tokens": MAX_NEW_TOKENS})
 print(f"Saved Part 1's results for Part 2: {saved} ({len(names)} personas x {NUM_LAYERS} layers, "
