@@ -406,10 +406,9 @@ def build(part: str, release: Path, out_dir: Path, prefix: str = "",
     out_dir.mkdir(parents=True, exist_ok=True)
     handed_out = nbformat.read(release, as_version=4)
     solution = solution_notebook(part)
-    notebooks = {"solution": solution, "blank": handed_out}
-    for student, edits in EDITS.get(part, {}).items():
-        notebooks[student] = answered(handed_out, solution, edits)
-    notebooks = {student: notebooks[student] for student in wanted}
+    given = {"solution": solution, "blank": handed_out}
+    notebooks = {student: given[student] if student in given else answered(handed_out, solution, EDITS[part][student])
+                 for student in wanted}
     paths = {}
     for student, nb in notebooks.items():
         path = out_dir / f"{prefix}{student}.ipynb"
