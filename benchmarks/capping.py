@@ -34,7 +34,8 @@ import time
 import torch
 
 
-def _conversations(model_name: str, n: int) -> list[list[dict]]:
+def persona_conversations(model_name: str, n: int) -> list[list[dict]]:
+    """``n`` default-and-role persona conversations (personas in turn, every third question), for timing."""
     from utils.conversation import chat_messages
     from utils.data import working_personas, working_questions
     from utils.models import short_model_name
@@ -44,7 +45,7 @@ def _conversations(model_name: str, n: int) -> list[list[dict]]:
     return [chat_messages(personas[i % len(personas)], questions[(3 * i) % len(questions)]) for i in range(n)]
 
 
-def _thresholds(model, tokenizer, conversations, axes) -> dict[int, float]:
+def prompt_thresholds(model, tokenizer, conversations, axes) -> dict[int, float]:
     """25th percentile of the prompts' block-output projections on each layer's axis."""
     from utils.conversation import encode, render
     from utils.steering import ProjectionProbe, capping_thresholds
@@ -54,6 +55,23 @@ def _thresholds(model, tokenizer, conversations, axes) -> dict[int, float]:
             ids = encode(render(conv, tokenizer, add_generation_prompt=True), tokenizer)
             model(input_ids=torch.tensor([ids], device=model.get_input_embeddings().weight.device))
     return capping_thresholds({layer: torch.cat([p.reshape(-1) for p in probe.projections[layer]]) for layer in axes})
+
+
+def alternating_best(variants: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One warm-up call of each variant, then ``repeats`` rounds in alternating order (the order flips every
+    round); returns the best wall-clock and the best process-CPU seconds of each."""
+    best = {name: float("inf") for name in variants}
+    best_cpu = {name: float("inf") for name in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    names = list(variants)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            variants[name]()
+            best[name] = min(best[name], time.perf_counter() - t0)
+            best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
+    return best, best_cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     layers = cap_layer_range(n_layers)
     g = torch.Generator().manual_seed(0)
     axes = {layer: torch.randn(d_model, generator=g) for layer in layers}
-    conversations = _conversations(args.model, args.prompts)
-    taus = _thresholds(model, tokenizer, conversations, axes)
+    conversations = persona_conversations(args.model, args.prompts)
+    taus = prompt_thresholds(model, tokenizer, conversations, axes)
     prompts = [encode(render(c, tokenizer, add_generation_prompt=True), tokenizer) for c in conversations]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
@@ -106,17 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             return run()
 
     variants = {"plain": plain, "capped": capped, "capped+stats": capped_stats}
-    best = {name: float("inf") for name in variants}
-    best_cpu = {name: float("inf") for name in variants}
-    for fn in variants.values():  # warm-up
-        fn()
-    names = list(variants)
-    for r in range(args.repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            t0, c0 = time.perf_counter(), time.process_time()
-            variants[name]()
-            best[name] = min(best[name], time.perf_counter() - t0)
-            best_cpu[name] = min(best_cpu[name], time.process_time() - c0)
+    best, best_cpu = alternating_best(variants, args.repeats)
 
     ratio = best["capped"] / best["plain"]
     ratio_stats = best["capped+stats"] / best["plain"]

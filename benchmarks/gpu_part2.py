@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     n_layers = shape["num_hidden_layers"]
     layer = min(22, n_layers - 2)
 
-    from utils.conversation import chat_messages, encode, render
-    from utils.data import working_personas, working_questions
+    from benchmarks.capping import alternating_best, persona_conversations, prompt_thresholds
+    from utils.conversation import encode, render
     from utils.experiments import next_token_kl
     from utils.generation import generate_tokens
     from utils.models import TINY, load_model
-    from utils.steering import CapStats, ProjectionProbe, cap_layer_range, capping, capping_thresholds, steering
+    from utils.steering import CapStats, ProjectionProbe, cap_layer_range, capping, steering
     from utils.transcripts import drift_transcripts, load_transcript
     from utils.turns import per_turn_projections
 
@@ -101,18 +101,13 @@ def main(argv: list[str] | None = None) -> int:
              "seconds": round(drift_s, 2), "seconds_per_turn": round(drift_s / len(projections), 3),
              "peak_gib": _peak_gib(device), "finite": bool(torch.isfinite(projections).all())}
 
-    # 2. Capping on generation, against plain generation, in the same run.
-    personas = list(working_personas("gemma-2-27b").values())
-    questions = working_questions(15)
-    conversations = [chat_messages(personas[i % len(personas)], questions[(3 * i) % len(questions)])
-                     for i in range(a.prompts)]
+    # 2. Capping on generation, against plain generation, in the same run (benchmarks.capping's prompts,
+    # thresholds and timing, on this model).
+    conversations = persona_conversations("google/gemma-2-27b-it", a.prompts)
     prompts = [encode(render(c, tokenizer, add_generation_prompt=True), tokenizer) for c in conversations]
     layers = cap_layer_range(n_layers)
     axes = {l: torch.randn(d_model, generator=g) for l in layers}
-    with torch.inference_mode(), ProjectionProbe(model, axes) as probe:
-        for ids in prompts:
-            model(input_ids=torch.tensor([ids], device=device))
-    taus = capping_thresholds({l: torch.cat([x.reshape(-1) for x in probe.projections[l]]) for l in layers})
+    taus = prompt_thresholds(model, tokenizer, conversations, axes)
     pad = tokenizer.pad_token_id
 
     def run():
@@ -124,15 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         with capping(model, axes, taus):
             return run()
 
-    variants = {"plain": run, "capped": capped}
-    for fn in variants.values():  # warm-up
-        fn()
-    best = {name: float("inf") for name in variants}
-    for r in range(a.repeats):
-        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            t0 = time.perf_counter()
-            variants[name]()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    best, _ = alternating_best({"plain": run, "capped": capped}, a.repeats)
     # The capped outputs, read by a probe registered after the capping hooks.
     stats = CapStats()
     with capping(model, axes, taus, stats=stats), ProjectionProbe(model, axes) as after:
