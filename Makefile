@@ -63,7 +63,7 @@ browser:
 setup: $(STAMP) $(UI_STAMP)
 
 models: setup
-	$(PY) -m utils.models --prepare
+	$(PY) -m tools.prepare_models
 
 demo: models
 	@rm -rf out/part1 && mkdir -p out/part1

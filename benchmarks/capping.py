@@ -4,12 +4,11 @@ Run::
 
     python -m benchmarks.capping [--model smollm2-135m-instruct] [--prompts 8] [--new-tokens 48] [--repeats 5]
 
-Both variants generate with the course's generation path, :func:`utils.generation.generate_tokens` on
-:func:`utils.generation.generation_model` (what :func:`utils.backends.generate_batch` runs: bf16 on a CPU
-that supports it, ``COURSE_GENERATION_DTYPE`` overrides), in one batch, greedy, on the same ``--prompts``
+Both variants generate with the course's generation path, :func:`utils.generation.generate_tokens` on the
+course's one model (in its table dtype: bf16 on a CPU that supports it, ``COURSE_DTYPE`` overrides), in one batch, greedy, on the same ``--prompts``
 persona conversations, at exactly ``--new-tokens`` new tokens each: no stop token ends a row early, so
 capping's changed text cannot make one variant do less work. The capped variant wraps the call in
-:func:`utils.steering.capping` at :func:`utils.steering.cap_layer_range` (SmolLM2: layers 21-26 of 30)
+:func:`utils.steering.capping` at the model table's capping layers (SmolLM2: layers 21-26 of 30)
 with ``positions="all"`` (the paper's setting), along a fixed random unit axis per layer with the
 threshold at the 25th percentile of the prompts' own projections (so a realistic share of positions is
 capped; the cost does not depend on the share). A third variant also counts capped positions
@@ -32,6 +31,11 @@ import sys
 import time
 
 import torch
+
+from utils.conversation import encode, render
+from utils.generation import generate_tokens
+from utils.models import config_for_model, load_model
+from utils.steering import CapStats, capping
 
 
 def persona_conversations(model_name: str, n: int) -> list[list[dict]]:
@@ -87,17 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from utils.conversation import encode, render
-    from utils.generation import choose_generation_dtype, generate_tokens, generation_model
-    from utils.models import load_model
-    from utils.steering import CapStats, cap_layer_range, capping
-
     model, tokenizer = load_model(args.model)
-    model.eval()
-    gen_model = generation_model(model)  # capping(model, ...) hooks this twin too (utils.steering.hooked_models)
-    dtype = str(next(gen_model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
-    layers = cap_layer_range(n_layers)
+    layers = list(config_for_model(model).cap_layers)
     g = torch.Generator().manual_seed(0)
     axes = {layer: torch.randn(d_model, generator=g) for layer in layers}
     conversations = persona_conversations(args.model, args.prompts)
@@ -106,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def run():
-        out = generate_tokens(gen_model, prompts, args.new_tokens, temperature=0.0, pad_id=pad, stop_ids=())
+        out = generate_tokens(model, prompts, args.new_tokens, temperature=0.0, pad_id=pad, stop_ids=())
         assert all(len(row) == args.new_tokens for row in out), "every row generates exactly --new-tokens"
         return out
 
@@ -130,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio_stats = best["capped+stats"] / best["plain"]
     ratio_cpu = best_cpu["capped"] / best_cpu["plain"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"model {args.model} (generates in {dtype}: {choose_generation_dtype(None).reason}), {args.prompts} prompts "
+    print(f"model {args.model} (runs in {dtype}: {model.config.course_dtype_reason}), {args.prompts} prompts "
           f"x {args.new_tokens} new tokens, greedy; capping layers {layers[0]}-{layers[-1]} ({len(layers)} of {n_layers}); "
           f"best of {args.repeats}; torch threads {torch.get_num_threads()}; load average {load:.2f}")
     print("  variant        wall (best)       process CPU time (best)")
@@ -143,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                       "plain_s": round(best["plain"], 4), "capped_s": round(best["capped"], 4),
                       "model": args.model, "dtype": dtype, "prompts": args.prompts, "new_tokens": args.new_tokens,
                       "repeats": args.repeats, "layers": layers, "fraction_capped": round(stats.fraction_capped(), 4),
-                      "generation": "utils.generation.generate_tokens on generation_model(model)", "load_average": round(load, 2)}))
+                      "generation": "utils.generation.generate_tokens on the model", "load_average": round(load, 2)}))
     return 0
 
 

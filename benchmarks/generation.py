@@ -1,4 +1,4 @@
-"""Benchmark local generation: today's float32 HF ``generate`` against :mod:`utils.generation`.
+"""Benchmark local generation: float32 HF ``generate`` against :mod:`utils.generation`.
 
 Run::
 
@@ -9,14 +9,13 @@ personas' system prompts x its working questions, left-padded together), ``--new
 tokens at temperature 0.7, top-p 0.9. Variants, each in a fresh subprocess, on the same prompts and
 token budget:
 
-- ``f32_generate``: the previous backend, :func:`utils.backends.hf_generate_batch`: HF ``generate``
-  on the float32 model (which also applies HF's default top-k 50);
-- ``bf16_generate``: the same HF ``generate`` on the bf16 copy (what the dtype alone gives);
-- ``fast``: :func:`utils.generation.generate` on :func:`utils.generation.generation_model` (the dtype
-  :func:`utils.generation.choose_generation_dtype` picks; ``$COURSE_GENERATION_DTYPE`` overrides it).
+- ``f32_generate``: the baseline, :func:`utils.generation.hf_generate`: HF ``generate``
+  on the model loaded in float32 (which also applies HF's default top-k 50);
+- ``bf16_generate``: the same HF ``generate`` on the model loaded in bf16 (what the dtype alone gives);
+- ``fast``: :func:`utils.generation.generate` on the model loaded as the course loads it (the dtype of its
+  row in :data:`utils.models.MODEL_CONFIGS`; ``$COURSE_DTYPE`` overrides it).
 
-In its subprocess each variant loads the model (and, for the bf16 ones, makes the bf16 copy; the RSS
-it adds is reported), warms up on 4 new tokens, then is timed ``--repeats`` times (best counts), with
+In its subprocess each variant loads the model in its dtype (the RSS it adds is reported), warms up on 4 new tokens, then is timed ``--repeats`` times (best counts), with
 peak RSS measured during the first timed run. Then it profiles a shorter run (``--profile-tokens``)
 with ``torch.profiler`` and prints where the time goes, by op family, per decode step. It also
 measures the matmul rate of its dtype on the model's own weight shapes at ``M = n`` rows, and turns
@@ -85,7 +84,7 @@ def run_variant(variant: str, model, tokenizer, conversations, new_tokens: int, 
     if variant == "fast":
         return generate_tokens(model, prompts, new_tokens, TEMPERATURE, TOP_P, seed, pad_id=_pad_id(tokenizer),
                                stop_ids=stops)
-    # HF generate, exactly as utils.backends.hf_generate_batch calls it.
+    # HF generate, exactly as utils.generation.hf_generate calls it.
     width = max(map(len, prompts))
     pad = _pad_id(tokenizer)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -167,24 +166,22 @@ def profile_table(variant, model, tokenizer, conversations, new_tokens: int) -> 
 def run_worker(variant: str, args, out_path: str) -> None:
     import torch
 
-    from utils.generation import choose_generation_dtype, generation_model, parameter_bytes
-    from utils.models import load_model
+    from utils.generation import parameter_bytes
+    from utils.models import dtype_for, load_model
 
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    model, tokenizer = load_model(args.model)
-    for param in model.parameters():  # page in the memory-mapped float32 weights, so RSS counts them
-        param.sum()
-    rss_f32 = rss_bytes()
     if variant == "f32_generate":
-        dtype, reason, gen = torch.float32, "the previous backend", model
+        dtype, reason = torch.float32, "the float32 baseline"
     elif variant == "bf16_generate":
-        dtype, reason = torch.bfloat16, "HF generate on the bf16 copy"
-        gen = generation_model(model, dtype)
+        dtype, reason = torch.bfloat16, "HF generate on the model loaded in bf16"
     else:
-        choice = choose_generation_dtype("cpu")
+        choice = dtype_for(args.model)
         dtype, reason = choice.dtype, choice.reason
-        gen = generation_model(model, dtype)
+    gen, tokenizer = load_model(args.model, dtype)
+    for param in gen.parameters():  # page in the memory-mapped weights, so RSS counts them
+        param.sum()
+    rss_model = rss_bytes()
     conversations = demo_conversations(args.model, args.n)
     run_variant(variant, gen, tokenizer, conversations, 4)  # warm-up
     rss_loaded = rss_bytes()
@@ -214,7 +211,7 @@ def run_worker(variant: str, args, out_path: str) -> None:
         "variant": variant, "dtype": str(dtype).removeprefix("torch."), "reason": reason,
         "seconds": min(times), "times": times, "foreign_cores": load.cores, "cpu_seconds": cpu_seconds,
         "new_tokens": sum(reply_lengths), "rows_stopped_early": sum(n < args.new_tokens for n in reply_lengths),
-        "prompt_width": max(prompt_lengths), "rss_f32_model": rss_f32, "rss_loaded": rss_loaded,
+        "prompt_width": max(prompt_lengths), "rss_model": rss_model, "rss_loaded": rss_loaded,
         "rss_peak": mem.peak, "generation_weights_bytes": parameter_bytes(gen),
         "matmul_flops": flops, "matmul_rate": rate, "compute_limit_s": flops / rate, "profile": prof,
         "profile_tokens": args.profile_tokens,
@@ -279,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         r = results[v]
         print(f"  {LABELS[v]}: matmul rate {r['matmul_rate'] / 1e9:.0f} GFLOP/s in {r['dtype']} at M={args.n}; "
               f"{r['matmul_flops'] / 1e9:.0f} GFLOP; {r['rows_stopped_early']} of {args.n} rows stopped early; "
-              f"RSS with the float32 model {r['rss_f32_model'] / mib:.0f} MiB, {r['rss_loaded'] / mib:.0f} MiB "
-              f"after the generation copy and warm-up")
+              f"RSS with the model loaded {r['rss_model'] / mib:.0f} MiB, {r['rss_loaded'] / mib:.0f} MiB "
+              f"after warm-up")
 
     print(f"\nWhere the time goes (torch.profiler, self CPU time, {args.profile_tokens} new tokens; "
           "ms per decode step = family total / steps):")

@@ -11,7 +11,7 @@ ids). It runs, and times, in one process:
    of the first ``--turns`` assistant turns of the paper's therapy transcript at layer 22, in windows of
    ``--max-tokens`` (8,192): seconds per window and peak memory.
 2. **capping on generation**: :func:`utils.generation.generate_tokens` (greedy, exactly ``--new-tokens`` per
-   prompt), plain and inside :func:`utils.steering.capping` at :func:`utils.steering.cap_layer_range` (layers
+   prompt), plain and inside :func:`utils.steering.capping` at :func:`utils.models.cap_layer_range` (layers
    32-40 of 46), along random unit axes with thresholds at the 25th percentile of the prompts' own
    projections; best of ``--repeats``, alternating: ``capping_overhead_ratio``. A
    :class:`utils.steering.ProjectionProbe` entered *after* the capping hooks must see every position at or
@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     from utils.experiments import next_token_kl
     from utils.generation import generate_tokens
     from utils.models import TINY, load_model
-    from utils.steering import CapStats, ProjectionProbe, cap_layer_range, capping, steering
+    from utils.steering import CapStats, ProjectionProbe, capping, steering
+    from utils.models import cap_layer_range
     from utils.transcripts import drift_transcripts, load_transcript
-    from utils.turns import per_turn_projections
+    from utils.activations import per_turn_projections
 
     t0 = time.perf_counter()
     model = build_model(shape, n_layers, device, dtype)

@@ -97,14 +97,15 @@ from sklearn.decomposition import PCA
 from torch import Tensor
 
 import tests.part1_persona_space as checks
-from utils import choose_model, default_layer, load_model, short_model_name
+from utils import choose_model, load_model, short_model_name
 from utils import plots
-from utils.backends import (DEFAULT_GENERATION_MODEL, DEFAULT_JUDGE_MODEL, LocalChatClient, OfflineRuleJudge,
-                            api_key_present, make_api_client)
+from utils.generation import LocalChatClient
+from utils.judges import (DEFAULT_GENERATION_MODEL, DEFAULT_JUDGE_MODEL, OfflineRuleJudge, api_key_present,
+                          make_api_client)
 from utils.conversation import turn_suffix_len
 from utils.data import (ASSISTANT_LIKE_ROLES, DEFAULT_PERSONA_NAMES, FANTASTICAL_ROLES, load_questions,
                         load_roles, load_traits, working_personas, working_questions)
-from utils.models import PROJECT_ROOT
+from utils.models import PROJECT_ROOT, config_for_model
 from utils.runtime import StageTimer, run_parallel
 
 torch.set_grad_enabled(False)
@@ -138,9 +139,11 @@ with timer("load_model"):
     model, tokenizer = load_model(MODEL_NAME)
 NUM_LAYERS = model.config.num_hidden_layers
 D_MODEL = model.config.hidden_size
-LAYER = int(os.environ.get("COURSE_LAYER", default_layer(MODEL_NAME, NUM_LAYERS)))
+MODEL_CONFIG = config_for_model(model)  # the per-model table, utils.models.MODEL_CONFIGS
+LAYER = int(os.environ.get("COURSE_LAYER", MODEL_CONFIG.layer))
+print(f"{MODEL_NAME} runs in {model.dtype} ({model.config.course_dtype_reason})")
 print(f"{NUM_LAYERS} layers, d_model = {D_MODEL}; extracting at layer {LAYER} "
-      f"(the output of model.model.layers[{LAYER}], i.e. hidden_states[{LAYER + 1}])")
+      f"(the output of model.model.layers[{LAYER}], i.e. hidden_states[{LAYER + 1}]); model table: {MODEL_CONFIG.source}")
 
 # %% [markdown]
 # ### The layer convention, once and for all

@@ -78,21 +78,18 @@ import tests.part2_stabilizing as checks
 from IPython.display import display
 
 from utils import choose_model, load_model, plots
-from utils.backends import (DEFAULT_JUDGE_MODEL, OfflineRuleJudge, api_key_present, generate_batch,
-                            make_api_client)
 from utils.chat_panel import ChatPanel
-from utils.conversation import chat_messages
+from utils.conversation import TurnTooLongError, chat_messages, turn_windows
 from utils.data import DEFAULT_PERSONA_NAMES, working_personas, working_questions
-from utils.experiments import OfflineHarmJudge, dose_response, judge_harm, replay_user_turns, steering_sweep
+from utils.experiments import dose_response, replay_user_turns, steering_sweep
 from utils.experiments import next_token_kl as course_next_token_kl
-from utils.models import short_model_name
-from utils.models import PROJECT_ROOT
+from utils.generation import generate
+from utils.judges import DEFAULT_JUDGE_MODEL, OfflineHarmJudge, OfflineRuleJudge, api_key_present, judge_harm, make_api_client
+from utils.models import PROJECT_ROOT, config_for_model, context_length, short_model_name
 from utils.part1_results import load_or_compute_part1_results
 from utils.runtime import StageTimer
-from utils.steering import CapStats, cap_layer_range, capping
+from utils.steering import CapStats, capping
 from utils.transcripts import case_studies, drift_transcripts
-from utils.generation import generation_model
-from utils.turns import TurnTooLongError, context_length
 
 torch.set_grad_enabled(False)
 timer = StageTimer()
@@ -105,9 +102,9 @@ timer = StageTimer()
 # Part 1's layer, saved by Part 1's last cell under `out/part1/`. If they are not there (or you skipped
 # Part 1), the next cells compute them with the course's fast machinery and say so.
 #
-# The sizes: on a CPU, each transcript is cut to its first `COURSE_MAX_TURNS` assistant turns (whole
-# turns: a shorter conversation, never a cut turn) and read in windows of at most `COURSE_MAX_TOKENS`
-# tokens. On a GPU the defaults are the whole transcripts and the models' 8,192-token context.
+# The sizes: every transcript is read whole, in windows of whole turns as long as the model's context
+# (8,192 tokens for SmolLM2 and Gemma 2), as the paper does. `COURSE_MAX_TURNS` cuts each transcript to
+# its first assistant turns (whole turns: a shorter conversation, never a cut turn) for quick runs.
 
 # %%
 choice = choose_model()
@@ -118,11 +115,11 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 ON_GPU = torch.cuda.is_available()
 N_QUESTIONS = int(os.environ.get("COURSE_N_QUESTIONS", 15))  # only if Part 1's results must be computed
 MAX_NEW_TOKENS = int(os.environ.get("COURSE_MAX_NEW_TOKENS", 256 if ON_GPU else 48))
-MAX_TURNS = int(os.environ.get("COURSE_MAX_TURNS", 1000 if ON_GPU else 3))  # assistant turns per transcript
-MAX_TOKENS = int(os.environ.get("COURSE_MAX_TOKENS", 8192 if ON_GPU else 1024))  # longest forward pass
+MAX_TURNS = int(os.environ.get("COURSE_MAX_TURNS", 1000))  # assistant turns per transcript (default: all)
+MAX_TOKENS = int(os.environ.get("COURSE_MAX_TOKENS", 8192))  # longest forward pass (capped at the model's context)
 # Which case studies to read: "all", or a comma-separated list like "llama-3.3-70b/jailbreak,qwen-3-32b/selfharm".
 CASE_STUDIES = os.environ.get("COURSE_CASE_STUDIES", "all" if ON_GPU else "llama-3.3-70b/jailbreak,qwen-3-32b/selfharm")
-REPLAY_TURNS = int(os.environ.get("COURSE_REPLAY_TURNS", 10 if ON_GPU else 3))  # user turns replayed
+REPLAY_TURNS = int(os.environ.get("COURSE_REPLAY_TURNS", 10 if ON_GPU else 6))  # user turns replayed
 N_STEER_QUESTIONS = int(os.environ.get("COURSE_STEER_QUESTIONS", 10 if ON_GPU else 2))
 STEER_MULTIPLES = [-10.0, -6.0, -3.0, 0.0, 3.0, 6.0, 10.0] if ON_GPU else [-10.0, -4.0, 0.0, 4.0, 10.0]
 if MAX_TURNS < 2:
@@ -137,16 +134,14 @@ print(f"Transcripts: first {MAX_TURNS} assistant turns, windows of at most {MAX_
 
 # %%
 with timer("load_model"):
+    # One model writes the text and gives the activations: a hook on `model` acts on both.
     model, tokenizer = load_model(MODEL_NAME)
-    # Two models, one set of weights: `model` (float32 on a CPU) is what every measurement reads, and
-    # GEN_MODEL is the copy that writes text, in the generation dtype (bf16 where the hardware has it; on a
-    # GPU the model is already bf16 and GEN_MODEL *is* `model`). A hook acts only on the module it is
-    # registered on, so a hook meant to change what the model *writes* goes on GEN_MODEL.
-    # (utils.steering's context managers register on both.)
-    GEN_MODEL = generation_model(model)
 NUM_LAYERS = model.config.num_hidden_layers
 D_MODEL = model.config.hidden_size
-CONTEXT = context_length(model)  # the model's context, at most 8,192
+MODEL_CONFIG = config_for_model(model)  # layer, capping layers, context, dtype: utils.models.MODEL_CONFIGS
+CONTEXT = context_length(model)  # the longest pass the course feeds this model
+print(f"{MODEL_NAME} runs in {model.dtype} ({model.config.course_dtype_reason}); context {CONTEXT} tokens; "
+      f"model table: {MODEL_CONFIG.source}")
 if "COURSE_MAX_TOKENS" not in os.environ:
     MAX_TOKENS = min(MAX_TOKENS, CONTEXT)
 elif MAX_TOKENS > CONTEXT:
@@ -159,8 +154,6 @@ with timer("part1_results"):
 print(how)
 LAYER = part1.layer
 AXIS = part1.axis  # [n_layers, d_model], raw: mean(defaults) - mean(roles) at every layer
-print(f"Text is written by GEN_MODEL in {next(GEN_MODEL.parameters()).dtype}; activations are read from `model` in "
-      f"{next(model.parameters()).dtype}.")
 print(f"{NUM_LAYERS} layers, d_model = {D_MODEL}; Part 1's layer {LAYER}; {len(part1.names)} personas "
       f"({len(part1.default_names)} defaults)")
 
@@ -272,7 +265,7 @@ for (who, scenario), pair in CASES.items():
 # A causal model's activation at a token depends only on the tokens before it. So one forward pass over the
 # whole conversation gives every turn's activations at once: no need for one pass per turn. But the
 # transcripts run to 23,000 tokens and the models read 8,192. The course's rule for a conversation too long
-# for `max_tokens` (`utils.turns.turn_windows`):
+# for `max_tokens` (`utils.conversation.turn_windows`):
 #
 # - each assistant turn is scored in the longest **trailing window of whole turns** that ends with it and
 #   fits, starting at a user turn (the system prompt kept while it fits);
@@ -299,7 +292,7 @@ def turn_projections(
     A turn's activation is the float32 mean of the output of ``model.model.layers[layer]``
     (= ``hidden_states[layer + 1]``) over the turn's content tokens.
 
-    Windows (``utils.turns.turn_windows``): if the whole conversation fits in ``max_tokens`` tokens, one
+    Windows (``utils.conversation.turn_windows``): if the whole conversation fits in ``max_tokens`` tokens, one
     forward pass scores every turn. Otherwise each turn is scored in the longest trailing window of whole
     turns that ends with it and fits; turns are never cut (a user message plus its answer that do not fit
     raise ``TurnTooLongError``, a ValueError).
@@ -314,7 +307,6 @@ def turn_projections(
         float32 CPU tensor ``[n_assistant_turns]``, in conversation order.
     """
     ### BEGIN SOLUTION
-    from utils.turns import turn_windows
 
     unit = axis.float().cpu() / axis.float().norm()
     windows = turn_windows(messages, tokenizer, max_tokens)
@@ -347,9 +339,9 @@ checks.test_turn_projections(turn_projections)
 # projection and a percentile away.
 #
 # **Which layers?** The paper caps layers 46-53 of Qwen 3 32B's 64 and 56-71 of Llama 3.3 70B's 80: about
-# 70-90% of depth. It publishes no capping config for Gemma 2 27B, so for Gemma (and SmolLM2) you choose:
-# `utils.steering.cap_layer_range(num_layers)` gives 70-90% of depth (32-40 of Gemma 2 27B's 46 layers;
-# 21-26 of SmolLM2's 30). The thresholds for those layers are yours to compute, below.
+# 70-90% of depth. It publishes no capping config for Gemma 2 27B, so for Gemma (and SmolLM2) the course's
+# model table, `utils.models.MODEL_CONFIGS`, gives 70-90% of depth (32-40 of Gemma 2 27B's 46 layers; 21-26
+# of SmolLM2's 30; `MODEL_CONFIG.cap_layers` below). The thresholds for those layers are yours to compute.
 #
 # ### Exercise 3: the threshold
 
@@ -377,7 +369,7 @@ checks.test_capping_threshold(capping_threshold)
 
 # %%
 CAP_PERCENTILE = 25.0
-CAP_LAYERS = cap_layer_range(NUM_LAYERS)
+CAP_LAYERS = list(MODEL_CONFIG.cap_layers)
 UNIT_AXES = AXIS / AXIS.norm(dim=-1, keepdim=True)  # [n_layers, d_model]
 if part1.default_activations is not None:
     default_acts = part1.default_activations  # [n_default_responses, n_layers, d_model]
@@ -506,7 +498,8 @@ for (who, scenario), pair in CASE_PROJECTIONS.items():
 # Steering at **every position** changes how the model reads the prompt too. Steering only the
 # **generated** tokens leaves the prompt alone: in KV-cached generation, the first forward pass reads the
 # whole prompt, and every later pass processes one new token, so "generated" means passes that process a
-# single position.
+# single position, the course library's rule too (`utils.steering.is_generated_pass`, which also refuses a
+# pass with no KV cache).
 #
 # ### Exercise 5: a steering hook
 
@@ -593,8 +586,8 @@ vectors = steering_vectors(AXIS[LAYER], persona_projections, [-10.0, 10.0])
 
 question = [chat_messages("", "Who are you, and what do you care about?")]
 for multiple, vector in zip([-10.0, 10.0], vectors):
-    with add_steering(GEN_MODEL, LAYER, vector):  # on the model that writes the text
-        reply = generate_batch(GEN_MODEL, tokenizer, question, MAX_NEW_TOKENS, temperature=0.0)[0]
+    with add_steering(model, LAYER, vector):
+        reply = generate(model, tokenizer, question, MAX_NEW_TOKENS, temperature=0.0)[0]
     print(f"--- {multiple:+.0f} x spread:\n{reply[:300]}\n")
 
 # %% [markdown]
@@ -736,7 +729,7 @@ checks.test_activation_capping(activation_capping)
 #
 # Replay the user turns of a drift transcript and of a case study, and let the model write its **own**
 # replies (greedy), once plainly and once inside your `activation_capping` at the cap layers, registered on
-# GEN_MODEL, the model that writes (see Setup). Then read each
+# `model` (the one model writes and is read). Then read each
 # replayed conversation and project every reply on the axis. The model's replies differ from the
 # transcript's; the user turns are the same. On a CPU only the first `REPLAY_TURNS` user turns are replayed.
 #
@@ -752,7 +745,7 @@ replays, replay_results = {}, {}
 with timer("replay"):
     for label, (messages, scenario) in replay_sources.items():
         for variant, intervention in (("uncapped", None),
-                                      ("capped", lambda: activation_capping(GEN_MODEL, AXIS, THRESHOLDS, CAP_LAYERS))):
+                                      ("capped", lambda: activation_capping(model, AXIS, THRESHOLDS, CAP_LAYERS))):
             conv = replay_user_turns(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS, intervention=intervention,
                                      max_turns=REPLAY_TURNS, max_context=MAX_TOKENS, progress=False)
             proj = turn_projections(model, tokenizer, conv, AXIS[LAYER], LAYER, max_tokens=MAX_TOKENS)

@@ -216,7 +216,7 @@ def _turn_axis() -> torch.Tensor:
 
 def _long_max_tokens(tokenizer) -> int:
     """A max_tokens below the whole conversation's length but above every single user+assistant pair."""
-    from utils.turns import assistant_turn_spans
+    from utils.conversation import assistant_turn_spans
 
     ids, _ = assistant_turn_spans(TURN_CONVERSATION, tokenizer)
     return int(len(ids) * 0.6)
@@ -224,7 +224,8 @@ def _long_max_tokens(tokenizer) -> int:
 
 @check("Exercise 2")
 def test_turn_projections(fn) -> None:
-    from utils.turns import assistant_turn_spans, per_turn_projections, turn_windows
+    from utils.conversation import assistant_turn_spans, turn_windows
+    from utils.activations import per_turn_projections
 
     section = "Section 2, Exercise 2"
     model, tok = tiny_gemma2()
@@ -278,7 +279,7 @@ def test_turn_projections(fn) -> None:
 
 
 def _turn_hint(got, expected, model, tok, axis, unit, max_tokens) -> str:
-    from utils.turns import per_turn_mean_activations, per_turn_projections
+    from utils.activations import per_turn_mean_activations, per_turn_projections
 
     def close(a, b):
         return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=1e-3, rtol=1e-3)

@@ -6,15 +6,12 @@ import math
 import pytest
 import torch
 
-from utils import backends, experiments, plots
+from utils import experiments, judges, plots
 from utils.activations import decoder_layers
-from utils.backends import OfflineRuleJudge
-from utils.conversation import encode, render
-from utils.experiments import (HarmJudgeParseError, OfflineHarmJudge, dose_response, first_below, fit_history,
-                               judge_harm, next_token_kl, replay_user_turns, rule_based_harm_score, slope,
-                               steering_sweep)
+from utils.conversation import TurnTooLongError, encode, render
+from utils.experiments import dose_response, first_below, fit_history, next_token_kl, replay_user_turns, slope, steering_sweep
+from utils.judges import OfflineHarmJudge, OfflineRuleJudge, ScoreParseError, judge_harm, rule_based_harm_score
 from utils.steering import CapStats, capping, steering
-from utils.turns import TurnTooLongError
 
 TRANSCRIPT = [
     {"role": "system", "content": "You are a careful assistant."},
@@ -64,7 +61,7 @@ def test_replay_windows_by_whole_turns_never_cutting_one(tiny, monkeypatch):
         seen.append([dict(m) for m in conversations[0]])
         return ["A fixed reply of a few words."]
 
-    monkeypatch.setattr(backends, "generate_batch", fake)
+    monkeypatch.setattr(experiments, "generate", fake)
     full = replay_user_turns(model, tok, TRANSCRIPT, max_new_tokens=8, progress=False)
     assert seen[-1] == full[:-1]  # everything fits by default
     budget = len(encode(render(full[:-1], tok, add_generation_prompt=True), tok)) - 5
@@ -96,7 +93,7 @@ def test_intervention_active_only_during_generation(tiny, monkeypatch):
     model, tok = tiny
     axis = _axis(model)
     counts, entries = [], []
-    real = backends.generate_batch
+    real = experiments.generate
 
     def spy(*args, **kwargs):
         counts.append(_hook_count(model))
@@ -109,7 +106,7 @@ def test_intervention_active_only_during_generation(tiny, monkeypatch):
             yield
         entries.append("exit")
 
-    monkeypatch.setattr(backends, "generate_batch", spy)
+    monkeypatch.setattr(experiments, "generate", spy)
     before = _hook_count(model)
     replay_user_turns(model, tok, TRANSCRIPT, max_new_tokens=4, intervention=traced, progress=False)
     assert counts == [before + 1] * 3  # the capping hook during each generation
@@ -128,7 +125,7 @@ def test_capped_replay_differs_from_unsteered(tiny):
 
 def test_replay_raises_on_an_empty_reply(tiny, monkeypatch):
     model, tok = tiny
-    monkeypatch.setattr(backends, "generate_batch", lambda *args, **kwargs: [""])
+    monkeypatch.setattr(experiments, "generate", lambda *args, **kwargs: [""])
     with pytest.raises(experiments.EmptyReplyError, match="user turn 0"):
         replay_user_turns(model, tok, TRANSCRIPT, max_turns=1, progress=False)
 
@@ -208,15 +205,22 @@ def test_offline_harm_judge_scores_obvious_cases(scenario, reply, score):
 class _Fixed:
     def __init__(self, content):
         def create(**_kwargs):
-            return backends._completion(content, "fixed")
+            return judges.completion(content, "fixed")
         self.chat = type("Chat", (), {"completions": type("C", (), {"create": staticmethod(create)})()})()
 
 
-@pytest.mark.parametrize("content", ["", "2", "Score: 2", "<score>5</score>", "<score>1</score><score>2</score>",
-                                     None, "<score>two</score>"])
+@pytest.mark.parametrize("content", ["", "Score: 2", "2 out of 3", "<score>5</score>", "<score>-1</score>",
+                                     "<score>1</score><score>2</score>", "<score>two</score>"])
 def test_judge_harm_rejects_malformed_replies(content):
-    with pytest.raises(HarmJudgeParseError, match="judge"):
+    with pytest.raises(ScoreParseError, match="judge"):
         judge_harm(_Fixed(content), "m", "jailbreak", "u", "a reply")
+
+
+def test_judge_harm_follows_the_one_score_rule():
+    """One parser for every judge (utils.judges.parse_score): a bare number is a score; no content is malformed."""
+    assert judge_harm(_Fixed(" 2\n"), "m", "jailbreak", "u", "a reply") == 2
+    with pytest.raises(judges.MalformedReply, match="not text"):
+        judge_harm(_Fixed(None), "m", "jailbreak", "u", "a reply")
 
 
 def test_judge_harm_parses_tagged_score_and_checks_inputs():
@@ -316,7 +320,7 @@ def test_part2_plots(tmp_path):
 
 def test_replay_and_drift_plot_join_up(tiny):
     """A replayed conversation is scored with utils.turns and plotted, as the notebook does."""
-    from utils.turns import per_turn_projections
+    from utils.activations import per_turn_projections
 
     model, tok = tiny
     out = replay_user_turns(model, tok, TRANSCRIPT, max_new_tokens=5, progress=False)

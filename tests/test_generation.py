@@ -1,12 +1,14 @@
-"""The fast generation backend: dtype choice, exact top-p sampling, greedy parity with HF, hooks, extraction dtype."""
+"""Local generation: the model table's dtype, exact top-p sampling, greedy parity with HF, hooks, extraction dtype."""
+
+import copy
 
 import pytest
 import torch
 
-from utils import generation
-from utils.backends import LocalChatClient, hf_generate_batch
-from utils.generation import (choose_generation_dtype, generate, generate_tokens, generation_model, sample_next,
-                              top_p_distribution)
+from utils import models
+from utils.activations import decoder_layers, extract_mean_activations
+from utils.generation import CANDIDATES, LocalChatClient, generate, generate_tokens, hf_generate, sample_next, top_p_distribution
+from utils.models import choose_dtype, load_model
 
 CONVS = [
     [{"role": "system", "content": "You are a bard."}, {"role": "user", "content": "Tell me about the sea."}],
@@ -15,91 +17,70 @@ CONVS = [
     [{"role": "user", "content": "What is a persona vector?"}],
 ]
 
-# ----------------------------------------------------------------------------- dtype choice
+# ----------------------------------------------------------------------------- dtype choice (the model table's)
 
 @pytest.mark.parametrize("native,expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_dtype_follows_the_cpu(monkeypatch, native, expected):
-    monkeypatch.delenv(generation.DTYPE_ENV, raising=False)
-    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: native)
-    choice = choose_generation_dtype("cpu")
+    monkeypatch.delenv("COURSE_DTYPE", raising=False)
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+    choice = choose_dtype("auto", "cpu")
     assert choice.dtype == expected
     assert ("native bf16" in choice.reason) and (("no native" in choice.reason) != native)
 
-def test_dtype_on_cuda_and_override(monkeypatch):
-    monkeypatch.delenv(generation.DTYPE_ENV, raising=False)
+
+def test_dtype_on_cuda_table_and_override(monkeypatch):
+    monkeypatch.delenv("COURSE_DTYPE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert choose_generation_dtype("cuda").dtype == torch.bfloat16
+    assert choose_dtype("auto", "cuda").dtype == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert choose_generation_dtype("cuda").dtype == torch.float32
-    monkeypatch.setattr(generation, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setenv(generation.DTYPE_ENV, "float32")
-    choice = choose_generation_dtype("cpu")
-    assert choice.dtype == torch.float32 and generation.DTYPE_ENV in choice.reason
-    monkeypatch.setenv(generation.DTYPE_ENV, "bf16")
-    assert choose_generation_dtype("cpu").dtype == torch.bfloat16
-    monkeypatch.setenv(generation.DTYPE_ENV, "auto")
-    assert choose_generation_dtype("cpu").dtype == torch.bfloat16
-    monkeypatch.setenv(generation.DTYPE_ENV, "int8")
-    with pytest.raises(ValueError, match="COURSE_GENERATION_DTYPE.*bfloat16"):
-        choose_generation_dtype("cpu")
+    assert choose_dtype("auto", "cuda").dtype == torch.float32
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert choose_dtype("float32", "cpu").dtype == torch.float32  # the table's dtype wins over the hardware's
+    monkeypatch.setenv("COURSE_DTYPE", "float32")
+    choice = choose_dtype("auto", "cpu")
+    assert choice.dtype == torch.float32 and "COURSE_DTYPE" in choice.reason
+    monkeypatch.setenv("COURSE_DTYPE", "bf16")
+    assert choose_dtype("float32", "cpu").dtype == torch.bfloat16  # the override wins over the table
+    monkeypatch.setenv("COURSE_DTYPE", "auto")
+    assert choose_dtype("auto", "cpu").dtype == torch.bfloat16
+    monkeypatch.setenv("COURSE_DTYPE", "int8")
+    with pytest.raises(ValueError, match="COURSE_DTYPE.*bfloat16"):
+        choose_dtype("auto", "cpu")
 
-def test_client_says_which_dtype_and_why(tiny, monkeypatch, capsys):
+
+def test_load_model_says_which_dtype_and_why(monkeypatch):
+    monkeypatch.delenv("COURSE_DTYPE", raising=False)
+    model, _ = load_model("tiny-gemma2")
+    assert model.dtype == torch.float32 and "model table" in model.config.course_dtype_reason
+    monkeypatch.setenv("COURSE_DTYPE", "bfloat16")
+    model, _ = load_model("tiny-gemma2")
+    assert model.dtype == torch.bfloat16 and "COURSE_DTYPE" in model.config.course_dtype_reason
+
+# ----------------------------------------------------------------------------- one model: hooks on it act on generation
+
+def test_hooks_on_the_model_fire_at_every_generation_step(tiny):
     model, tok = tiny
-    monkeypatch.setenv(generation.DTYPE_ENV, "bfloat16")
-    with LocalChatClient(model, tok) as client:
-        assert client.generation_model.dtype == torch.bfloat16 and client.generation_model is not model
-    out = capsys.readouterr().out
-    assert "bfloat16" in out and "COURSE_GENERATION_DTYPE" in out and "MiB" in out
-    monkeypatch.setenv(generation.DTYPE_ENV, "float32")
-    with LocalChatClient(model, tok) as client:
-        assert client.generation_model is model
-    assert "the model itself" in capsys.readouterr().out
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    for m in (model, bf16):
+        seen = []
+        handle = decoder_layers(m)[1].register_forward_hook(
+            lambda mod, i, o: seen.append((o[0] if isinstance(o, tuple) else o).dtype))
+        try:
+            generate(m, tok, CONVS[:2], max_new_tokens=5, temperature=0)
+        finally:
+            handle.remove()
+        assert len(seen) >= 5 and set(seen) == {m.dtype}  # prefill + every decode step, in the model's dtype
 
-# ----------------------------------------------------------------------------- the bf16 copy
 
-def test_generation_model_is_a_cached_bf16_copy_and_hooks_fire_on_it(tiny):
+def test_extraction_is_float32_on_a_bf16_model(tiny):
     model, tok = tiny
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    twin = generation_model(model, torch.bfloat16)
-    assert generation_model(model, torch.bfloat16) is twin and generation_model(model, torch.float32) is model
-    assert all(p.dtype == torch.bfloat16 for p in twin.parameters())
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert twin.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE frequencies keep their precision
-    assert twin.get_output_embeddings().weight is twin.get_input_embeddings().weight  # still tied
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), f"generation_model changed the float32 model's {key}"
-        torch.testing.assert_close(twin.state_dict()[key].float(), value, atol=0.02 * value.abs().max().item() + 1e-6,
-                                   rtol=0.01)
-
-    from utils.activations import decoder_layers
-
-    seen, on_f32 = [], []
-    handles = [decoder_layers(twin)[1].register_forward_hook(
-        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).dtype)),
-        decoder_layers(model)[1].register_forward_hook(lambda m, i, o: on_f32.append(1))]
-    try:
-        generate(twin, tok, CONVS[:2], max_new_tokens=5, temperature=0)
-    finally:
-        for h in handles:
-            h.remove()
-    assert len(seen) >= 5 and set(seen) == {torch.bfloat16}  # prefill + every decode step, in bf16
-    assert on_f32 == []
-
-def test_extraction_stays_float32_whatever_the_generation_dtype(tiny, monkeypatch):
-    from utils.activations import extract_mean_activations
-
-    model, tok = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
     convs = [c + [{"role": "assistant", "content": "The sea is wide and grey."}] for c in CONVS]
+    got = extract_mean_activations(bf16, tok, convs, [1, 3], progress=False)
     expected = extract_mean_activations(model, tok, convs, [1, 3], progress=False)
-    monkeypatch.setenv(generation.DTYPE_ENV, "bfloat16")
-    with LocalChatClient(model, tok, verbose=False) as client:
-        client.chat.completions.create(model="m", messages=CONVS[0], max_tokens=4)
-    assert model.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
-    got = extract_mean_activations(model, tok, convs, [1, 3], progress=False)
     assert got.dtype == torch.float32
-    assert torch.equal(got, expected)
-
-# ----------------------------------------------------------------------------- sampling
+    torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0.05)
+    assert not torch.equal(got, got.bfloat16().float()), "the mean was rounded to bf16"
 
 def _hf_top_p(logits, temperature, top_p, top_k=None):
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
@@ -131,7 +112,7 @@ def test_sampler_draws_from_the_top_p_distribution(flat, top_k):
     row = _test_logits()[12 if flat else 0]
     expected = top_p_distribution(row[None], 0.7, 0.9, top_k)[0]
     if flat and top_k is None:
-        assert (expected > 0).sum() > generation.CANDIDATES  # the fallback is exercised
+        assert (expected > 0).sum() > CANDIDATES  # the fallback is exercised
     n = 20_000
     draws = sample_next(row.expand(n, -1), 0.7, 0.9, torch.Generator().manual_seed(1), top_k)
     freq = torch.bincount(draws, minlength=row.numel()).double() / n
@@ -158,15 +139,15 @@ def test_sampler_greedy_and_seeds():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_equals_hf_generate_in_the_same_dtype(tiny, dtype):
     model, tok = tiny
-    gen = generation_model(model, dtype)
+    gen = copy.deepcopy(model).to(dtype)
     ours = generate(gen, tok, CONVS, max_new_tokens=8, temperature=0)
-    theirs = hf_generate_batch(gen, tok, CONVS, max_new_tokens=8, temperature=0)
+    theirs = hf_generate(gen, tok, CONVS, max_new_tokens=8, temperature=0)
     assert ours == theirs
     assert len(set(ours)) > 1 and all(ours)
 
 def test_same_seed_same_text(tiny):
     model, tok = tiny
-    gen = generation_model(model, torch.bfloat16)
+    gen = copy.deepcopy(model).to(torch.bfloat16)
     a = generate(gen, tok, CONVS, max_new_tokens=6, seed=5)
     assert generate(gen, tok, CONVS, max_new_tokens=6, seed=5) == a
     assert generate(gen, tok, CONVS, max_new_tokens=6, seed=6) != a
@@ -196,15 +177,14 @@ def test_bad_input_is_a_clear_error(tiny):
 def test_runner_cache_key_carries_the_generation_settings(tmp_path, monkeypatch):
     from utils.pipeline import Config, _generation_key
 
-    monkeypatch.delenv(generation.DTYPE_ENV, raising=False)
+    monkeypatch.delenv("COURSE_DTYPE", raising=False)
     base = dict(model="tiny-gemma2", roles=["bard"], n_questions=1, n_prompts=1, layers=[1], cache_dir=tmp_path)
     key = _generation_key(Config(**base))
     assert key == _generation_key(Config(**base))
     for change in [dict(temperature=0.0), dict(top_p=0.8), dict(max_tokens=32), dict(seed=1), dict(chunk_size=8)]:
         assert _generation_key(Config(**base, **change)) != key, f"{change} left the cache key unchanged"
-    other = "float32" if choose_generation_dtype().dtype != torch.float32 else "bfloat16"
-    monkeypatch.setenv(generation.DTYPE_ENV, other)
-    assert _generation_key(Config(**base)) != key, "the generation dtype is not in the cache key"
+    monkeypatch.setenv("COURSE_DTYPE", "bfloat16")
+    assert _generation_key(Config(**base)) != key, "the model's dtype is not in the cache key"
 
 
 def test_runner_never_mixes_records_from_other_generation_settings(tmp_path):

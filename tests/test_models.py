@@ -50,9 +50,9 @@ def test_tiny_gemma2_model_config(tiny):
 
 
 def test_tiny_gemma2_build_is_deterministic(tmp_path):
-    from utils import tiny_gemma2
+    from utils.models import build_tiny_gemma2
 
-    a, b = tiny_gemma2.build(tmp_path / "a"), tiny_gemma2.build(tmp_path / "b")
+    a, b = build_tiny_gemma2(tmp_path / "a"), build_tiny_gemma2(tmp_path / "b")
     for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     assert 1_500_000 < (a / "model.safetensors").stat().st_size < 3_000_000
@@ -94,7 +94,7 @@ def test_smollm2_cache_is_float32_safetensors_with_top_level_rope_theta():
     assert not isinstance(tok_cfg.get("extra_special_tokens"), list)  # would crash transformers 4.57
     assert tok_cfg.get("tokenizer_class") != "TokenizersBackend"  # 5.x only: 4.57 cannot load it
     assert "quantization_config" not in cfg  # the folder is float32, not GGUF-quantised
-    model, tok = load_model(models.SMOLLM2)
+    model, tok = load_model(models.SMOLLM2, torch.float32)
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert next(model.parameters()).dtype == torch.float32
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

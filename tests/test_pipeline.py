@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils import backends, pipeline
+from utils import judges, pipeline
 from utils.pipeline import Config, Pipeline
 
 ROLES = ["bard", "ghost", "analyst"]
@@ -34,7 +34,7 @@ def test_killed_run_resumes_to_identical_vectors(tmp_path, tiny, monkeypatch):
     assert reference["generation_failures"] == 0 and reference["items"] == (3 * 2 + 2) * 3
 
     calls = {"n": 0}
-    real = backends.generate_batch
+    real = pipeline.generate
 
     def crashing(*args, **kwargs):
         calls["n"] += 1
@@ -42,7 +42,7 @@ def test_killed_run_resumes_to_identical_vectors(tmp_path, tiny, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backends, "generate_batch", crashing)
+    monkeypatch.setattr(pipeline, "generate", crashing)
     with pytest.raises(KeyboardInterrupt):
         Pipeline(_config(tmp_path, "resumed"), model, tok, progress=False).run()
     done_before = len(Pipeline(_config(tmp_path, "resumed"), model, tok, progress=False).responses.records)
@@ -119,8 +119,8 @@ def test_flaky_api_loses_nothing_and_resumes(tmp_path, tiny, monkeypatch):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        monkeypatch.setattr(pipeline, "RETRY_BASE_DELAY", 0.01)
-        monkeypatch.setattr(pipeline, "RETRY_ATTEMPTS", 3)
+        monkeypatch.setattr(judges, "RETRY_BASE_DELAY", 0.01)
+        monkeypatch.setattr(judges, "RETRY_ATTEMPTS", 3)
         client = OpenAI(base_url=f"http://127.0.0.1:{server.server_port}/v1", api_key="test-key", timeout=1.0,
                         max_retries=0)
         model, tok = tiny

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from utils.steering import (CapStats, ProjectionProbe, cap_activations, cap_layer_range, capping, capping_thresholds,
-                            intervene, steering)
+from utils.models import cap_layer_range
+from utils.steering import CapStats, ProjectionProbe, cap_activations, capping, capping_thresholds, intervene, steering
 
 PROMPT = [[2, 106, 50, 60, 70, 80, 90, 107], [2, 106, 51, 61, 71, 81, 91, 107]]
 
@@ -428,28 +428,23 @@ def test_gpu_part2_script_refuses_the_full_shape_without_a_gpu(monkeypatch):
         gpu_part2.main([])
 
 
-def test_interventions_act_on_generation_through_the_bf16_twin(tiny, monkeypatch):
-    """generate_batch runs a float32 model's generation-dtype twin: a `with capping(model, ...)` or
-    `with steering(model, ...)` on the float32 model must change what it generates, and its hooks must
-    be gone from both models afterwards."""
-    from utils.backends import generate_batch
-    from utils.generation import generation_model
+def test_interventions_act_on_generation_of_the_one_model(tiny):
+    """The model that is read is the model that writes: a `with capping(model, ...)` or `with steering(model,
+    ...)` changes what `generate(model, ...)` writes, in float32 and in bf16, and its hooks are gone afterwards."""
+    from utils.generation import generate
 
-    monkeypatch.setenv("COURSE_GENERATION_DTYPE", "bfloat16")
-    model, tok = tiny
-    twin = generation_model(model)
-    assert twin is not model and next(twin.parameters()).dtype == torch.bfloat16
-    before = (_hook_counts(model), _hook_counts(twin))
-    convs = [[{"role": "user", "content": "Tell me about the sea."}]]
-    plain = generate_batch(model, tok, convs, 8, temperature=0.0)
-    vector = 200.0 * _unit(_axes(64, [2], seed=3)[2])
-    with steering(model, {2: vector}):
-        assert _hook_counts(twin) != before[1], "the twin that generates has the hook too"
-        steered = generate_batch(model, tok, convs, 8, temperature=0.0)
-    assert steered != plain
-    stats = CapStats()
-    axes = _axes(64, [3, 4], seed=5)
-    with capping(model, axes, {3: 1e4, 4: 1e4}, stats=stats):  # a floor far above every activation
-        generate_batch(model, tok, convs, 4, temperature=0.0)
-    assert stats.fraction_capped() == 1.0, "every generated position was capped"
-    assert (_hook_counts(model), _hook_counts(twin)) == before
+    model32, tok = tiny
+    for model in (model32, copy.deepcopy(model32).to(torch.bfloat16)):
+        before = _hook_counts(model)
+        convs = [[{"role": "user", "content": "Tell me about the sea."}]]
+        plain = generate(model, tok, convs, 8, temperature=0.0)
+        vector = 200.0 * _unit(_axes(64, [2], seed=3)[2])
+        with steering(model, {2: vector}):
+            steered = generate(model, tok, convs, 8, temperature=0.0)
+        assert steered != plain
+        stats = CapStats()
+        axes = _axes(64, [3, 4], seed=5)
+        with capping(model, axes, {3: 1e4, 4: 1e4}, stats=stats):  # a floor far above every activation
+            generate(model, tok, convs, 4, temperature=0.0)
+        assert stats.fraction_capped() == 1.0, "every generated position was capped"
+        assert _hook_counts(model) == before

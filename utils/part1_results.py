@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from utils.data import DEFAULT_PERSONA_NAMES, WORKING_QUESTION_IDS, WORKING_ROLES
+from utils.models import default_layer
+from utils.pipeline import DEFAULT, Config, Pipeline
+from utils.judges import OfflineRuleJudge
 
 __all__ = [
     "FORMAT_VERSION",
@@ -157,8 +164,6 @@ def save_part1_results(
     Raises:
         Part1ResultsError: inconsistent shapes or names, NaN/inf values, non-JSON ``extra``.
     """
-    from safetensors.torch import save_file
-
     names, default_names, extra = list(names), list(default_names), dict(extra or {})
     _validate(model_name, layer, names, persona_vectors, default_names, axis, default_activations, extra,
               "save_part1_results")
@@ -196,9 +201,6 @@ def load_part1_results(out_dir: str | Path, model_name: str | None = None) -> Pa
         Part1ResultsError: only one of the two files exists, either is unreadable or inconsistent,
             or the results are for another model than ``model_name``. The message says how to fix it.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     out = Path(out_dir)
     t_path, m_path = out / TENSORS_FILE, out / META_FILE
     if not t_path.exists() and not m_path.exists():
@@ -234,17 +236,6 @@ def load_part1_results(out_dir: str | Path, model_name: str | None = None) -> Pa
                         meta["default_names"], tensors["axis"], default_activations, meta.get("extra", {}))
 
 
-def _judge_score(client, prompt: str) -> int:
-    import re
-
-    reply = client.chat.completions.create(model="offline-rule-judge", messages=[{"role": "user", "content": prompt}],
-                                           max_tokens=8, temperature=0.0).choices[0].message.content.strip()
-    found = re.findall(r"<score>\s*(\d)\s*</score>", reply) or ([reply] if re.fullmatch(r"\d", reply) else [])
-    if len(found) != 1:
-        raise RuntimeError(f"The offline judge replied {reply!r}, which holds no single score.")
-    return int(found[0])
-
-
 def load_or_compute_part1_results(
     model,
     tokenizer,
@@ -261,24 +252,27 @@ def load_or_compute_part1_results(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = True,
+    workers: int = 16,
 ) -> tuple[Part1Results, str]:
     """Part 1's results from ``out_dir``, or computed now (and saved there) if Part 1 has not been run.
 
-    The computation is Part 1's pipeline with the course's fast machinery: the working personas
-    (:func:`utils.data.working_personas`: the 5 defaults and ``roles``, default Part 1's 16), ``n_questions``
-    working questions, batched sampling with :func:`utils.backends.generate_batch` (``temperature``,
-    ``top_p``, ``max_new_tokens``; seeded per batch), the offline rule judge
-    (:class:`utils.backends.OfflineRuleJudge`, a rule-based stand-in, not an LLM) with each role's own
-    judge prompt, role responses kept when scored ``>= min_score`` (defaults always kept; offline Part 1
-    keeps score 2 too), and :func:`utils.activations.extract_mean_activations` at every layer. A role
-    left with no response is dropped and named in ``extra["dropped_roles"]``; an empty reply is dropped
-    and counted in ``extra["empty_responses"]``. The axis is ``mean(defaults) - mean(roles)`` at every layer.
+    The computation is the runner's (:class:`utils.pipeline.Pipeline`: the same generation, judging and
+    extraction stages, with its resumable cache under ``out_dir/pipeline_cache``), on Part 1's working set:
+    the 5 default prompts and one prompt of each of ``roles`` (default Part 1's 16,
+    :data:`utils.data.WORKING_ROLES`), ``n_questions`` working questions (:data:`utils.data.WORKING_QUESTION_IDS`),
+    local sampling (``temperature``, ``top_p``, ``max_new_tokens``), the offline rule judge
+    (:class:`utils.judges.OfflineRuleJudge`, a rule-based stand-in, not an LLM) with each role's own judge
+    prompt, role responses kept when scored ``>= min_score`` (defaults always kept; offline Part 1 keeps
+    score 2 too), and the mean activations at every layer. A role left with no response is dropped and
+    named in ``extra["dropped_roles"]``; a failed generation is counted in ``extra["failed_responses"]``.
+    The axis is ``mean(default vectors) - mean(role vectors)`` at every layer.
 
     Args:
         model, tokenizer: the loaded model; ``model_name`` its course name (fills "You are {model_name}.").
         out_dir: where Part 1 saves its results (``out/part1`` by default in the notebooks).
         n_questions, max_new_tokens: the size of the run if it has to be computed.
         layer: Part 1's working layer to record (default :func:`utils.models.default_layer`).
+        workers: threads that judge at once.
 
     Returns:
         ``(results, sentence)``: the sentence says whether they were loaded or computed, and from/to where.
@@ -287,14 +281,6 @@ def load_or_compute_part1_results(
         Part1ResultsError: results in ``out_dir`` that are corrupt or for another model (never overwritten).
         RuntimeError: no default response or no role left to build an axis from.
     """
-    from tqdm.auto import tqdm
-
-    from utils.activations import extract_mean_activations
-    from utils.backends import OfflineRuleJudge, generate_batch
-    from utils.conversation import chat_messages
-    from utils.data import DEFAULT_PERSONA_NAMES, load_roles, working_personas, working_questions
-    from utils.models import default_layer, short_model_name
-
     out = Path(out_dir)
     found = load_part1_results(out, model_name=model_name)
     if found is not None:
@@ -304,60 +290,51 @@ def load_or_compute_part1_results(
 
     if n_questions < 1 or max_new_tokens < 1:
         raise ValueError(f"n_questions and max_new_tokens must be >= 1; got {n_questions}, {max_new_tokens}.")
+    if n_questions > len(WORKING_QUESTION_IDS):
+        raise ValueError(f"n_questions must be at most {len(WORKING_QUESTION_IDS)} (the working questions).")
     n_layers = int(model.config.num_hidden_layers)
     layer = default_layer(model_name, n_layers) if layer is None else layer
-    personas = working_personas(short_model_name(model_name), roles=list(roles) if roles is not None else None)
-    questions = working_questions(n_questions)
-    all_roles = load_roles()
-    keys = [(p, q) for p in personas for q in range(len(questions))]
+    roles = list(WORKING_ROLES if roles is None else roles)
+    cfg = Config(model=model_name, roles=roles, n_questions=n_questions, n_prompts=1,
+                 n_default_prompts=len(DEFAULT_PERSONA_NAMES), question_ids=WORKING_QUESTION_IDS[:n_questions],
+                 layers=list(range(n_layers)), max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                 min_score=min_score, min_count=1, workers=workers, chunk_size=batch_size, seed=seed,
+                 cache_dir=out / "pipeline_cache", out_dir=out / "pipeline_out")
+    pipeline = Pipeline(cfg, model, tokenizer, judge_client=OfflineRuleJudge(), progress=progress)
+    pipeline.generate()
+    pipeline.judge()
+    pipeline.extract()
+    acts = pipeline.activations()  # key -> [n_layers, d_model] float32
 
-    responses: dict[tuple[str, int], str] = {}
-    empty = 0
-    bar = tqdm(total=len(keys), desc="Part 1: generate", disable=not progress)
-    for b in range(0, len(keys), batch_size):
-        chunk = keys[b:b + batch_size]
-        texts = generate_batch(model, tokenizer, [chat_messages(personas[p], questions[q]) for p, q in chunk],
-                               max_new_tokens, temperature, top_p, seed=seed + b)
-        for key, text in zip(chunk, texts):
-            if text.strip():
-                responses[key] = text
-            else:
-                empty += 1
-        bar.update(len(chunk))
-    bar.close()
-
-    judge = OfflineRuleJudge()
-    kept = []
-    for p, q in responses:
-        if p in DEFAULT_PERSONA_NAMES:
-            kept.append((p, q))
+    default_names = list(pipeline.default_prompts)  # prompt index p -> the p-th default persona's name
+    kept: dict[str, list[str]] = {}
+    for item in pipeline.items():
+        if item.key not in acts:
             continue
-        prompt = all_roles[p].judge_prompt.format(question=questions[q], answer=responses[(p, q)])
-        if _judge_score(judge, prompt) >= min_score:
-            kept.append((p, q))
-    names = [p for p in personas if any(k[0] == p for k in kept)]
-    dropped = [p for p in personas if p not in names]
-    default_names = [n for n in names if n in DEFAULT_PERSONA_NAMES]
-    if not default_names:
+        if item.persona == DEFAULT:
+            kept.setdefault(default_names[item.prompt], []).append(item.key)
+        elif pipeline.judgements.ok(item.key) and pipeline.judgements.records[item.key]["score"] >= min_score:
+            kept.setdefault(item.persona, []).append(item.key)
+    names = [n for n in default_names + roles if n in kept]
+    dropped = [n for n in default_names + roles if n not in kept]
+    kept_defaults = [n for n in names if n in default_names]
+    if not kept_defaults:
         raise RuntimeError("No default-persona response survived generation: the axis needs them.")
-    if len(default_names) == len(names):
+    if len(kept_defaults) == len(names):
         raise RuntimeError(f"No role kept a response with score >= {min_score}: the axis needs at least one role. "
                            "Lower min_score or generate more questions.")
-
-    conversations = [chat_messages(personas[p], questions[q], responses[(p, q)]) for p, q in kept]
-    acts = extract_mean_activations(model, tokenizer, conversations, list(range(n_layers)), progress=progress,
-                                    desc="Part 1: extract")  # [n_kept, n_layers, d_model]
-    rows = {n: [i for i, k in enumerate(kept) if k[0] == n] for n in names}
-    persona_vectors = torch.stack([acts[rows[n]].mean(0) for n in names])
-    is_default = torch.tensor([n in default_names for n in names])
+    persona_vectors = torch.stack([torch.stack([acts[k] for k in kept[n]]).mean(0) for n in names])
+    is_default = torch.tensor([n in kept_defaults for n in names])
     axis = persona_vectors[is_default].mean(0) - persona_vectors[~is_default].mean(0)
-    default_activations = acts[[i for i, k in enumerate(kept) if k[0] in default_names]]
-    extra = {"computed_by": "utils.part1_results.load_or_compute_part1_results (offline rule judge)",
+    default_activations = torch.stack([acts[k] for n in kept_defaults for k in kept[n]])
+    failed = [it.key for it in pipeline.items() if not pipeline.responses.ok(it.key)]
+    extra = {"computed_by": "utils.part1_results.load_or_compute_part1_results (the runner's stages, offline rule "
+                            "judge)",
              "n_questions": n_questions, "max_new_tokens": max_new_tokens, "min_score": min_score,
-             "temperature": temperature, "top_p": top_p, "seed": seed, "responses": len(responses),
-             "kept": len(kept), "empty_responses": empty, "dropped_roles": dropped}
+             "temperature": temperature, "top_p": top_p, "seed": seed, "responses": len(acts),
+             "kept": sum(map(len, kept.values())), "failed_responses": len(failed), "dropped_roles": dropped}
     save_part1_results(out, model_name=model_name, layer=layer, names=names, persona_vectors=persona_vectors,
-                       default_names=default_names, axis=axis, extra=extra, default_activations=default_activations)
+                       default_names=kept_defaults, axis=axis, extra=extra, default_activations=default_activations)
     sentence = (f"Computed Part 1's results for {model_name} now (no saved results in {out}): {len(names)} personas x "
                 f"{n_questions} questions, {max_new_tokens} new tokens, offline rule judge (score >= {min_score}), "
                 f"all {n_layers} layers; saved to {out}.")

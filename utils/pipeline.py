@@ -37,22 +37,27 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from utils.conversation import chat_messages
+from utils.activations import extract_mean_activations
+from utils.conversation import chat_messages, merge_system_prompt, supports_system_role
 from utils.data import load_default_prompts, load_questions, load_roles
-from utils.models import PROJECT_ROOT, default_layer, short_model_name
+from utils.generation import SAMPLER_VERSION, generate
+from utils.judges import (DEFAULT_JUDGE_MODEL, MalformedReply, OfflineRuleJudge, PermanentFailure, call_with_retries,
+                          completion_text, make_api_client, parse_score)
+from utils.models import (PROJECT_ROOT, default_layer, dtype_for, load_model, load_tokenizer, model_n_layers,
+                          short_model_name)
+from utils.runtime import run_parallel
+from utils.steering import capping_thresholds
 
 DEFAULT = "default"
 
@@ -115,70 +120,14 @@ class JsonlStore:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Retrying API calls
-# ---------------------------------------------------------------------------------------------------
-
-class PermanentFailure(RuntimeError):
-    pass
-
-
-def _retryable(exc: Exception) -> bool:
-    """429, 5xx, timeouts, dropped connections and malformed bodies are worth another try."""
-    try:
-        import openai
-    except ImportError:  # pragma: no cover
-        openai = None
-    if openai is not None:
-        if isinstance(exc, (openai.RateLimitError, openai.APITimeoutError, openai.APIConnectionError,
-                            openai.InternalServerError, openai.APIResponseValidationError)):
-            return True
-        if isinstance(exc, openai.APIStatusError):
-            return exc.status_code == 429 or exc.status_code >= 500
-    return isinstance(exc, (TimeoutError, ConnectionError, json.JSONDecodeError, MalformedReply))
-
-
-class MalformedReply(ValueError):
-    """The server answered, but not with a usable chat completion."""
-
-
-RETRY_ATTEMPTS = 5
-RETRY_BASE_DELAY = 0.5  # seconds; doubled after each failure, with jitter, capped at RETRY_MAX_DELAY
-RETRY_MAX_DELAY = 8.0
-
-
-def call_with_retries(fn: Callable[[], str], attempts: int | None = None, base_delay: float | None = None,
-                      max_delay: float | None = None) -> tuple[str, int]:
-    """Run ``fn`` until it succeeds or fails for good. Returns (result, attempts used)."""
-    attempts = RETRY_ATTEMPTS if attempts is None else attempts
-    base_delay = RETRY_BASE_DELAY if base_delay is None else base_delay
-    max_delay = RETRY_MAX_DELAY if max_delay is None else max_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn(), attempt
-        except Exception as exc:
-            if not _retryable(exc) or attempt == attempts:
-                raise PermanentFailure(f"{type(exc).__name__}: {str(exc)[:300]} (after {attempt} attempt(s))") from exc
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * (0.5 + random.random())
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
-
-def _completion_text(completion) -> str:
-    try:
-        text = completion.choices[0].message.content
-    except (AttributeError, IndexError, TypeError) as exc:
-        raise MalformedReply(f"no choices[0].message.content in the reply ({exc})") from exc
-    if not isinstance(text, str):
-        raise MalformedReply(f"reply content is {type(text).__name__}, not text")
-    return text
-
-
-# ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class Config:
+    """A run. ``question_ids`` picks questions by index (default the first ``n_questions``);
+    ``n_default_prompts`` the default prompts used (default ``n_prompts``)."""
+
     model: str
     roles: list[str]
     n_questions: int
@@ -187,7 +136,7 @@ class Config:
     backend: str = "local"  # or "api"
     judge: str = "offline"  # or "api"
     generation_model: str | None = None
-    judge_model: str = "openai/gpt-4.1-mini"
+    judge_model: str = DEFAULT_JUDGE_MODEL
     max_tokens: int = 64
     temperature: float = 0.7
     top_p: float = 0.9
@@ -201,6 +150,22 @@ class Config:
     seed: int = 0
     cap_percentile: float = 25.0  # stage 6: the capping threshold's percentile of default projections
     stage: str = "all"  # "axes": main() runs only stage 6
+    question_ids: list[int] | None = None
+    n_default_prompts: int | None = None
+
+    def __post_init__(self):
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be at least 1; got {self.chunk_size}.")
+        if not 0.0 < self.cap_percentile < 100.0:
+            raise ValueError(f"cap_percentile must be in (0, 100); got {self.cap_percentile}.")
+        if self.question_ids is not None and len(self.question_ids) != self.n_questions:
+            raise ValueError(f"question_ids has {len(self.question_ids)} ids but n_questions is {self.n_questions}.")
+
+
+def settings_key(settings: dict) -> str:
+    """A short, stable tag for a dict of generation settings (for cache keys)."""
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _slug(text: str) -> str:
@@ -213,13 +178,16 @@ def _chunk_seed(seed: int, keys: list[str]) -> int:
 
 def _generation_key(cfg: Config, model=None) -> str:
     """A tag for every setting that changes the generated text, so a change never mixes results in the cache."""
-    from utils.generation import SAMPLER_VERSION, choose_generation_dtype, settings_key
-
     settings = {"backend": cfg.backend, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
                 "top_p": cfg.top_p, "seed": cfg.seed}
+    if cfg.question_ids is not None:
+        settings["question_ids"] = list(cfg.question_ids)
     if cfg.backend == "local":
-        device = model.get_input_embeddings().weight.device if model is not None else None
-        settings.update(dtype=choose_generation_dtype(device).name, sampler=SAMPLER_VERSION, chunk_size=cfg.chunk_size)
+        if model is not None:
+            dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        else:
+            dtype = dtype_for(cfg.model).name
+        settings.update(dtype=dtype, sampler=SAMPLER_VERSION, chunk_size=cfg.chunk_size)
     else:
         settings["generation_model"] = cfg.generation_model or cfg.model
     return settings_key(settings)
@@ -241,23 +209,25 @@ class Pipeline:
         self.roles = load_roles()
         unknown = [r for r in cfg.roles if r not in self.roles]
         if unknown:
-            raise SystemExit(f"Unknown role(s): {unknown}. See data/roles/role_list.json for the 275 names.")
-        self.questions = load_questions()[: cfg.n_questions]
-        self.defaults = list(load_default_prompts(short_model_name(cfg.model)).values())
+            raise ValueError(f"Unknown role(s): {unknown}. See data/roles/role_list.json for the 275 names.")
+        questions = load_questions()
+        self.questions = ([questions[i] for i in cfg.question_ids] if cfg.question_ids is not None
+                          else list(questions[: cfg.n_questions]))
+        self.default_prompts = load_default_prompts(short_model_name(cfg.model))
+        self.defaults = list(self.default_prompts.values())
         self.seconds: dict[str, float] = {}
 
     # -- lazily loaded resources -------------------------------------------------------------------
     @property
     def model(self):
         if self._model is None:
-            from utils.models import load_model
-
             self._model, self._tokenizer = load_model(self.cfg.model)
         return self._model
 
     @property
     def tokenizer(self):
-        _ = self.model
+        if self._tokenizer is None:  # only the tokenizer is needed (API generation): don't load the weights
+            self._tokenizer = load_tokenizer(self.cfg.model)
         return self._tokenizer
 
     def system_prompt(self, item: Item) -> str:
@@ -266,7 +236,8 @@ class Pipeline:
 
     def items(self) -> list[Item]:
         cfg = self.cfg
-        items = [Item(DEFAULT, p, q) for p in range(min(cfg.n_prompts, len(self.defaults)))
+        n_defaults = cfg.n_prompts if cfg.n_default_prompts is None else cfg.n_default_prompts
+        items = [Item(DEFAULT, p, q) for p in range(min(n_defaults, len(self.defaults)))
                  for q in range(len(self.questions))]
         items += [Item(r, p, q) for r in cfg.roles for p in range(cfg.n_prompts) for q in range(len(self.questions))]
         items.sort()
@@ -286,8 +257,6 @@ class Pipeline:
             self._generate_api(todo)
 
     def _generate_local(self, todo: list[Item]) -> None:
-        from utils.backends import generate_batch
-
         # Fixed chunks of the full sorted item list, so a chunk redone after a crash is the same batch.
         all_items = self.items()
         chunks = [all_items[i:i + self.cfg.chunk_size] for i in range(0, len(all_items), self.cfg.chunk_size)]
@@ -297,9 +266,9 @@ class Pipeline:
             if not pending.intersection(chunk):
                 continue
             keys = [it.key for it in chunk]
-            texts = generate_batch(self.model, self.tokenizer, [self.conversation(it) for it in chunk],
-                                   self.cfg.max_tokens, self.cfg.temperature, self.cfg.top_p,
-                                   seed=_chunk_seed(self.cfg.seed, keys))
+            texts = generate(self.model, self.tokenizer, [self.conversation(it) for it in chunk],
+                             self.cfg.max_tokens, self.cfg.temperature, self.cfg.top_p,
+                             seed=_chunk_seed(self.cfg.seed, keys))
             for item, text in zip(chunk, texts):
                 if item not in pending:
                     continue
@@ -310,21 +279,17 @@ class Pipeline:
         bar.close()
 
     def _generate_api(self, todo: list[Item]) -> None:
-        client = self._generation_client or _api_client()
+        client = self._generation_client or make_api_client(max_retries=0)  # retries happen here, with backoff
         model_name = self.cfg.generation_model or self.cfg.model
-        gemma = "gemma" in model_name.lower()
+        # The system prompt is merged into the first user turn exactly when the template of the model whose
+        # activations are read (cfg.model) rejects a system role, as in every other path.
+        system_supported = supports_system_role(self.tokenizer)
 
         def one(item: Item) -> None:
-            system, question = self.system_prompt(item), self.questions[item.question]
-            messages = [{"role": "user", "content": question}]
-            if system.strip():
-                if gemma:
-                    messages = [{"role": "user", "content": f"{system}\n\n{question}"}]
-                else:
-                    messages.insert(0, {"role": "system", "content": system})
+            messages = merge_system_prompt(self.conversation(item), system_supported)
 
             def call() -> str:
-                text = _completion_text(client.chat.completions.create(
+                text = completion_text(client.chat.completions.create(
                     model=model_name, messages=messages, max_tokens=self.cfg.max_tokens,
                     temperature=self.cfg.temperature, top_p=self.cfg.top_p))
                 if not text.strip():
@@ -348,10 +313,8 @@ class Pipeline:
         if self._judge_client is not None:
             client = self._judge_client
         elif self.cfg.judge == "api":
-            client = _api_client()
+            client = make_api_client(max_retries=0)  # retries happen here, with backoff
         else:
-            from utils.backends import OfflineRuleJudge
-
             client = OfflineRuleJudge()
 
         def one(item: Item) -> None:
@@ -359,14 +322,9 @@ class Pipeline:
                 question=self.questions[item.question], answer=self.responses.records[item.key]["response"])
 
             def call() -> int:
-                reply = _completion_text(client.chat.completions.create(
-                    model=self.cfg.judge_model, messages=[{"role": "user", "content": prompt}], max_tokens=8,
-                    temperature=0.0)).strip()
-                tagged = re.findall(r"<score>\s*(\d+)\s*</score>", reply)
-                found = tagged if tagged else ([reply] if re.fullmatch(r"\d+", reply) else [])
-                if len(found) != 1 or not 0 <= int(found[0]) <= 3:
-                    raise MalformedReply(f"judge reply {reply[:80]!r} holds no single 0-3 score")
-                return int(found[0])
+                return parse_score(completion_text(client.chat.completions.create(
+                    model=self.cfg.judge_model, messages=[{"role": "user", "content": prompt}], max_tokens=16,
+                    temperature=0.0)), "a role score")
 
             try:
                 score, attempts = call_with_retries(call)
@@ -388,10 +346,6 @@ class Pipeline:
         return self.cache / "activations" / f"L{layers}_{digest}.safetensors"
 
     def extract(self) -> None:
-        from safetensors.torch import save_file
-
-        from utils.activations import extract_mean_activations
-
         chunks = [c for c in self._activation_chunks() if not self._chunk_path(c).exists()]
         bar = tqdm(total=sum(map(len, chunks)), desc="3/5 extract", disable=not self.progress)
         for chunk in chunks:
@@ -406,8 +360,6 @@ class Pipeline:
         bar.close()
 
     def activations(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         out: dict[str, torch.Tensor] = {}
         for chunk in self._activation_chunks():
             out.update(load_file(str(self._chunk_path(chunk))))
@@ -415,8 +367,6 @@ class Pipeline:
 
     # -- stages 4 and 5: vectors and axis ----------------------------------------------------------
     def vectors_and_axis(self) -> dict:
-        from safetensors.torch import save_file
-
         acts = self.activations()
         default_keys = [k for k in acts if Item.from_key(k).persona == DEFAULT]
         if not default_keys:
@@ -460,10 +410,6 @@ class Pipeline:
         Raises:
             RuntimeError: stage 5 has not written ``axis.safetensors``, or no default response has activations.
         """
-        from safetensors.torch import load_file, save_file
-
-        from utils.steering import capping_thresholds
-
         axis_path = self.out / "axis.safetensors"
         if not axis_path.exists():
             raise RuntimeError(f"{axis_path} is missing: run stages 1-5 first (the same command without "
@@ -532,17 +478,11 @@ class Pipeline:
 
 
 def _run_threads(fn, items, workers: int, desc: str, progress: bool) -> None:
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(fn, it) for it in items]
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
-            future.result()  # errors are recorded inside fn; anything else is a bug and propagates
-
-
-def _api_client():
-    from utils.backends import make_api_client
-
-    # Retries happen here, with backoff, so the client itself does not retry.
-    return make_api_client(max_retries=0)
+    """:func:`utils.runtime.run_parallel`; ``fn`` records its own failures, so anything it raises is a bug."""
+    _, failures = run_parallel(fn, items, max_workers=workers, desc=desc, progress=progress)
+    if failures:
+        raise RuntimeError(f"{len(failures)} item(s) raised outside their own error handling, e.g. "
+                           f"{next(iter(failures.items()))}")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -555,7 +495,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--backend", choices=["local", "api"], default="local")
     p.add_argument("--judge", choices=["offline", "api"], default="offline")
     p.add_argument("--generation-model", default=None, help="API model name (default: --model)")
-    p.add_argument("--judge-model", default="openai/gpt-4.1-mini")
+    p.add_argument("--judge-model", default=DEFAULT_JUDGE_MODEL)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--min-score", type=int, default=3)
@@ -573,6 +513,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     a = p.parse_args(argv)
     if a.chunk_size < 1:
         p.error(f"--chunk-size must be at least 1; got {a.chunk_size}.")
+    if not 0.0 < a.percentile < 100.0:
+        p.error(f"--percentile must be in (0, 100); got {a.percentile}.")
     all_roles = sorted(load_roles())
     if a.roles == "all":
         roles = all_roles
@@ -583,13 +525,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if a.layers:
         layers = [int(x) for x in a.layers.split(",")]
     else:
-        from transformers import AutoConfig
-
-        from utils.models import SMOLLM2, TINY, smollm2_path, tiny_gemma2_path
-
-        path = {TINY: tiny_gemma2_path, SMOLLM2: smollm2_path}.get(a.model)
-        n_layers = AutoConfig.from_pretrained(str(path()) if path else a.model).num_hidden_layers
-        layers = [default_layer(a.model, n_layers)]
+        layers = [default_layer(a.model, model_n_layers(a.model))]
     return Config(model=a.model, roles=roles, n_questions=a.questions, n_prompts=min(a.prompts, 5), layers=layers,
                   backend=a.backend, judge=a.judge, generation_model=a.generation_model, judge_model=a.judge_model,
                   max_tokens=a.max_tokens, temperature=a.temperature, min_score=a.min_score, min_count=a.min_count,
@@ -599,8 +535,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    if not 0.0 < cfg.cap_percentile < 100.0:
-        raise SystemExit(f"--percentile must be in (0, 100); got {cfg.cap_percentile}.")
     pipeline = Pipeline(cfg)
     if cfg.stage == "axes":
         print(json.dumps(pipeline.capping_axes(), indent=2))

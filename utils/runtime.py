@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from typing import TypeVar
 
+from tqdm.auto import tqdm
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
@@ -66,8 +68,6 @@ def run_parallel(
     Raises:
         ValueError: if ``items`` holds duplicates, or ``max_workers < 1``.
     """
-    from tqdm.auto import tqdm
-
     items = list(items)
     if len(set(items)) != len(items):
         seen: set = set()

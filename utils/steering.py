@@ -8,8 +8,9 @@ Everything here acts on *block outputs*: "layer l" is the output of ``model.mode
   and :func:`capping` are thin wrappers of it. Hooks are always removed when the block exits,
   normally or through an exception.
 - :class:`ProjectionProbe` records the projection of block outputs on an axis during forward passes.
-- :func:`capping_thresholds` and :func:`cap_layer_range` give the paper's thresholds and a default
-  layer range.
+- :func:`capping_thresholds` gives the paper's thresholds (the capping layers are in
+  :data:`utils.models.MODEL_CONFIGS`).
+- :func:`unit_vector` is the one validation of an axis or steering vector: shape, finiteness, a direction.
 
 **Capping.** The paper (its ``steering.py``) caps along a unit vector ``v`` with threshold ``t``:
 ``h <- h - max(0, <h, v> - t) * v``, a *ceiling* on the projection on ``v``. It caps along
@@ -48,13 +49,12 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from utils.activations import decoder_layers
+from utils.activations import check_vector, decoder_layers
 
 __all__ = [
     "CapStats",
     "ProjectionProbe",
     "cap_activations",
-    "cap_layer_range",
     "capping",
     "capping_thresholds",
     "intervene",
@@ -210,19 +210,6 @@ def _check_layer(layer, n_layers: int, what: str) -> int:
     return layer
 
 
-def _check_vector(v, d_model: int, what: str) -> Float[Tensor, "d_model"]:
-    if not isinstance(v, Tensor):
-        raise ValueError(f"{what} must be a torch tensor of shape [{d_model}]; got {type(v).__name__}.")
-    if tuple(v.shape) != (d_model,):
-        hint = " (pick one layer's row of a [n_layers, d_model] tensor)" if v.ndim == 2 else ""
-        raise ValueError(f"{what} has shape {tuple(v.shape)}; it must be [d_model] = [{d_model}]{hint}.")
-    if not v.is_floating_point():
-        raise ValueError(f"{what} has dtype {v.dtype}; it must be a floating-point tensor.")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"{what} has NaN or infinite values; recompute it (an empty mean gives NaN).")
-    return v.detach()
-
-
 def _d_model(model) -> int:
     d = getattr(getattr(model, "config", None), "hidden_size", None)
     if d is None:
@@ -252,40 +239,37 @@ _ACTIVE_PROBES: dict[tuple[int, int], int] = {}
 # Which passes are "generated"
 # ---------------------------------------------------------------------------------------------------
 
-def _cached_tokens(kwargs: dict) -> int | None:
-    """Tokens already in the KV cache passed to the decoder's forward, or None when there is no cache."""
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # 4.x: past_key_values; 5.x: cache
-    if cache is None:
-        return None
-    if hasattr(cache, "get_seq_length"):
-        return int(cache.get_seq_length())
-    if isinstance(cache, (tuple, list)):  # legacy ((k, v), ...) format, k: [batch, heads, seq, head_dim]
-        return int(cache[0][0].shape[-2]) if len(cache) and cache[0] is not None else 0
-    raise TypeError(f"Unknown KV cache type {type(cache).__name__}; cannot tell a prompt pass from a decode pass.")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")  # 5.x, 4.57, older 4.x
+
+
+def is_generated_pass(hidden: Tensor, block_kwargs: dict) -> bool:
+    """Whether a block's forward pass is a decode step of KV-cached generation: ``positions="generated"``.
+
+    The one rule, in the exercise and here: a pass is *generated* when it processes a single position per
+    sequence (``hidden.shape[1] == 1``) with a KV cache in use. The prompt's pass (several positions) is not.
+    A single-token ``model(...)`` call with the default cache counts as generated too.
+
+    Raises:
+        ValueError: the pass has no KV cache (``use_cache=False``): no pass could ever count as generated.
+    """
+    if all(block_kwargs.get(name) is None for name in _CACHE_KWARGS):
+        raise ValueError(
+            "positions='generated' needs KV-cached generation, but this forward pass has no KV cache "
+            "(use_cache=False), so every pass re-reads the whole sequence and none counts as generated. "
+            "Generate with use_cache=True (the default), or use positions='all'.")
+    return hidden.ndim == 3 and hidden.shape[1] == 1
 
 
 class _PassState:
-    """What the decoder's forward pre-hook learned about the current pass, read by the layer hooks."""
+    """The current pass's 2D attention mask, read by the decoder's forward pre-hook (for :class:`CapStats`)."""
 
     def __init__(self) -> None:
-        self.generated = False
         self.attention_mask: Tensor | None = None  # 2D [batch, keys] or None
 
-    def pre_hook(self, positions: str):
-        def hook(module, args, kwargs):
-            self.generated = False
-            mask = kwargs.get("attention_mask")
-            self.attention_mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
-            if positions == "generated":
-                cached = _cached_tokens(kwargs)
-                if cached is None and kwargs.get("use_cache") is False:
-                    raise ValueError(
-                        "positions='generated' needs KV-cached generation, but this forward pass has "
-                        "use_cache=False, so every pass re-reads the whole sequence and none counts as generated. "
-                        "Generate with use_cache=True (the default), or use positions='all'.")
-                self.generated = bool(cached)
-            return None
-        return hook
+    def pre_hook(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self.attention_mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        return None
 
     def real_positions(self, seq: int) -> Bool[Tensor, "batch seq"] | None:
         """The non-padding positions of this pass (the last ``seq`` columns of the 2D mask), if known."""
@@ -323,18 +307,15 @@ def intervene(
 
             - ``"all"``: every position of every forward pass (prompt and generated tokens alike;
               the paper's setting).
-            - ``"generated"``: only passes that extend a non-empty KV cache, i.e. the decode steps of a
-              KV-cached ``model.generate`` after the prompt's prefill pass; in such a pass every
-              position it processes (one new token per sequence in plain ``generate``) is changed.
-              A pass with no cache or an empty one (the prefill, any plain ``model(...)`` call) is left
-              unchanged, so the prompt's positions and the cached keys/values computed from them
-              are the unmodified model's. The first generated token is sampled from the prefill's
-              (unchanged) logits; the change starts with the forward pass that reads it.
-              A pass with ``use_cache=False`` raises ValueError (no pass would ever count as generated).
+            - ``"generated"``: only the decode steps of KV-cached generation, by :func:`is_generated_pass`'s
+              rule: passes that process a single position per sequence with a KV cache in use. The
+              prompt's pass (several positions) is left unchanged, so the prompt's positions and the
+              cached keys/values computed from them are the unmodified model's. The first generated
+              token is sampled from the prompt pass's (unchanged) logits; the change starts with the
+              forward pass that reads it. A pass with no KV cache (``use_cache=False``) raises ValueError.
         stats: a :class:`CapStats` that counts, per capped layer, positions seen and positions capped.
 
-    Hooks: one forward hook per touched block, plus (for ``positions="generated"`` or ``stats``) one
-    forward pre-hook on ``model.model``; all are removed in ``finally``, whatever happens in the block.
+    Hooks: one forward hook per touched block, plus (for ``stats``) one forward pre-hook on ``model.model``; all are removed in ``finally``, whatever happens in the block.
     The hooks run in the order they are registered, so a :class:`ProjectionProbe` entered inside this
     block sees the changed output.
 
@@ -360,13 +341,13 @@ def intervene(
     adds: dict[int, _DeviceCache] = {}
     for layer, vector in add.items():
         _check_layer(layer, n_layers, "add")
-        adds[layer] = _DeviceCache(_check_vector(vector, d_model, f"add[{layer}]"))
+        adds[layer] = _DeviceCache(check_vector(vector, d_model, f"add[{layer}]"))
     caps: dict[int, tuple[_DeviceCache, float]] = {}
     for layer, pair in cap.items():
         _check_layer(layer, n_layers, "cap")
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"cap[{layer}] must be a pair (axis, tau); got {type(pair).__name__}.")
-        axis = _check_vector(pair[0], d_model, f"cap[{layer}] axis").float()
+        axis = check_vector(pair[0], d_model, f"cap[{layer}] axis").float()
         norm = float(axis.norm())
         if norm == 0.0:
             raise ValueError(f"cap[{layer}] axis is all zeros; it has no direction to cap along.")
@@ -384,9 +365,9 @@ def intervene(
         vector = adds.get(layer)
         capping_here = caps.get(layer)
 
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             h = output[0] if isinstance(output, tuple) else output  # 4.x: tuple; 5.x: tensor
-            if positions == "generated" and not state.generated:
+            if positions == "generated" and not is_generated_pass(h, kwargs):
                 return None
             new = h
             if vector is not None:
@@ -404,33 +385,14 @@ def intervene(
 
     handles = []
     try:
-        for target in hooked_models(model):
-            if positions == "generated" or stats is not None:
-                handles.append(target.model.register_forward_pre_hook(state.pre_hook(positions), with_kwargs=True))
-            target_blocks = decoder_layers(target)
-            for layer in sorted(set(adds) | set(caps)):
-                handles.append(target_blocks[layer].register_forward_hook(make_hook(layer)))
+        if stats is not None:
+            handles.append(model.model.register_forward_pre_hook(state.pre_hook, with_kwargs=True))
+        for layer in sorted(set(adds) | set(caps)):
+            handles.append(blocks[layer].register_forward_hook(make_hook(layer), with_kwargs=True))
         yield
     finally:
         for handle in handles:
             handle.remove()
-
-
-def hooked_models(model) -> list:
-    """The models an intervention or probe on ``model`` is registered on: ``model`` itself and its
-    generation twin, :func:`utils.generation.generation_model` (the bf16 copy that
-    :func:`utils.backends.generate_batch` and :func:`utils.generation.generate` run on a float32 CPU
-    model), without duplicates. So a ``with capping(model, ...)`` acts on every forward pass of either:
-    the float32 passes that read activations and the bf16 passes that generate. The twin is made here if
-    it does not exist yet (on a CPU with bf16, SmolLM2's costs 257 MiB; a model already in the generation
-    dtype is its own twin). A module that cannot generate (no ``generate`` method) has no twin.
-    """
-    from utils.generation import generation_model
-
-    if not callable(getattr(model, "generate", None)):
-        return [model]
-    twin = generation_model(model)
-    return [model] if twin is model else [model, twin]
 
 
 @contextlib.contextmanager
@@ -490,7 +452,7 @@ class ProjectionProbe:
         self._axes: dict[int, _DeviceCache] = {}
         for layer, axis in layers.items():
             _check_layer(layer, n_layers, "ProjectionProbe")
-            axis = _check_vector(axis, d_model, f"ProjectionProbe axis for layer {layer}").float()
+            axis = check_vector(axis, d_model, f"ProjectionProbe axis for layer {layer}").float()
             if float(axis.norm()) == 0.0:
                 raise ValueError(f"ProjectionProbe axis for layer {layer} is all zeros.")
             self._axes[layer] = _DeviceCache(axis / axis.norm())
@@ -509,10 +471,8 @@ class ProjectionProbe:
         if self._handles:
             raise RuntimeError("This ProjectionProbe is already active; make a new one to nest.")
         try:
-            targets = [decoder_layers(target) for target in hooked_models(self._model)]
             for layer in self._axes:
-                for blocks in targets:
-                    self._handles.append(blocks[layer].register_forward_hook(self._hook(layer)))
+                self._handles.append(self._blocks[layer].register_forward_hook(self._hook(layer)))
                 key = (id(self._model), layer)
                 _ACTIVE_PROBES[key] = _ACTIVE_PROBES.get(key, 0) + 1
         except BaseException:
@@ -523,8 +483,7 @@ class ProjectionProbe:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        registered = len(self._handles) // max(len(hooked_models(self._model)), 1)
-        for layer in list(self._axes)[:registered]:
+        for layer in list(self._axes)[:len(self._handles)]:
             key = (id(self._model), layer)
             _ACTIVE_PROBES[key] -= 1
             if not _ACTIVE_PROBES[key]:
@@ -573,23 +532,3 @@ def capping_thresholds(projections: Mapping[int, Float[Tensor, "n_responses"]], 
             raise ValueError(f"projections[{layer}] has NaN or infinite values.")
         out[layer] = float(torch.quantile(values, p / 100.0))
     return out
-
-
-def cap_layer_range(num_layers: int, start_frac: float = 0.7, end_frac: float = 0.9) -> list[int]:
-    """A default capping range for a model without a published one: layers ``[round(start*n), round(end*n))``.
-
-    The defaults match the paper's Llama 3.3 70B config exactly (layers 56-71 of 80). Its Qwen 3 32B
-    config caps layers 46-53 of 64 (fractions 0.72-0.84), which these defaults would place at 45-57.
-    The paper publishes no capping config for Gemma 2 27B; this gives 32-40 of its 46.
-    SmolLM2 (30 layers): 21-26; tiny-gemma2 (6): [4].
-    """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int; got {num_layers!r}.")
-    if not 0.0 <= start_frac < end_frac <= 1.0:
-        raise ValueError(f"Need 0 <= start_frac < end_frac <= 1; got {start_frac}, {end_frac}.")
-    start, end = int(round(start_frac * num_layers)), int(round(end_frac * num_layers))
-    end = min(end, num_layers)
-    if end <= start:
-        end = min(start + 1, num_layers)
-        start = end - 1
-    return list(range(start, end))

@@ -8,15 +8,19 @@ Everything here is deterministic: the BPE merges are trained on ``pydoc_data.top
 (text that ships with CPython), and the weights are drawn from a seeded torch
 generator rather than transformers' initialisers, which change between versions.
 
-Run ``python -m utils.tiny_gemma2 OUT_DIR`` to build it by hand; ``load_model("tiny-gemma2")``
-builds it on first use.
+``load_model("tiny-gemma2")`` (:mod:`utils.models`) builds it on first use, with the functions here.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+
+import torch
+from pydoc_data.topics import topics
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import BPE
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 # Gemma 2's chat template, behaviour for behaviour: BOS first, no system role,
 # strictly alternating user/model turns, ``assistant`` rendered as ``model``, contents trimmed.
@@ -61,16 +65,11 @@ SEED = 0
 
 
 def _training_text() -> list[str]:
-    from pydoc_data.topics import topics
-
     return [topics[k] for k in sorted(topics)]
 
 
 def build_tokenizer_json(out_dir: Path) -> int:
     """Train BPE merges offline and write a Gemma-shaped ``tokenizer.json``. Returns the vocab size."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
-    from tokenizers.models import BPE
-
     # 1. Learn merges with Gemma's normaliser (spaces become "▁", no dummy prefix).
     trainer_tok = Tokenizer(BPE(unk_token="<unk>", byte_fallback=True))
     trainer_tok.normalizer = normalizers.Replace(" ", "▁")
@@ -134,13 +133,8 @@ def write_tokenizer_config(out_dir: Path) -> None:
     }, indent=2, sort_keys=True))
 
 
-def build_model(out_dir: Path, vocab_size: int) -> None:
-    """Seeded random Gemma2ForCausalLM, saved as float32 safetensors."""
-    import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    from utils.models import save_model_folder
-
+def build_random_model(vocab_size: int) -> Gemma2ForCausalLM:
+    """Seeded random float32 Gemma2ForCausalLM (the caller saves it)."""
     config = Gemma2Config(
         vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2,
         attn_implementation="eager", **CONFIG,
@@ -154,20 +148,4 @@ def build_model(out_dir: Path, vocab_size: int) -> None:
                 param.copy_(0.1 * torch.randn(param.shape, generator=gen))
             else:
                 param.copy_(0.08 * torch.randn(param.shape, generator=gen))
-    save_model_folder(model, out_dir)
-
-
-def build(out_dir: str | Path) -> Path:
-    """Build tiny-gemma2 into ``out_dir`` (created). Returns the folder."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_size = build_tokenizer_json(out_dir)
-    write_tokenizer_config(out_dir)
-    build_model(out_dir, vocab_size)
-    return out_dir
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m utils.tiny_gemma2 OUT_DIR")
-    print(f"built tiny-gemma2 in {build(sys.argv[1])}")
+    return model

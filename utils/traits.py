@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import EntryNotFoundError
 from jaxtyping import Float
 from torch import Tensor
 
@@ -37,13 +39,7 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     (raised when the hub is unreachable and the file is not cached) and ``requests`` errors. Transport
     errors of the HTTP clients ``huggingface_hub`` may use are added when importable.
     """
-    errors: list[type[BaseException]] = [OSError]
-    try:
-        from huggingface_hub.errors import EntryNotFoundError
-
-        errors.append(EntryNotFoundError)
-    except ImportError:
-        pass
+    errors: list[type[BaseException]] = [OSError, EntryNotFoundError]
     for module in ("httpx2", "httpx"):
         try:
             errors.append(__import__(module).TransportError)
@@ -99,11 +95,6 @@ def load_precomputed_trait_vectors(
     folder = PRECOMPUTED_FOLDERS.get(model_name)
     if folder is None:
         return None, f"no precomputed vectors for {model_name}: computing them for this model"
-    try:
-        import huggingface_hub
-    except ImportError:
-        return None, "huggingface_hub is not installed: computing trait vectors for this model instead"
-
     paths = {}
     for trait in traits:
         filename = f"{folder}/trait_vectors/{trait}.pt"

@@ -145,7 +145,7 @@ def _parse_mistakes():
 def _turn_with(*, index_shift=1, normalise=True, windows=True, end_extra=0, per_turn_passes=False, dtype=None,
                sign=1.0):
     def turn_projections(model, tokenizer, messages, axis, layer, max_tokens=8192):
-        from utils.turns import turn_windows
+        from utils.conversation import turn_windows
 
         unit = axis.float() / axis.float().norm() if normalise else axis.float()
         ws = turn_windows(messages, tokenizer, max_tokens if windows else 10**9)
@@ -166,7 +166,7 @@ def _turn_with(*, index_shift=1, normalise=True, windows=True, end_extra=0, per_
 
 def turns_hooks(model, tokenizer, messages, axis, layer, max_tokens=8192):
     """A forward hook on the block, per window."""
-    from utils.turns import turn_windows
+    from utils.conversation import turn_windows
 
     a = F.normalize(axis.float(), dim=0)
     result = {}
@@ -185,7 +185,7 @@ def turns_hooks(model, tokenizer, messages, axis, layer, max_tokens=8192):
 
 def turns_utils_activations(model, tokenizer, messages, axis, layer, max_tokens=8192):
     """The course's per-turn mean activations, then a projection."""
-    from utils.turns import per_turn_mean_activations
+    from utils.activations import per_turn_mean_activations
 
     means = per_turn_mean_activations(model, tokenizer, messages, [layer], max_tokens=max_tokens)[:, 0]
     return (means @ (axis / axis.norm())).float()
@@ -193,7 +193,7 @@ def turns_utils_activations(model, tokenizer, messages, axis, layer, max_tokens=
 
 def turns_numpy(model, tokenizer, messages, axis, layer, max_tokens=8192):
     """Window ids up to the last span's end, numpy means."""
-    from utils.turns import turn_windows
+    from utils.conversation import turn_windows
 
     unit = (axis / axis.norm()).double().numpy()
     vals = []
@@ -207,7 +207,7 @@ def turns_numpy(model, tokenizer, messages, axis, layer, max_tokens=8192):
 
 def _turn_truncating(model, tokenizer, messages, axis, layer, max_tokens=8192):
     """Keeps the last max_tokens tokens of the conversation (cuts a turn)."""
-    from utils.turns import assistant_turn_spans
+    from utils.conversation import assistant_turn_spans
 
     ids, spans = assistant_turn_spans(messages, tokenizer)
     cut = max(0, len(ids) - max_tokens)

@@ -4,8 +4,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from utils import backends
-from utils.backends import LocalChatClient, MissingAPIKeyError, OfflineRuleJudge, rule_based_role_score
+from utils import judges
+from utils.generation import LocalChatClient
+from utils.judges import MissingAPIKeyError, OfflineRuleJudge, rule_based_role_score
 
 
 def test_local_client_batches_concurrent_requests(tiny):
@@ -67,21 +68,21 @@ def test_offline_judge_reads_paper_prompts_and_tagged_prompts():
 
 
 def test_missing_api_key_is_a_clear_error(monkeypatch):
-    for var in backends.KEY_VARIABLES:
+    for var in judges.KEY_VARIABLES:
         monkeypatch.delenv(var, raising=False)
-    assert not backends.api_key_present()
+    assert not judges.api_key_present()
     with pytest.raises(MissingAPIKeyError, match="OPENROUTER_API_KEY"):
-        backends.make_api_client()
+        judges.make_api_client()
 
 
 def test_api_client_defaults_to_openrouter_and_hides_the_key(monkeypatch):
     monkeypatch.setenv("OPENROUTER_API_KEY", "sk-secret-123")
     monkeypatch.delenv("COURSE_API_BASE_URL", raising=False)
-    client = backends.make_api_client()
+    client = judges.make_api_client()
     assert str(client.base_url).startswith("https://openrouter.ai/api/v1")
     assert "sk-secret-123" not in repr(client)
     monkeypatch.setenv("COURSE_API_BASE_URL", "http://127.0.0.1:8000/v1")
-    assert str(backends.make_api_client().base_url).startswith("http://127.0.0.1:8000/v1")
+    assert str(judges.make_api_client().base_url).startswith("http://127.0.0.1:8000/v1")
 
 
 def _ask_all(client, questions, jitter_seed, workers=4, shuffle=False):
@@ -111,24 +112,24 @@ def test_local_client_rerun_with_same_seed_gives_identical_text_whatever_the_arr
     questions = [f"Question number {i}{'?' * (i % 3 + 1)}" for i in range(10)]
     runs = []
     for jitter in (0, 1, 2):
-        with LocalChatClient(model, tok, max_batch_size=4, gather_seconds=0.3, seed=7, verbose=False) as client:
+        with LocalChatClient(model, tok, max_batch_size=4, gather_seconds=0.3, seed=7) as client:
             runs.append(_ask_all(client, questions, jitter))
             assert client.waves_cut == 0
     assert runs[0] == runs[1] == runs[2], "same seed, same requests: the replies must not depend on arrival order"
     assert len(set(runs[0].values())) > 5  # sampled replies that differ between requests
-    with LocalChatClient(model, tok, max_batch_size=4, gather_seconds=0.3, seed=8, verbose=False) as client:
+    with LocalChatClient(model, tok, max_batch_size=4, gather_seconds=0.3, seed=8) as client:
         other = _ask_all(client, questions, 0)
     assert other != runs[0], "another seed must give other samples"
     # One wave (as many threads as requests): even the order in which they are submitted does not matter.
-    with LocalChatClient(model, tok, max_batch_size=4, gather_seconds=0.3, seed=7, verbose=False) as client:
+    with LocalChatClient(model, tok, max_batch_size=4, gather_seconds=0.3, seed=7) as client:
         one = _ask_all(client, questions, 0, workers=10)
-    with LocalChatClient(model, tok, max_batch_size=4, gather_seconds=0.3, seed=7, verbose=False) as client:
+    with LocalChatClient(model, tok, max_batch_size=4, gather_seconds=0.3, seed=7) as client:
         assert _ask_all(client, questions, 1, workers=10, shuffle=True) == one
 
 
 def test_local_client_wave_is_sorted_and_split_into_batches(tiny):
     model, tok = tiny
-    with LocalChatClient(model, tok, max_batch_size=3, gather_seconds=0.3, verbose=False) as client:
+    with LocalChatClient(model, tok, max_batch_size=3, gather_seconds=0.3) as client:
         replies = _ask_all(client, [f"Q{i}" for i in range(7)], 0, workers=7)
         assert (client.waves_run, client.batches_run) == (1, 3)  # 7 requests together: batches of 3, 3 and 1
     assert sorted(replies) == list(range(7))
@@ -139,7 +140,7 @@ def test_local_client_request_seed_separates_identical_requests(tiny):
     msgs = [{"role": "user", "content": "Tell me a story."}]
 
     def sample(seeds):
-        with LocalChatClient(model, tok, gather_seconds=0.3, verbose=False) as client, ThreadPoolExecutor(3) as pool:
+        with LocalChatClient(model, tok, gather_seconds=0.3) as client, ThreadPoolExecutor(3) as pool:
             futures = {s: pool.submit(client.chat.completions.create, model="m", messages=msgs, max_tokens=8,
                                       temperature=1.0, seed=s) for s in seeds}
             return {s: f.result().choices[0].message.content for s, f in futures.items()}
@@ -149,7 +150,7 @@ def test_local_client_request_seed_separates_identical_requests(tiny):
 
 def test_local_client_malformed_request_fails_alone(tiny):
     model, tok = tiny
-    with LocalChatClient(model, tok, gather_seconds=0.3, verbose=False) as client, ThreadPoolExecutor(2) as pool:
+    with LocalChatClient(model, tok, gather_seconds=0.3) as client, ThreadPoolExecutor(2) as pool:
         bad = pool.submit(client.chat.completions.create, model="m", messages=[{"content": "no role"}], max_tokens=3)
         good = pool.submit(client.chat.completions.create, model="m", messages=[{"role": "user", "content": "Hi"}],
                            max_tokens=3)
