@@ -27,20 +27,27 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+from utils import settings
 from utils.conversation import render
 
-OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+OPENROUTER_BASE_URL = settings.default("COURSE_API_BASE_URL")
 KEY_VARIABLES = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
-DEFAULT_GENERATION_MODEL = "google/gemma-2-27b-it"
-DEFAULT_JUDGE_MODEL = "openai/gpt-4.1-mini"
+DEFAULT_GENERATION_MODEL = settings.default("COURSE_GENERATION_MODEL")
+DEFAULT_JUDGE_MODEL = settings.default("COURSE_JUDGE_MODEL")
 
 
 class MissingAPIKeyError(RuntimeError):
     pass
 
 
+def _api_key() -> str | None:
+    """The first of ``$COURSE_API_KEY``, ``$OPENROUTER_API_KEY``, ``$OPENAI_API_KEY`` that is set."""
+    keys = (settings.get(v) if v in settings.SETTINGS else os.environ.get(v, "").strip() for v in KEY_VARIABLES)
+    return next((k for k in keys if k), None)
+
+
 def api_key_present() -> bool:
-    return any(os.environ.get(v, "").strip() for v in KEY_VARIABLES)
+    return _api_key() is not None
 
 
 def make_api_client(timeout: float = 60.0, max_retries: int = 3):
@@ -48,7 +55,7 @@ def make_api_client(timeout: float = 60.0, max_retries: int = 3):
 
     The key is the first of ``$COURSE_API_KEY``, ``$OPENROUTER_API_KEY``, ``$OPENAI_API_KEY`` that is set.
     """
-    key = next((os.environ[v].strip() for v in KEY_VARIABLES if os.environ.get(v, "").strip()), None)
+    key = _api_key()
     if key is None:
         raise MissingAPIKeyError(
             "No API key found. Set OPENROUTER_API_KEY (or COURSE_API_KEY / OPENAI_API_KEY, plus "
@@ -57,7 +64,7 @@ def make_api_client(timeout: float = 60.0, max_retries: int = 3):
         )
     from openai import OpenAI
 
-    base_url = os.environ.get("COURSE_API_BASE_URL", "").strip() or OPENROUTER_BASE_URL
+    base_url = settings.get("COURSE_API_BASE_URL")
     return OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
 

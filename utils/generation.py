@@ -49,7 +49,6 @@ import copy
 import hashlib
 import inspect
 import json
-import os
 import time
 import weakref
 from collections.abc import Sequence
@@ -59,6 +58,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from utils import settings
 from utils.conversation import Message, render
 
 __all__ = [
@@ -116,11 +116,8 @@ def choose_generation_dtype(device: str | torch.device | None = None) -> DtypeCh
     ``$COURSE_GENERATION_DTYPE`` overrides it (``bfloat16``/``bf16``, ``float32``/``fp32``,
     ``float16``/``fp16``; ``auto`` or empty means choose). The reason is meant to be printed.
     """
-    requested = os.environ.get(DTYPE_ENV, "").strip().lower()
-    if requested and requested != "auto":
-        if requested not in _DTYPES:
-            raise ValueError(f"${DTYPE_ENV}={requested!r} is not a dtype this course generates in. Use one of "
-                             f"{sorted(_DTYPES)} or 'auto' (or unset it to let the hardware decide).")
+    requested = settings.get(DTYPE_ENV)  # one of _DTYPES or "auto" (utils/settings.py declares the choices)
+    if requested != "auto":
         return DtypeChoice(_DTYPES[requested], f"${DTYPE_ENV} is set to {requested!r}.")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

@@ -16,11 +16,12 @@ which is ``hidden_states[i + 1]`` of a forward pass with ``output_hidden_states=
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from utils import settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GEMMA2_27B = "google/gemma-2-27b-it"
@@ -43,7 +44,7 @@ class ModelLoadError(RuntimeError):
 
 def cache_dir() -> Path:
     """Where built and dequantised models live (``$PERSONA_COURSE_CACHE``, default ``<repo>/.cache``)."""
-    return Path(os.environ.get("PERSONA_COURSE_CACHE", PROJECT_ROOT / ".cache")).expanduser()
+    return settings.get("PERSONA_COURSE_CACHE")
 
 
 def default_layer(model_name: str, num_layers: int) -> int:
@@ -282,9 +283,10 @@ class ModelChoice:
 def choose_model(env_var: str = "COURSE_MODEL") -> ModelChoice:
     """Pick the notebook's model: ``$COURSE_MODEL`` if set, else Gemma 2 27B on a big enough GPU,
     else the bundled SmolLM2. The reason is meant to be printed."""
-    requested = os.environ.get(env_var, "").strip()
+    requested = settings.get(env_var, computed="")
     if requested:
-        return ModelChoice(requested, f"${env_var} is set to {requested!r}.")
+        source = f"${env_var} is set to" if settings.is_set(env_var) else f"COURSE_PROFILE={settings.profile()} picks"
+        return ModelChoice(requested, f"{source} {requested!r}.")
     try:
         import torch
 
