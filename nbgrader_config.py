@@ -60,6 +60,7 @@ def _user():
 
 
 GRADING_ENV_DEFAULTS = {
+    "COURSE_PROFILE": "grading",  # utils/settings.py: the grading column of defaults
     "COURSE_MODEL": "tiny-gemma2",
     "COURSE_N_QUESTIONS": "3",
     "COURSE_MAX_NEW_TOKENS": "12",

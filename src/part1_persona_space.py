@@ -83,9 +83,7 @@
 
 # %%
 import json
-import os
 import time
-from pathlib import Path
 
 import einops
 import numpy as np
@@ -98,14 +96,13 @@ from torch import Tensor
 
 import tests.part1_persona_space as checks
 from utils import choose_model, load_model, short_model_name
-from utils import plots
+from utils import plots, settings
 from utils.generation import LocalChatClient
-from utils.judges import (DEFAULT_GENERATION_MODEL, DEFAULT_JUDGE_MODEL, OfflineRuleJudge, api_key_present,
-                          make_api_client)
+from utils.judges import OfflineRuleJudge, api_key_present, make_api_client
 from utils.conversation import turn_suffix_len
 from utils.data import (ASSISTANT_LIKE_ROLES, DEFAULT_PERSONA_NAMES, FANTASTICAL_ROLES, load_questions,
                         load_roles, load_traits, working_personas, working_questions)
-from utils.models import PROJECT_ROOT, config_for_model
+from utils.models import config_for_model
 from utils.runtime import StageTimer, run_parallel
 
 torch.set_grad_enabled(False)
@@ -117,7 +114,7 @@ timer = StageTimer()
 # The next cell picks the model: `$COURSE_MODEL` if you set it, otherwise Gemma 2 27B when a CUDA GPU
 # with enough memory is present, otherwise the bundled SmolLM2-135M-Instruct. It prints what it
 # picked and why. The sizes below are the notebook's working set; the environment variables let the
-# tests shrink them.
+# tests shrink them (`python -m utils.settings` lists every variable with its defaults).
 
 # %%
 choice = choose_model()
@@ -125,10 +122,10 @@ MODEL_NAME = choice.name
 print(f"Model: {MODEL_NAME}\n  why: {choice.reason}")
 print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 
-N_QUESTIONS = int(os.environ.get("COURSE_N_QUESTIONS", 15))
-MAX_NEW_TOKENS = int(os.environ.get("COURSE_MAX_NEW_TOKENS", 256 if torch.cuda.is_available() else 64))
-N_TRAITS = int(os.environ.get("COURSE_N_TRAITS", 6))
-OUT_DIR = Path(os.environ.get("COURSE_OUT_DIR", PROJECT_ROOT / "out" / "part1"))
+N_QUESTIONS = settings.get("COURSE_N_QUESTIONS")
+MAX_NEW_TOKENS = settings.get("COURSE_MAX_NEW_TOKENS", part="part1")
+N_TRAITS = settings.get("COURSE_N_TRAITS")
+OUT_DIR = settings.get("COURSE_OUT_DIR")
 OUT_DIR.mkdir(parents=True, exist_ok=True)
 USE_API = api_key_present()
 print(f"Questions: {N_QUESTIONS}, new tokens per answer: {MAX_NEW_TOKENS}, outputs in {OUT_DIR}/")
@@ -140,7 +137,7 @@ with timer("load_model"):
 NUM_LAYERS = model.config.num_hidden_layers
 D_MODEL = model.config.hidden_size
 MODEL_CONFIG = config_for_model(model)  # the per-model table, utils.models.MODEL_CONFIGS
-LAYER = int(os.environ.get("COURSE_LAYER", MODEL_CONFIG.layer))
+LAYER = settings.get("COURSE_LAYER", computed=MODEL_CONFIG.layer)
 print(f"{MODEL_NAME} runs in {model.dtype} ({model.config.course_dtype_reason})")
 print(f"{NUM_LAYERS} layers, d_model = {D_MODEL}; extracting at layer {LAYER} "
       f"(the output of model.model.layers[{LAYER}], i.e. hidden_states[{LAYER + 1}]); model table: {MODEL_CONFIG.source}")
@@ -420,8 +417,8 @@ checks.test_generate_all_responses(generate_all_responses)
 # %%
 if USE_API:
     api = make_api_client()
-    generation_client, generation_model = api, os.environ.get("COURSE_GENERATION_MODEL", DEFAULT_GENERATION_MODEL)
-    judge_client, judge_model = api, os.environ.get("COURSE_JUDGE_MODEL", DEFAULT_JUDGE_MODEL)
+    generation_client, generation_model = api, settings.get("COURSE_GENERATION_MODEL")
+    judge_client, judge_model = api, settings.get("COURSE_JUDGE_MODEL")
     print(f"Generating with {generation_model} and judging with {judge_model} through the API.")
 else:
     generation_client, generation_model = LocalChatClient(model, tokenizer, max_batch_size=32), MODEL_NAME
@@ -725,7 +722,7 @@ checks.test_extract_persona_vectors(extract_persona_vectors, model, tokenizer, D
 # kept every response, including those where the "ghost" answers as an AI assistant?
 
 # %%
-MIN_SCORE = int(os.environ.get("COURSE_MIN_SCORE", 3 if USE_API else 2))
+MIN_SCORE = settings.get("COURSE_MIN_SCORE", computed=3 if USE_API else 2)
 # A role response whose judging failed has no score. Leave it out: kept, it would count as unjudged.
 judged_responses = {k: v for k, v in responses.items() if k not in judge_failures}
 kept_counts = {p: sum(1 for k in judged_responses if k[0] == p and (k not in scores or scores[k] >= MIN_SCORE))

@@ -63,7 +63,6 @@
 # %%
 import contextlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,15 +76,15 @@ from torch import Tensor
 import tests.part2_stabilizing as checks
 from IPython.display import display
 
-from utils import choose_model, load_model, plots
+from utils import choose_model, load_model, plots, settings
 from utils.chat_panel import ChatPanel
 from utils.conversation import TurnTooLongError, chat_messages, turn_windows
 from utils.data import DEFAULT_PERSONA_NAMES, working_personas, working_questions
 from utils.experiments import dose_response, replay_user_turns, steering_sweep
 from utils.experiments import next_token_kl as course_next_token_kl
 from utils.generation import generate
-from utils.judges import DEFAULT_JUDGE_MODEL, OfflineHarmJudge, OfflineRuleJudge, api_key_present, judge_harm, make_api_client
-from utils.models import PROJECT_ROOT, config_for_model, context_length, short_model_name
+from utils.judges import OfflineHarmJudge, OfflineRuleJudge, api_key_present, judge_harm, make_api_client
+from utils.models import config_for_model, context_length, short_model_name
 from utils.part1_results import load_or_compute_part1_results
 from utils.runtime import StageTimer
 from utils.steering import CapStats, capping
@@ -113,21 +112,18 @@ print(f"Model: {MODEL_NAME}\n  why: {choice.reason}")
 print(f"torch {torch.__version__}, transformers {transformers.__version__}")
 
 ON_GPU = torch.cuda.is_available()
-N_QUESTIONS = int(os.environ.get("COURSE_N_QUESTIONS", 15))  # only if Part 1's results must be computed
-MAX_NEW_TOKENS = int(os.environ.get("COURSE_MAX_NEW_TOKENS", 256 if ON_GPU else 48))
-MAX_TURNS = int(os.environ.get("COURSE_MAX_TURNS", 1000))  # assistant turns per transcript (default: all)
-MAX_TOKENS = int(os.environ.get("COURSE_MAX_TOKENS", 8192))  # longest forward pass (capped at the model's context)
+N_QUESTIONS = settings.get("COURSE_N_QUESTIONS")  # only if Part 1's results must be computed
+MAX_NEW_TOKENS = settings.get("COURSE_MAX_NEW_TOKENS", part="part2")
+MAX_TURNS = settings.get("COURSE_MAX_TURNS")  # assistant turns per transcript
+MAX_TOKENS = settings.get("COURSE_MAX_TOKENS")  # longest forward pass
 # Which case studies to read: "all", or a comma-separated list like "llama-3.3-70b/jailbreak,qwen-3-32b/selfharm".
-CASE_STUDIES = os.environ.get("COURSE_CASE_STUDIES", "all" if ON_GPU else "llama-3.3-70b/jailbreak,qwen-3-32b/selfharm")
-REPLAY_TURNS = int(os.environ.get("COURSE_REPLAY_TURNS", 10 if ON_GPU else 6))  # user turns replayed
-N_STEER_QUESTIONS = int(os.environ.get("COURSE_STEER_QUESTIONS", 10 if ON_GPU else 2))
+CASE_STUDIES = settings.get("COURSE_CASE_STUDIES")
+REPLAY_TURNS = settings.get("COURSE_REPLAY_TURNS")  # user turns replayed
+N_STEER_QUESTIONS = settings.get("COURSE_STEER_QUESTIONS")
 STEER_MULTIPLES = [-10.0, -6.0, -3.0, 0.0, 3.0, 6.0, 10.0] if ON_GPU else [-10.0, -4.0, 0.0, 4.0, 10.0]
-if MAX_TURNS < 2:
-    raise ValueError(f"COURSE_MAX_TURNS is {MAX_TURNS}: a drift curve needs at least 2 assistant turns for its slope. "
-                     "Set it to 2 or more.")
 USE_API = api_key_present()
-PART1_DIR = Path(os.environ.get("COURSE_PART1_DIR", PROJECT_ROOT / "out" / "part1"))
-OUT_DIR = Path(os.environ.get("COURSE_PART2_OUT_DIR", PROJECT_ROOT / "out" / "part2"))
+PART1_DIR = settings.get("COURSE_PART1_DIR")
+OUT_DIR = settings.get("COURSE_PART2_OUT_DIR")
 OUT_DIR.mkdir(parents=True, exist_ok=True)
 print(f"Transcripts: first {MAX_TURNS} assistant turns, windows of at most {MAX_TOKENS} tokens, case studies: "
       f"{CASE_STUDIES}; {MAX_NEW_TOKENS} new tokens per reply; outputs in {OUT_DIR}/")
@@ -142,7 +138,7 @@ MODEL_CONFIG = config_for_model(model)  # layer, capping layers, context, dtype:
 CONTEXT = context_length(model)  # the longest pass the course feeds this model
 print(f"{MODEL_NAME} runs in {model.dtype} ({model.config.course_dtype_reason}); context {CONTEXT} tokens; "
       f"model table: {MODEL_CONFIG.source}")
-if "COURSE_MAX_TOKENS" not in os.environ:
+if not settings.is_set("COURSE_MAX_TOKENS"):
     MAX_TOKENS = min(MAX_TOKENS, CONTEXT)
 elif MAX_TOKENS > CONTEXT:
     print(f"Note: COURSE_MAX_TOKENS={MAX_TOKENS} is longer than {MODEL_NAME}'s context ({CONTEXT}); positions past it "
@@ -611,7 +607,7 @@ steer_questions = working_questions(N_STEER_QUESTIONS)
 steer_coefficients = [float(v @ unit_axis) for v in steering_vectors(AXIS[LAYER], persona_projections,
                                                                        STEER_MULTIPLES)]
 if USE_API:
-    judge_client, judge_model = make_api_client(), os.environ.get("COURSE_JUDGE_MODEL", DEFAULT_JUDGE_MODEL)
+    judge_client, judge_model = make_api_client(), settings.get("COURSE_JUDGE_MODEL")
 else:
     judge_client, judge_model = OfflineRuleJudge(), "offline-rule-judge"
 print("Judging:", "through the API" if USE_API else "offline (no API key found)", f"(judge: {judge_model})")

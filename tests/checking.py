@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import sysconfig
 import threading
@@ -31,23 +30,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from utils import settings
+
 CHECKS_DIR = Path(__file__).resolve().parent
-DEFAULT_TIMEOUT_S = 60.0
 _STDLIB = str(Path(sysconfig.get_paths()["stdlib"]).resolve())
 
 
 def timeout_seconds() -> float:
     """The time limit for one call of a learner's function inside a check (``COURSE_CHECK_TIMEOUT``)."""
-    raw = os.environ.get("COURSE_CHECK_TIMEOUT", "")
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"COURSE_CHECK_TIMEOUT must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"COURSE_CHECK_TIMEOUT must be positive, got {raw!r}")
-    return value
+    return settings.get("COURSE_CHECK_TIMEOUT")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +86,7 @@ def _where(filename: str) -> str:
 def _debugging() -> bool:
     """``COURSE_CHECK_DEBUG=1`` shows failures with their full traceback, checks' frames included (for
     whoever maintains the checks)."""
-    return os.environ.get("COURSE_CHECK_DEBUG", "") not in ("", "0")
+    return settings.get("COURSE_CHECK_DEBUG")
 
 
 def _full_traceback(exc: BaseException) -> list[str]:

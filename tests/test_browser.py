@@ -35,9 +35,10 @@ import nbformat
 import pytest
 
 from tools.build_notebooks import PARTS
+from utils import settings
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("COURSE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = settings.get("COURSE_CHROMIUM")
 API_KEY_VARIABLES = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
 RUN_ALL_SECONDS = 300  # Run All of a solution notebook on tiny-gemma2 (about 30 s on a quiet 2-core machine)
 # A wrong answer per part: (exercise cell, its check cell, the wrong source, text the check's message shows).

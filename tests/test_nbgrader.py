@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ast
 import html
-import os
 import re
 import time
 import tomllib
@@ -38,6 +37,7 @@ import pytest
 from tools import grade_roundtrip as rt
 from tools import sample_submissions as samples
 from tools.build_notebooks import PARTS
+from utils import settings
 
 ROOT = rt.ROOT
 MAX_SECONDS = 300  # one part's whole round trip, on 2 busy CPU cores (measured: about 150 s for Part 1)
@@ -51,9 +51,7 @@ PLOTLY_MIME = "application/vnd.plotly.v1+json"
 # The classroom graded: every sample student ("full", the default), or only ``solution`` and ``blank``
 # ("minimal": `make test-transformers4` grades both parts again under 4.57 that way, with `-m "not classroom"`,
 # which leaves out the tests about the other students).
-CLASSROOM = os.environ.get("COURSE_TEST_CLASSROOM", "full")
-if CLASSROOM not in ("full", "minimal"):
-    raise ValueError(f"COURSE_TEST_CLASSROOM must be 'full' or 'minimal', got {CLASSROOM!r}")
+CLASSROOM = settings.get("COURSE_TEST_CLASSROOM")  # "full" or "minimal"
 
 
 def _students(part: str) -> list[str]:

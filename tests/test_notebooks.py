@@ -13,8 +13,8 @@ from tools.run_notebook import execute
 ROOT = build_notebooks.ROOT
 PART = "part1_persona_space"
 PART2 = "part2_stabilizing"
-TINY_ENV = {"COURSE_MODEL": "tiny-gemma2", "COURSE_N_QUESTIONS": "3", "COURSE_MAX_NEW_TOKENS": "12",
-            "COURSE_N_TRAITS": "2"}
+TINY_ENV = {"COURSE_PROFILE": "tests", "COURSE_MODEL": "tiny-gemma2", "COURSE_N_QUESTIONS": "3",
+            "COURSE_MAX_NEW_TOKENS": "12", "COURSE_N_TRAITS": "2"}
 # Part 2 on tiny-gemma2: one turn per transcript, one case study, one replayed turn, one steering question.
 TINY_ENV2 = {**TINY_ENV, "COURSE_MAX_TURNS": "2", "COURSE_MAX_TOKENS": "1536",
              "COURSE_CASE_STUDIES": "llama-3.3-70b/jailbreak", "COURSE_REPLAY_TURNS": "1", "COURSE_STEER_QUESTIONS": "1"}

@@ -26,6 +26,8 @@ from types import SimpleNamespace
 
 import openai
 
+from utils import settings
+
 __all__ = [
     "DEFAULT_GENERATION_MODEL",
     "DEFAULT_JUDGE_MODEL",
@@ -53,10 +55,10 @@ __all__ = [
     "rule_based_role_score",
 ]
 
-OPENROUTER_BASE_URL = "https://openrouter.ai/api/v1"
+OPENROUTER_BASE_URL = settings.default("COURSE_API_BASE_URL")
 KEY_VARIABLES = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
-DEFAULT_GENERATION_MODEL = "google/gemma-2-27b-it"
-DEFAULT_JUDGE_MODEL = "openai/gpt-4.1-mini"
+DEFAULT_GENERATION_MODEL = settings.default("COURSE_GENERATION_MODEL")
+DEFAULT_JUDGE_MODEL = settings.default("COURSE_JUDGE_MODEL")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -68,11 +70,8 @@ class MissingAPIKeyError(RuntimeError):
 
 
 def _api_key() -> str | None:
-    for name in KEY_VARIABLES:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    return None
+    keys = (settings.get(v) if v in settings.SETTINGS else os.environ.get(v, "").strip() for v in KEY_VARIABLES)
+    return next((k for k in keys if k), None)
 
 
 def api_key_present() -> bool:
@@ -91,7 +90,7 @@ def make_api_client(timeout: float = 60.0, max_retries: int = 3):
             "COURSE_API_BASE_URL for another OpenAI-compatible server) before starting Jupyter, or run "
             "offline: the notebook then uses LocalChatClient and OfflineRuleJudge."
         )
-    base_url = os.environ.get("COURSE_API_BASE_URL", "").strip() or OPENROUTER_BASE_URL
+    base_url = settings.get("COURSE_API_BASE_URL")
     return openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from utils import tiny_gemma2
+from utils import settings, tiny_gemma2
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GEMMA2_27B = "google/gemma-2-27b-it"
@@ -139,7 +138,7 @@ class ModelLoadError(RuntimeError):
 
 def cache_dir() -> Path:
     """Where built and dequantised models live (``$PERSONA_COURSE_CACHE``, default ``<repo>/.cache``)."""
-    return Path(os.environ.get("PERSONA_COURSE_CACHE", PROJECT_ROOT / ".cache")).expanduser()
+    return settings.get("PERSONA_COURSE_CACHE")
 
 
 def context_length(model) -> int:
@@ -188,11 +187,8 @@ def choose_dtype(table_dtype: str = "auto", device: str | torch.device | None = 
     ``$COURSE_DTYPE`` (``bfloat16``/``bf16``, ``float32``/``fp32``, ``float16``/``fp16``; ``auto`` or empty
     means the table's) overrides the table's dtype. The reason is meant to be printed.
     """
-    requested = os.environ.get("COURSE_DTYPE", "").strip().lower()
-    if requested and requested != "auto":
-        if requested not in DTYPES:
-            raise ValueError(f"$COURSE_DTYPE={requested!r} is not a dtype the course runs in. Use one of "
-                             f"{sorted(DTYPES)} or 'auto' (or unset it to let the model table and hardware decide).")
+    requested = settings.get("COURSE_DTYPE")  # one of DTYPES or "auto" (utils/settings.py declares the choices)
+    if requested != "auto":
         return DtypeChoice(DTYPES[requested], f"$COURSE_DTYPE is set to {requested!r}.")
     if table_dtype != "auto":
         return DtypeChoice(DTYPES[table_dtype], f"the model table gives {table_dtype}.")
@@ -457,9 +453,10 @@ class ModelChoice:
 def choose_model(env_var: str = "COURSE_MODEL") -> ModelChoice:
     """Pick the notebook's model: ``$COURSE_MODEL`` if set, else Gemma 2 27B on a big enough GPU,
     else the bundled SmolLM2. The reason is meant to be printed."""
-    requested = os.environ.get(env_var, "").strip()
+    requested = settings.get(env_var, computed="")
     if requested:
-        return ModelChoice(requested, f"${env_var} is set to {requested!r}.")
+        source = f"${env_var} is set to" if settings.is_set(env_var) else f"COURSE_PROFILE={settings.profile()} picks"
+        return ModelChoice(requested, f"{source} {requested!r}.")
     try:
         if torch.cuda.is_available():
             total = sum(torch.cuda.get_device_properties(i).total_memory
