@@ -57,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = ("offline", "gpu", "tests", "grading")
 PARTS = ("part1", "part2")
@@ -312,8 +314,6 @@ def profile() -> str:
     raw = _raw("COURSE_PROFILE")
     if raw:
         return SETTINGS["COURSE_PROFILE"].convert(raw)
-    import torch
-
     return "gpu" if torch.cuda.is_available() else "offline"
 
 
