@@ -1,4 +1,4 @@
-"""Benchmark local generation: today's float32 HF ``generate`` against :mod:`utils.generation`.
+"""Benchmark local generation: float32 HF ``generate`` against :mod:`utils.generation`.
 
 Run::
 
@@ -9,7 +9,7 @@ personas' system prompts x its working questions, left-padded together), ``--new
 tokens at temperature 0.7, top-p 0.9. Variants, each in a fresh subprocess, on the same prompts and
 token budget:
 
-- ``f32_generate``: the previous backend, :func:`utils.backends.hf_generate_batch`: HF ``generate``
+- ``f32_generate``: the baseline, :func:`utils.backends.hf_generate_batch`: HF ``generate``
   on the float32 model (which also applies HF's default top-k 50);
 - ``bf16_generate``: the same HF ``generate`` on the bf16 copy (what the dtype alone gives);
 - ``fast``: :func:`utils.generation.generate` on :func:`utils.generation.generation_model` (the dtype
@@ -177,7 +177,7 @@ def run_worker(variant: str, args, out_path: str) -> None:
         param.sum()
     rss_f32 = rss_bytes()
     if variant == "f32_generate":
-        dtype, reason, gen = torch.float32, "the previous backend", model
+        dtype, reason, gen = torch.float32, "HF generate on the float32 model", model
     elif variant == "bf16_generate":
         dtype, reason = torch.bfloat16, "HF generate on the bf16 copy"
         gen = generation_model(model, dtype)
