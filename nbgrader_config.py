@@ -2,7 +2,7 @@
 
 Run nbgrader from the repository root, or from a course root that ``tools/grade_roundtrip.py`` made
 (its own ``nbgrader_config.py`` loads this file and sets the root to itself). ``make instructor-roundtrip``
-runs the whole round trip; the README's "For instructors" section has the commands step by step.
+runs the whole round trip; docs/instructors.md has the commands step by step.
 
 Where things go: the course root defaults to ``nbgrader/course/`` (ignored by git). The gradebook,
 ``source/``, ``release/``, ``submitted/``, ``autograded/``, ``feedback/``, the exchange and
@@ -201,7 +201,7 @@ class PlotlyFiguresInFeedback(Preprocessor):
     A kernel with no browser attached (nbgrader's) records a figure as plotly's JSON only, which
     nbconvert's HTML cannot show: the figure would be missing from the feedback. Here each figure gets an
     HTML rendering as well, drawn by plotly.js, which is embedded once per page (the first figure carries
-    it; about 4.8 MB with plotly 7, see the README), so the page needs no network and no other file.
+    it; about 4.8 MB with plotly 7, see docs/instructors.md), so the page needs no network and no other file.
     """
 
     enabled = True  # nbconvert's preprocessors are off unless enabled

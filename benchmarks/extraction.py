@@ -1,4 +1,4 @@
-"""Benchmark mean-activation extraction: the seed's two approaches against :mod:`utils.activations`.
+"""Benchmark mean-activation extraction: two ``output_hidden_states`` baselines against :mod:`utils.activations`.
 
 Run::
 

@@ -199,7 +199,7 @@ def test_mean_embeddings_control(tiny):
 
 def test_benchmark_script_runs_and_reports_its_headline_numbers():
     """A smoke test of ``benchmarks.extraction`` on tiny-gemma2 (not a timing test: no speed is asserted).
-    Its last line is one JSON object with the keys the issue asks for, and the three variants agree."""
+    Its last line is one JSON object with the headline keys, and the three variants agree."""
     import json
     import subprocess
     import sys

@@ -4,7 +4,7 @@ For each course part (``tools.build_notebooks.PARTS``), one round trip (``tools.
 generate, collect, autograde, feedback, export) grades the part's sample students
 (``tools/sample_submissions.py``), and the tests below read what it left: the release, the gradebook, the
 autograded notebooks, the feedback HTML and the grades CSV. Every part has ``solution`` (full marks) and
-``blank`` (0). Part 1 adds the classroom the issue describes:
+``blank`` (0). Part 1 adds a demo class of realistic submissions:
 
 - ``rewritten``: seven exercises answered correctly but differently: full marks (21);
 - ``mistakes``: three wrong exercises, one of them the batched extraction without the attention mask,
@@ -42,7 +42,7 @@ from utils import settings
 ROOT = rt.ROOT
 MAX_SECONDS = 300  # one part's whole round trip, on 2 busy CPU cores (measured: about 150 s for Part 1)
 LOOP_EXTRA_SECONDS = 60  # an endless loop may cost at most this much grading time over a correct submission
-# What the issue's classroom must score, in points (of 21 for Part 1).
+# What the demo class must score, in points (of 21 for Part 1).
 TOTALS = {"part1_persona_space": {"solution": 21, "rewritten": 21, "mistakes": 15, "broken": 18, "blank": 0},
           "part2_stabilizing": {"solution": 11, "rewritten": 11, "mistakes": 6, "blank": 0}}
 FIGURES = {"part1_persona_space": 7}  # plotly figures the solution notebook shows
@@ -311,7 +311,7 @@ def test_scores(graded, student):
 
 
 def test_totals_are_what_the_classroom_deserves(graded):
-    """The issue's classroom: solutions pasted 21, written differently 21, three mistakes 15 (each wrong
+    """The demo class: solutions pasted 21, written differently 21, three mistakes 15 (each wrong
     exercise costs only its own points), a syntax error plus an endless loop 18, blank 0."""
     total = sum(graded.points.values())
     expected = TOTALS.get(graded.part, {"solution": total, "blank": 0})

@@ -25,8 +25,8 @@ below, ``<part>`` stands for it. The steps, each one nbgrader command run in the
 for steps 1-2 instead; the other steps are the same.)
 
 Nothing is written outside the course root, except each graded run's figures, in one scratch folder in
-the system's temporary directory. After autograding, the seconds each notebook ran are printed (the
-README's "For instructors" section has measured numbers).
+the system's temporary directory. After autograding, the seconds each notebook ran are printed
+(docs/instructors.md has measured numbers).
 Run it with this project's Python (``.venv/bin/python``): nbgrader runs in it, and so do the notebooks.
 """
 
