@@ -131,7 +131,7 @@ def test_reading_an_undeclared_name_is_an_error():
     ("COURSE_CHECK_TIMEOUT", "0", "a number > 0"),
     ("COURSE_CHECK_TIMEOUT", "nan", "a number > 0"),
     ("COURSE_CHECK_DEBUG", "maybe", "a yes/no value (1/true/yes/on/0/false/no/off)"),
-    ("COURSE_GENERATION_DTYPE", "int8", "one of auto, bfloat16, bf16, float32, fp32, float16, fp16"),
+    ("COURSE_DTYPE", "int8", "one of auto, bfloat16, bf16, float32, fp32, float16, fp16"),
     ("COURSE_TEST_CLASSROOM", "half", "one of full, minimal"),
     ("COURSE_PROFILE", "laptop", "one of offline, gpu, tests, grading"),
 ])
@@ -150,7 +150,7 @@ def test_a_bad_value_names_the_variable_the_value_and_what_is_allowed(monkeypatc
     ("COURSE_CHECK_DEBUG", "1", True),
     ("COURSE_CHECK_DEBUG", "TRUE", True),
     ("COURSE_CHECK_DEBUG", "0", False),
-    ("COURSE_GENERATION_DTYPE", "BF16", "bf16"),
+    ("COURSE_DTYPE", "BF16", "bf16"),
     ("COURSE_CASE_STUDIES", "llama-3.3-70b/jailbreak", "llama-3.3-70b/jailbreak"),
     ("COURSE_OUT_DIR", "~/course-out", Path.home() / "course-out"),
     ("COURSE_OUT_DIR", "out/mine", Path("out/mine")),
@@ -173,10 +173,11 @@ def test_an_empty_value_counts_as_unset(monkeypatch):
 def test_the_profile_comes_from_course_profile_else_the_gpu(monkeypatch):
     monkeypatch.delenv("COURSE_PROFILE", raising=False)
     monkeypatch.delenv("COURSE_MAX_TURNS", raising=False)
+    monkeypatch.delenv("COURSE_REPLAY_TURNS", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert settings.profile() == "gpu" and settings.get("COURSE_MAX_TURNS") == 1000
+    assert settings.profile() == "gpu" and settings.get("COURSE_REPLAY_TURNS") == 10
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert settings.profile() == "offline" and settings.get("COURSE_MAX_TURNS") == 3
+    assert settings.profile() == "offline" and settings.get("COURSE_REPLAY_TURNS") == 6
     monkeypatch.setenv("COURSE_PROFILE", "Grading")
     assert settings.profile() == "grading" == settings.get("COURSE_PROFILE")
     assert settings.get("COURSE_MAX_TURNS") == 2 and settings.get("COURSE_CHECK_TIMEOUT") == 20.0
@@ -294,7 +295,7 @@ def test_the_printed_table_lists_every_setting():
     assert lines[0] == "| Variable | Type | offline | gpu | tests | grading | What it does |"
     rows = {line.split(" | ")[0].strip("| `"): line for line in lines[2:]}
     assert list(rows) == list(settings.SETTINGS)
-    assert "| `COURSE_MAX_TURNS` | int ≥ 2 | `3` | `1000` | `2` | `2` |" in rows["COURSE_MAX_TURNS"]
+    assert "| `COURSE_MAX_TURNS` | int ≥ 2 | `1000` | *as offline* | `2` | `2` |" in rows["COURSE_MAX_TURNS"]
     assert "`64` (Part 1), `48` (Part 2) | `256` |" in rows["COURSE_MAX_NEW_TOKENS"]
     assert "| `60` | *as offline* | *as offline* | `20` |" in rows["COURSE_CHECK_TIMEOUT"]
 
