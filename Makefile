@@ -12,13 +12,14 @@ COURSE_ROOT ?= nbgrader/course
 SUBMISSIONS ?=
 ASSIGNMENT ?= $(PART)
 
-.PHONY: help setup models demo test test-transformers4 notebooks fixtures lab benchmark clean check-catalogue \
+.PHONY: help setup models demo test test-transformers4 lint notebooks fixtures lab benchmark clean check-catalogue \
 	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser
 
 help:
 	@echo "make demo        set up, then run Part 1 and Part 2 solution notebooks on SmolLM2 (out/part1/, out/part2/)"
-	@echo "make test        set up, then run the whole test suite (transformers 5.x), then the tests that touch"
+	@echo "make test        set up, then lint, run the whole test suite (transformers 5.x), then the tests that touch"
 	@echo "                 transformers again under 4.57"
+	@echo "make lint        ruff check (the rules are in pyproject.toml)"
 	@echo "make lab         open JupyterLab on the notebooks"
 	@echo "make notebooks   regenerate exercises/ solutions/ nbgrader/source/ from src/"
 	@echo "make fixtures    regenerate the checks' fixtures from the reference solution"
@@ -79,8 +80,12 @@ demo: models
 	@echo "Figures: out/part2/*.html  Executed notebook: out/part2/part2_stabilizing.executed.ipynb"
 
 test: setup browser
+	$(PY) -m ruff check .
 	COURSE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-transformers4
+
+lint: setup
+	$(PY) -m ruff check .
 
 $(STAMP4): pyproject.toml
 	test -x $(VENV4)/bin/python || $(PYTHON) -m venv $(VENV4)
