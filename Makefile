@@ -12,12 +12,14 @@ COURSE_ROOT ?= nbgrader/course
 SUBMISSIONS ?=
 ASSIGNMENT ?= $(PART)
 
-.PHONY: help setup models demo test test-transformers4 notebooks fixtures lab benchmark clean check-catalogue \
+.PHONY: help setup models demo test test-transformers4 lint notebooks fixtures lab benchmark clean check-catalogue \
 	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser
 
 help:
 	@echo "make demo        set up, then run Part 1 and Part 2 solution notebooks on SmolLM2 (out/part1/, out/part2/)"
-	@echo "make test        set up, then run the whole test suite (transformers 5.x, then the core under 4.57)"
+	@echo "make test        set up, then lint, run the whole test suite (transformers 5.x), then the tests that touch"
+	@echo "                 transformers again under 4.57"
+	@echo "make lint        ruff check (the rules are in pyproject.toml)"
 	@echo "make lab         open JupyterLab on the notebooks"
 	@echo "make notebooks   regenerate exercises/ solutions/ nbgrader/source/ from src/"
 	@echo "make fixtures    regenerate the checks' fixtures from the reference solution"
@@ -78,8 +80,12 @@ demo: models
 	@echo "Figures: out/part2/*.html  Executed notebook: out/part2/part2_stabilizing.executed.ipynb"
 
 test: setup browser
+	$(PY) -m ruff check .
 	COURSE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-transformers4
+
+lint: setup
+	$(PY) -m ruff check .
 
 $(STAMP4): pyproject.toml
 	test -x $(VENV4)/bin/python || $(PYTHON) -m venv $(VENV4)
@@ -89,14 +95,15 @@ $(STAMP4): pyproject.toml
 	$(VENV4)/bin/python -m tools.nbgrader_ui off
 	touch $(STAMP4)
 
-# Everything that touches transformers, under 4.57, with models built by 4.57 in their own cache: the
-# notebooks of both parts, the check catalogue, and the nbgrader round trip of both assignments (solution
-# full marks, blank zero, a clean release; the other sample students' tests run under 5.x only, to keep
-# `make test` short). The browser test does not depend on transformers and runs under 5.x only.
+# The tests that touch transformers (marked `transformers` by tests/conftest.py: those that load a model or a
+# tokenizer, run the notebooks, or run a check that takes a model), under 4.57, with models built by 4.57 in
+# their own cache. The nbgrader round trip runs for both assignments (solution full marks, blank zero, a clean
+# release); the other sample students' tests (`classroom`) run under 5.x only, to keep `make test` short. The
+# browser test drives JupyterLab's UI and runs under 5.x only.
 test-transformers4: $(STAMP4)
 	@$(VENV4)/bin/python -c 'import transformers as t; print("transformers", t.__version__)'
 	PERSONA_COURSE_CACHE=.cache/transformers4 COURSE_TEST_CLASSROOM=minimal $(VENV4)/bin/python -m pytest -q \
-		-m "not classroom" --ignore=tests/test_browser.py
+		-m "transformers and not classroom" --ignore=tests/test_browser.py
 
 notebooks: setup
 	$(PY) -m tools.build_notebooks

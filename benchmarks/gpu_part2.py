@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     conversations = persona_conversations("google/gemma-2-27b-it", a.prompts)
     prompts = [encode(render(c, tokenizer, add_generation_prompt=True), tokenizer) for c in conversations]
     layers = cap_layer_range(n_layers)
-    axes = {l: torch.randn(d_model, generator=g) for l in layers}
+    axes = {cap: torch.randn(d_model, generator=g) for cap in layers}
     taus = prompt_thresholds(model, tokenizer, conversations, axes)
     pad = tokenizer.pad_token_id
 
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     with torch.inference_mode():
         scale = model.model.embed_tokens.weight.float().norm(dim=-1).mean().item() * shape["hidden_size"] ** 0.5
-    for l in layers:
-        lowest = min(float(x.min()) for x in after.projections[l])
-        worst = max(worst, (taus[l] - lowest) / scale)
+    for cap in layers:
+        lowest = min(float(x.min()) for x in after.projections[cap])
+        worst = max(worst, (taus[cap] - lowest) / scale)
 
     # 3. Steering on generated tokens only; no hook left afterwards.
     with steering(model, {layer: 4.0 * axis / axis.norm()}, positions="generated"):

@@ -120,7 +120,7 @@ def test_a_learner_exception_through_limited_keeps_its_type_and_reads_cleanly():
 def test_a_check_that_stumbles_on_an_answer_fails_with_a_message_not_a_crash():
     @checking.check("Exercise 97")
     def check_shape(fn):
-        fn().shape  # the learner returned something without a shape: the check's own code raises
+        _ = fn().shape  # the learner returned something without a shape: the check's own code raises
 
     ns = _learner_namespace("def f():\n    return [1, 2]\n")
     with pytest.raises(CheckFailure) as info:

@@ -7,6 +7,7 @@ import pytest
 from utils import judges
 from utils.generation import LocalChatClient
 from utils.judges import MissingAPIKeyError, OfflineRuleJudge, rule_based_role_score
+from utils.conversation import ChatFormatError
 
 
 def test_local_client_batches_concurrent_requests(tiny):
@@ -41,7 +42,7 @@ def test_local_client_greedy_batch_matches_single(tiny):
 def test_local_client_surfaces_errors(tiny):
     model, tok = tiny
     with LocalChatClient(model, tok) as client:
-        with pytest.raises(Exception):
+        with pytest.raises(ChatFormatError, match="The conversation is empty"):
             client.chat.completions.create(model="m", messages=[], max_tokens=3)
 
 
@@ -155,5 +156,5 @@ def test_local_client_malformed_request_fails_alone(tiny):
         good = pool.submit(client.chat.completions.create, model="m", messages=[{"role": "user", "content": "Hi"}],
                            max_tokens=3)
         assert isinstance(good.result().choices[0].message.content, str)
-        with pytest.raises(Exception):
+        with pytest.raises(ChatFormatError, match="exactly a 'role'"):
             bad.result()

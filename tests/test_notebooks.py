@@ -2,13 +2,19 @@
 
 import ast
 import json
+import math
 import re
+from collections import Counter
 
 import nbformat
 import pytest
+import torch
 
+from tests import part1_persona_space as checks1
+from tests import part2_stabilizing as checks2
 from tools import build_notebooks
 from tools.run_notebook import execute
+from utils.transcripts import case_studies, drift_transcripts, load_transcript
 
 ROOT = build_notebooks.ROOT
 PART = "part1_persona_space"
@@ -18,6 +24,63 @@ TINY_ENV = {"COURSE_PROFILE": "tests", "COURSE_MODEL": "tiny-gemma2", "COURSE_N_
 # Part 2 on tiny-gemma2: one turn per transcript, one case study, one replayed turn, one steering question.
 TINY_ENV2 = {**TINY_ENV, "COURSE_MAX_TURNS": "2", "COURSE_MAX_TOKENS": "1536",
              "COURSE_CASE_STUDIES": "llama-3.3-70b/jailbreak", "COURSE_REPLAY_TURNS": "1", "COURSE_STEER_QUESTIONS": "1"}
+CHECKS = {PART: checks1, PART2: checks2}
+CHECK_CALL = re.compile(r"checks\.((?:hidden_)?test_\w+)\(")
+
+
+def _notebook(folder: str, part: str) -> nbformat.NotebookNode:
+    return nbformat.read(ROOT / folder / f"{part}.ipynb", as_version=4)
+
+
+def _is(cell, kind: str) -> bool:
+    """kind: "solution" (an exercise) or "grade" (a check cell)."""
+    return cell.cell_type == "code" and bool(cell.metadata["nbgrader"].get(kind))
+
+
+def _defined_checks(part: str) -> set[str]:
+    """Every visible and hidden check function of the part's checks module."""
+    module = CHECKS[part]
+    return {name for name in dir(module)
+            if name.startswith(("test_", "hidden_test_")) and callable(getattr(module, name))}
+
+
+def _assert_every_check_ran_once_and_passed(nb, part: str):
+    """The notebook calls each check of the part's module exactly once, and every call printed its pass line."""
+    calls = Counter(name for c in nb.cells if c.cell_type == "code" for name in CHECK_CALL.findall(c.source))
+    assert calls == Counter(_defined_checks(part)), f"check calls {dict(calls)}"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            passed = sum(o.get("text", "").count("all checks passed") for o in cell.outputs
+                         if o.output_type == "stream")
+            assert passed == len(CHECK_CALL.findall(cell.source)), f"cell {cell.id}: {passed} passes"
+
+
+def _cpu_or_gpu_setting(part: str, name: str):
+    """The value the notebook's setup gives ``name`` (``NAME = <gpu value> if ON_GPU else <cpu value>``) on this
+    machine."""
+    for cell in _notebook("solutions", part).cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [name]:
+                value = node.value
+                if isinstance(value, ast.IfExp):
+                    value = value.body if torch.cuda.is_available() else value.orelse
+                return ast.literal_eval(value)
+    raise AssertionError(f"{part}: no cell assigns {name}")
+
+
+def _assert_drift_result(result: dict, n_turns: int, where: str):
+    """A drift summary of an n_turns-turn curve: finite numbers, the first turn below tau in range."""
+    assert "skipped" not in result, f"{where} was skipped: {result['skipped']}"
+    assert result["n_turns"] == n_turns, where
+    assert math.isfinite(result["slope"]) and math.isfinite(result["min_projection"]), where
+    first = result["first_below"]
+    assert first is None or (isinstance(first, int) and 0 <= first < n_turns), where
+
+
+def _assistant_turns(path) -> int:
+    return sum(m["role"] == "assistant" for m in load_transcript(path))
 
 
 @pytest.mark.parametrize("part,path", [(part, path) for part in build_notebooks.PARTS
@@ -40,20 +103,23 @@ def test_committed_notebooks_carry_no_outputs(folder, part):
     assert nb.cells[0].source.startswith("> **Generated file")
 
 
-@pytest.mark.parametrize("part,minimum", [(PART, 12), (PART2, 8)])
-def test_exercise_notebook_has_stubs_where_solutions_were(part, minimum):
-    exercise = nbformat.read(ROOT / "exercises" / f"{part}.ipynb", as_version=4)
-    solution = nbformat.read(ROOT / "solutions" / f"{part}.ipynb", as_version=4)
-    solution_cells = [c for c in exercise.cells if c.metadata["nbgrader"].get("solution")]
-    assert len(solution_cells) >= minimum
+@pytest.mark.parametrize("part", build_notebooks.PARTS)
+def test_exercise_notebook_has_stubs_where_solutions_were(part):
+    exercise, solution = _notebook("exercises", part), _notebook("solutions", part)
+    # One stub per solution block of the source, in exactly the cells that hold solutions.
+    blocks = {c.id: c.source.count("### BEGIN SOLUTION") for c in build_notebooks.read_source(part).cells
+              if _is(c, "solution")}
+    stubs = {c.id: c.source.count("raise NotImplementedError()") for c in exercise.cells if _is(c, "solution")}
+    assert stubs == blocks and all(blocks.values()), f"stubs {stubs}, solution blocks {blocks}"
+    assert not any(c.metadata["nbgrader"].get("solution") for c in exercise.cells if c.cell_type != "code")
     by_id = {c.id: c for c in solution.cells}
-    for cell in solution_cells:
-        assert "raise NotImplementedError()" in cell.source, cell.id
-        assert "### BEGIN SOLUTION" not in cell.source
-        # The stub keeps the signature and docstring but none of the solution's body.
-        solved = by_id[cell.id].source
-        assert len(cell.source) < len(solved), cell.id
+    for cell in exercise.cells:
+        if _is(cell, "solution"):
+            assert "### BEGIN SOLUTION" not in cell.source
+            # The stub keeps the signature and docstring but none of the solution's body.
+            assert len(cell.source) < len(by_id[cell.id].source), cell.id
     assert not any("### BEGIN SOLUTION" in c.source for c in solution.cells)
+    assert not any("raise NotImplementedError()" in c.source for c in solution.cells if c.cell_type == "code")
 
 
 def test_solution_notebook_runs_end_to_end_on_tiny_gemma2(tmp_path, monkeypatch):
@@ -72,16 +138,13 @@ def test_solution_notebook_runs_end_to_end_on_tiny_gemma2(tmp_path, monkeypatch)
     figures = sorted(p.name for p in (tmp_path / "out").glob("*.html"))
     assert {"cosine_centered.html", "pca_scatter.html", "axis_personas.html", "traits_on_axis.html",
             "controls.html"} <= set(figures)
-    passed_checks = sum(o.get("text", "").count("all checks passed") for c in nb.cells if c.cell_type == "code"
-                        for o in c.outputs if o.output_type == "stream")
-    calls = sum(len(re.findall(r"checks\.(?:hidden_)?test_\w+\(", c.source)) for c in nb.cells if c.cell_type == "code")
-    assert calls >= 18 and passed_checks == calls
+    _assert_every_check_ran_once_and_passed(nb, PART)
 
 
-def _assigned_names(source: str) -> set[str]:
-    """Every name a cell would bind: assignments, loop targets, defs, classes and imports."""
+def _assigned_names(source: str | ast.AST) -> set[str]:
+    """Every name a cell (or one statement) would bind: assignments, loop targets, defs, classes and imports."""
     names = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(ast.parse(source) if isinstance(source, str) else source):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
         elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -113,6 +176,40 @@ def _stub_errors(nb, part: str) -> list[tuple[str, str]]:
     return errors
 
 
+def _expected_exercise_errors(part: str) -> dict[str, str | None]:
+    """Exercise and check cell id -> the error it must raise when the untouched exercise notebook runs (None: none).
+
+    An exercise cell raises NotImplementedError only where its stub raises at the top of the cell (not inside a
+    function). A check cell calls its check with the learner's object: NotImplementedError from the stub when the
+    exercise cell defined that object, a NameError when the exercise cell raised before defining it."""
+    bound: set[str] = set()  # what the exercise cells define before their stubs raise
+    expected = {}
+    for cell in _notebook("exercises", part).cells:
+        if _is(cell, "solution"):
+            expected[cell.id] = None
+            for statement in ast.parse(cell.source).body:
+                if isinstance(statement, ast.Raise):
+                    expected[cell.id] = "NotImplementedError"
+                    break
+                bound |= _assigned_names(statement)
+        elif _is(cell, "grade"):
+            call = next(node for node in ast.walk(ast.parse(cell.source)) if isinstance(node, ast.Call)
+                        and CHECK_CALL.match(ast.unparse(node)))
+            learner = call.args[0].id
+            expected[cell.id] = "NotImplementedError" if learner in bound else "NameError"
+    return expected
+
+
+def _assert_fails_only_at_exercises(nb, part: str, first: str):
+    errors = _stub_errors(nb, part)
+    assert errors, "the exercise notebook ran without hitting a single stub"
+    # The first failure is the first exercise, right where the learner starts.
+    assert errors[0] == (first, "NotImplementedError")
+    expected = _expected_exercise_errors(part)
+    got = dict(errors)
+    assert {cid: got.get(cid) for cid in expected} == expected
+
+
 def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
     """Run the untouched exercise notebook: every error is NotImplementedError from an exercise stub,
     or a NameError for a value that an earlier failing cell would have defined once solved."""
@@ -120,12 +217,7 @@ def test_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     nb = execute(ROOT / "exercises" / f"{PART}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
                  echo=False, timeout=600)
-    errors = _stub_errors(nb, PART)
-    assert errors, "the exercise notebook ran without hitting a single stub"
-    not_implemented = [cid for cid, name in errors if name == "NotImplementedError"]
-    # The first failure is the first exercise (the judge template), right where the learner starts.
-    assert errors[0] == ("ex-judge-template", "NotImplementedError")
-    assert len(not_implemented) >= 5
+    _assert_fails_only_at_exercises(nb, PART, first="ex-judge-template")
 
 
 def test_part2_solution_notebook_runs_end_to_end_on_tiny_gemma2(tmp_path, monkeypatch):
@@ -141,19 +233,42 @@ def test_part2_solution_notebook_runs_end_to_end_on_tiny_gemma2(tmp_path, monkey
                 "seconds"):
         assert key in summary, key
     assert summary["model"] == "tiny-gemma2" and summary["cap_layers"] == [4] and summary["cap_percentile"] == 25.0
-    assert set(summary["drift"]) == {"coding", "writing", "therapy", "philosophy"}
-    for name, d in summary["drift"].items():
-        assert {"n_turns", "slope", "min_projection"} <= set(d) or "skipped" in d, name
-    assert all({"mean_projection", "role_rate"} <= set(v) for v in summary["steering"].values())
+    max_turns, replay_turns = int(TINY_ENV2["COURSE_MAX_TURNS"]), int(TINY_ENV2["COURSE_REPLAY_TURNS"])
+    assert summary["sizes"]["max_turns"] == max_turns and summary["sizes"]["replay_turns"] == replay_turns
+    # Every drift transcript and every chosen case study, read to its first max_turns assistant turns.
+    assert set(summary["drift"]) == set(drift_transcripts())
+    for name, path in drift_transcripts().items():
+        _assert_drift_result(summary["drift"][name], min(max_turns, _assistant_turns(path)), f"drift {name}")
+    cases = {"/".join(k): v for k, v in case_studies().items()}
+    chosen = TINY_ENV2["COURSE_CASE_STUDIES"].split(",")
+    assert set(summary["case_studies"]) == set(chosen)
+    for name in chosen:
+        assert set(summary["case_studies"][name]) == set(cases[name]), name
+        for variant, path in cases[name].items():
+            _assert_drift_result(summary["case_studies"][name][variant], min(max_turns, _assistant_turns(path)),
+                                 f"case study {name}/{variant}")
+    # One dose-response row per steering multiple, each from the same number of replies.
+    multiples = _cpu_or_gpu_setting(PART2, "STEER_MULTIPLES")
+    assert list(summary["steering"]) == [f"{m:+g}" for m in multiples]
+    rows = list(summary["steering"].values())
+    assert rows[0]["n"] > 0 and all(r["n"] == rows[0]["n"] for r in rows)
+    for key, row in summary["steering"].items():
+        assert math.isfinite(row["coefficient"]) and math.isfinite(row["mean_projection"]), key
+        assert 0 <= row["role_rate"] <= 1, key
+    capping = summary["capping"]
     for key in ("fraction_capped", "kl_neutral_mean", "min_projection_uncapped", "min_projection_capped"):
-        assert key in summary["capping"], key
-    assert 0 <= summary["capping"]["fraction_capped"] <= 1 and summary["capping"]["kl_neutral_mean"] >= 0
+        assert math.isfinite(capping[key]), key
+    assert 0 <= capping["fraction_capped"] <= 1 and capping["kl_neutral_mean"] >= 0
+    assert capping["n_neutral_positions"] > 0
+    assert set(capping["replay"]) == {"drift/therapy", f"case/{chosen[0]}"}
+    for label, variants in capping["replay"].items():
+        assert set(variants) == {"uncapped", "capped"}, label
+        for variant, r in variants.items():
+            assert r["n_turns"] == replay_turns, (label, variant)
+            assert math.isfinite(r["min_projection"]) and math.isfinite(r["mean_projection"]), (label, variant)
     assert "Computed Part 1's results" in summary["part1_results"]
     assert {"drift.html", "dose_response.html", "capping_kl.html"} <= {p.name for p in (tmp_path / "out").glob("*.html")}
-    passed_checks = sum(o.get("text", "").count("all checks passed") for c in nb.cells if c.cell_type == "code"
-                        for o in c.outputs if o.output_type == "stream")
-    calls = sum(len(re.findall(r"checks\.(?:hidden_)?test_\w+\(", c.source)) for c in nb.cells if c.cell_type == "code")
-    assert calls >= 9 and passed_checks == calls
+    _assert_every_check_ran_once_and_passed(nb, PART2)
 
 
 def test_part2_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
@@ -162,6 +277,4 @@ def test_part2_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     nb = execute(ROOT / "exercises" / f"{PART2}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
                  echo=False, timeout=300)
-    errors = _stub_errors(nb, PART2)
-    assert errors and errors[0] == ("check-parse-transcript", "NotImplementedError")
-    assert len([e for e in errors if e[1] == "NotImplementedError"]) >= 5
+    _assert_fails_only_at_exercises(nb, PART2, first="check-parse-transcript")

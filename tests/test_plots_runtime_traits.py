@@ -5,13 +5,12 @@ from __future__ import annotations
 import pickle
 import re
 import threading
-import time
 
 import plotly.graph_objects as go
 import pytest
 import torch
 
-from utils import plots
+from utils import plots, runtime
 from utils.data import load_traits
 from utils.models import GEMMA2_27B
 from utils.runtime import StageTimer, run_parallel
@@ -22,27 +21,55 @@ NAMES = [f"persona_{i}" for i in range(21)]
 
 # --- runtime -------------------------------------------------------------------------------------
 
-def test_stage_timer_accumulates_in_order():
+class _FakeClock:
+    """Stands in for ``time.perf_counter`` in utils.runtime: it moves only when the test says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = _FakeClock()
+    monkeypatch.setattr(runtime, "time", fake)  # utils.runtime's own `time`, not the time module everyone shares
+    return fake
+
+
+def test_stage_timer_accumulates_in_order(clock):
     timer = StageTimer()
     with timer("b"):
-        time.sleep(0.06)
+        clock.advance(0.26)
     with timer("a"):
         pass
+    clock.advance(5.0)  # between stages: not counted
     with timer("b"):
-        time.sleep(0.06)
+        clock.advance(0.5)
     seconds = timer.seconds()
     assert list(seconds) == ["b", "a", "total"]
-    assert seconds["b"] == pytest.approx(0.1, abs=0.1) and seconds["b"] >= 0.1
-    assert seconds["a"] == 0.0
-    assert seconds["total"] == pytest.approx(seconds["a"] + seconds["b"], abs=0.1)
+    assert seconds == {"b": 0.8, "a": 0.0, "total": 0.8}  # accumulated, then rounded to 0.1 s
+    assert repr(timer) == "StageTimer({'b': 0.8, 'a': 0.0, 'total': 0.8})"
 
 
-def test_stage_timer_counts_a_raising_block():
+def test_stage_timer_total_is_the_rounded_sum_of_the_unrounded_stages(clock):
+    timer = StageTimer()
+    for stage in ("x", "y", "z"):
+        with timer(stage):
+            clock.advance(0.04)
+    assert timer.seconds() == {"x": 0.0, "y": 0.0, "z": 0.0, "total": 0.1}
+
+
+def test_stage_timer_counts_a_raising_block(clock):
     timer = StageTimer()
     with pytest.raises(RuntimeError), timer("boom"):
-        time.sleep(0.06)
+        clock.advance(1.5)
         raise RuntimeError
-    assert timer.seconds()["boom"] >= 0.1
+    assert timer.seconds() == {"boom": 1.5, "total": 1.5}
 
 
 def test_run_parallel_records_every_item():
@@ -251,5 +278,5 @@ def test_unsafe_or_corrupt_file_is_rejected_not_swallowed(monkeypatch, tmp_path)
     with pytest.raises(pickle.UnpicklingError):
         load_precomputed_trait_vectors(GEMMA2_27B, 0, traits=["calm"])
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kw: str(corrupt))
-    with pytest.raises(Exception):  # raised, not turned into a "could not reach the hub" fallback
+    with pytest.raises(pickle.UnpicklingError):  # raised, not turned into a "could not reach the hub" fallback
         load_precomputed_trait_vectors(GEMMA2_27B, 0, traits=["calm"])
