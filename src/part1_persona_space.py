@@ -83,13 +83,11 @@
 
 # %%
 import json
-import time
 
 import einops
 import numpy as np
 import torch
 import transformers
-from IPython.display import display
 from jaxtyping import Bool, Float
 from sklearn.decomposition import PCA
 from torch import Tensor
@@ -680,7 +678,7 @@ def extract_persona_vectors(
     scores: dict[tuple[str, int], int] | None = None,
     score_threshold: int = 3,
     batch_size: int = 8,
-) -> dict[str, Float[Tensor, "d_model"]]:
+) -> dict[str, Float[Tensor, " d_model"]]:
     """One mean-activation vector per persona.
 
     A response ``responses[(persona, q_idx)]`` is kept if ``scores`` is None, if its key is not in
@@ -753,7 +751,7 @@ print(f"persona vectors: {tuple(vectors.shape)}, mean norm {vectors.norm(dim=1).
 
 # %% nbgrader={"grade": false, "grade_id": "ex_cosine", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def compute_cosine_similarity_matrix(
-    persona_vectors: dict[str, Float[Tensor, "d_model"]],
+    persona_vectors: dict[str, Float[Tensor, " d_model"]],
 ) -> tuple[Float[Tensor, "n_personas n_personas"], list[str]]:
     """Cosine similarity between every pair of persona vectors.
 
@@ -772,7 +770,7 @@ def compute_cosine_similarity_matrix(
 
 
 def compute_cosine_similarity_matrix_centered(
-    persona_vectors: dict[str, Float[Tensor, "d_model"]],
+    persona_vectors: dict[str, Float[Tensor, " d_model"]],
 ) -> tuple[Float[Tensor, "n_personas n_personas"], list[str]]:
     """Cosine similarity after subtracting the mean persona vector (the mean over the personas).
 
@@ -822,7 +820,7 @@ for title, fn, fname in [("Raw cosine similarity", compute_cosine_similarity_mat
 
 # %% nbgrader={"grade": false, "grade_id": "ex_pca", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def pca_decompose_persona_vectors(
-    persona_vectors: dict[str, Float[Tensor, "d_model"]],
+    persona_vectors: dict[str, Float[Tensor, " d_model"]],
 ) -> tuple[Float[np.ndarray, "n_personas 2"], PCA]:
     """PCA of the persona vectors: the first two principal components.
 
@@ -859,7 +857,7 @@ checks.test_pca_decompose_persona_vectors(pca_decompose_persona_vectors)
 # %% nbgrader={"grade": false, "grade_id": "ex_axis", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def compute_assistant_axis(
     default_vectors: Float[Tensor, "n_defaults d_model"], role_vectors: Float[Tensor, "n_roles d_model"]
-) -> Float[Tensor, "d_model"]:
+) -> Float[Tensor, " d_model"]:
     """The Assistant Axis: unit vector along mean(defaults) - mean(roles).
 
     Args:
@@ -877,8 +875,8 @@ def compute_assistant_axis(
 
 
 def characterize_axis(
-    persona_vectors: dict[str, Float[Tensor, "d_model"]],
-    assistant_axis: Float[Tensor, "d_model"],
+    persona_vectors: dict[str, Float[Tensor, " d_model"]],
+    assistant_axis: Float[Tensor, " d_model"],
 ) -> dict[str, float]:
     """Cosine similarity of each vector with the axis.
 
@@ -951,7 +949,7 @@ fig.show()
 # %% nbgrader={"grade": false, "grade_id": "ex_trait", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def compute_trait_vector(
     pos_activations: Float[Tensor, "n_pos d_model"], neg_activations: Float[Tensor, "n_neg d_model"]
-) -> Float[Tensor, "d_model"]:
+) -> Float[Tensor, " d_model"]:
     """mean(pos) - mean(neg), in float32 whatever the inputs' dtype.
 
     Args:
@@ -1028,7 +1026,7 @@ fig.show()
 # ### Exercise 8: AUC
 
 # %% nbgrader={"grade": false, "grade_id": "ex_auc", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def axis_auc(scores: Float[Tensor, "n"], positive: Bool[Tensor, "n"]) -> float:
+def axis_auc(scores: Float[Tensor, " n"], positive: Bool[Tensor, " n"]) -> float:
     """Area under the ROC curve: the probability that a random positive outscores a random negative.
 
     Args:
@@ -1059,7 +1057,7 @@ separated = [n for n in names if n in assistant_like or n in FANTASTICAL_ROLES]
 labels = torch.tensor([n in assistant_like for n in separated])
 
 
-def axis_projections(vecs: dict[str, Float[Tensor, "d_model"]]) -> Float[Tensor, "n_separated"]:
+def axis_projections(vecs: dict[str, Float[Tensor, " d_model"]]) -> Float[Tensor, " n_separated"]:
     """Projection of each persona in ``separated`` on the axis built from these vectors."""
     stacked = torch.stack([vecs[n] for n in names])
     default_mask = torch.tensor([n in DEFAULT_PERSONA_NAMES for n in names])
@@ -1069,7 +1067,7 @@ def axis_projections(vecs: dict[str, Float[Tensor, "d_model"]]) -> Float[Tensor,
 
 
 def vectors_from(per_response: Float[Tensor, "n_responses d_model"],
-                 keys: list[tuple[str, int]]) -> dict[str, Float[Tensor, "d_model"]]:
+                 keys: list[tuple[str, int]]) -> dict[str, Float[Tensor, " d_model"]]:
     return {n: per_response[[i for i, k in enumerate(keys) if k[0] == n]].mean(dim=0) for n in names}
 
 

@@ -63,11 +63,9 @@
 # %%
 import contextlib
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from jaxtyping import Float
@@ -279,10 +277,10 @@ def turn_projections(
     model,
     tokenizer,
     messages: list[dict[str, str]],
-    axis: Float[Tensor, "d_model"],
+    axis: Float[Tensor, " d_model"],
     layer: int,
     max_tokens: int = 8192,
-) -> Float[Tensor, "n_assistant_turns"]:
+) -> Float[Tensor, " n_assistant_turns"]:
     """Each assistant turn's mean activation at ``layer``, projected on the unit axis ``axis / |axis|``.
 
     A turn's activation is the float32 mean of the output of ``model.model.layers[layer]``
@@ -343,7 +341,7 @@ checks.test_turn_projections(turn_projections)
 
 # %% nbgrader={"grade": false, "grade_id": "ex_capping_threshold", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def capping_threshold(
-    projections: dict[int, Float[Tensor, "n_responses"]], percentile: float = 25.0
+    projections: dict[int, Float[Tensor, " n_responses"]], percentile: float = 25.0
 ) -> dict[int, float]:
     """Per layer, a percentile of the default persona's per-response projections.
 
@@ -395,7 +393,7 @@ for layer, tau in THRESHOLDS.items():
 # ### Exercise 4: drift summary
 
 # %% nbgrader={"grade": false, "grade_id": "ex_drift_summary", "locked": false, "schema_version": 3, "solution": true, "task": false}
-def drift_summary(projections: Float[Tensor, "n_turns"], threshold: float) -> tuple[float, int | None]:
+def drift_summary(projections: Float[Tensor, " n_turns"], threshold: float) -> tuple[float, int | None]:
     """Slope and first turn below a threshold of a per-turn projection curve.
 
     Args:
@@ -501,7 +499,7 @@ for (who, scenario), pair in CASE_PROJECTIONS.items():
 
 # %% nbgrader={"grade": false, "grade_id": "ex_add_steering", "locked": false, "schema_version": 3, "solution": true, "task": false}
 @contextlib.contextmanager
-def add_steering(model, layer: int, vector: Float[Tensor, "d_model"], positions: str = "all"):
+def add_steering(model, layer: int, vector: Float[Tensor, " d_model"], positions: str = "all"):
     """Add ``vector`` to the output of ``model.model.layers[layer]`` during every forward pass in the block.
 
     Args:
@@ -546,8 +544,8 @@ checks.test_add_steering(add_steering)
 
 # %% nbgrader={"grade": false, "grade_id": "ex_steering_vectors", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def steering_vectors(
-    axis: Float[Tensor, "d_model"],
-    projections: Float[Tensor, "n_personas"],
+    axis: Float[Tensor, " d_model"],
+    projections: Float[Tensor, " n_personas"],
     multiples: Sequence[float],
 ) -> Float[Tensor, "n_multiples d_model"]:
     """One steering vector per multiple: ``multiple * std(projections) * axis / |axis|``.
@@ -661,7 +659,7 @@ fig.show()
 
 # %% nbgrader={"grade": false, "grade_id": "ex_capping", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def cap_activations(
-    h: Float[Tensor, "... d_model"], unit_axis: Float[Tensor, "d_model"], tau: float
+    h: Float[Tensor, "... d_model"], unit_axis: Float[Tensor, " d_model"], tau: float
 ) -> Float[Tensor, "... d_model"]:
     """``h + max(0, tau - <h, a>) * a`` at every position, ``a`` a unit vector.
 

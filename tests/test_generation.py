@@ -7,7 +7,7 @@ import torch
 
 from utils import models
 from utils.activations import decoder_layers, extract_mean_activations
-from utils.generation import CANDIDATES, LocalChatClient, generate, generate_tokens, hf_generate, sample_next, top_p_distribution
+from utils.generation import CANDIDATES, generate, generate_tokens, hf_generate, sample_next, top_p_distribution
 from utils.models import choose_dtype, load_model
 
 CONVS = [
@@ -64,7 +64,7 @@ def test_hooks_on_the_model_fire_at_every_generation_step(tiny):
     for m in (model, bf16):
         seen = []
         handle = decoder_layers(m)[1].register_forward_hook(
-            lambda mod, i, o: seen.append((o[0] if isinstance(o, tuple) else o).dtype))
+            lambda mod, i, o, seen=seen: seen.append((o[0] if isinstance(o, tuple) else o).dtype))
         try:
             generate(m, tok, CONVS[:2], max_new_tokens=5, temperature=0)
         finally:

@@ -123,7 +123,7 @@ def decoder_layers(model) -> Sequence[torch.nn.Module]:
     return layers
 
 
-def check_vector(v, d_model: int, what: str) -> Float[Tensor, "d_model"]:
+def check_vector(v, d_model: int, what: str) -> Float[Tensor, " d_model"]:
     """The one validation of an axis or steering vector: a finite floating-point ``[d_model]`` tensor (detached).
 
     Raises:
@@ -142,7 +142,7 @@ def check_vector(v, d_model: int, what: str) -> Float[Tensor, "d_model"]:
     return v.detach()
 
 
-def unit_vector(v, d_model: int, what: str = "axis") -> Float[Tensor, "d_model"]:
+def unit_vector(v, d_model: int, what: str = "axis") -> Float[Tensor, " d_model"]:
     """``v / |v|`` as a float32 CPU tensor, after :func:`check_vector`; a zero vector raises (no direction)."""
     v = check_vector(v, d_model, what).float().cpu()
     norm = float(v.norm())
@@ -403,11 +403,11 @@ def per_turn_projections(
     model,
     tokenizer,
     messages: Sequence[Message],
-    axis: Float[Tensor, "d_model"],
+    axis: Float[Tensor, " d_model"],
     layer: int,
     max_tokens: int | None = None,
     progress: bool = False,
-) -> Float[Tensor, "n_assistant_turns"]:
+) -> Float[Tensor, " n_assistant_turns"]:
     """Each assistant turn's mean activation at ``layer`` projected on the unit axis ``axis / |axis|``.
 
     Returns:

@@ -208,7 +208,7 @@ def steering_sweep(
     tokenizer,
     personas: Mapping[str, str],
     questions: Sequence[str],
-    axis: Float[Tensor, "d_model"],
+    axis: Float[Tensor, " d_model"],
     layer: int,
     coefficients: Sequence[float],
     *,
@@ -477,7 +477,7 @@ def _series(projections, what: str) -> list[float]:
     return values.tolist()
 
 
-def first_below(projections: Float[Tensor, "n_turns"] | Sequence[float], threshold: float) -> int | None:
+def first_below(projections: Float[Tensor, " n_turns"] | Sequence[float], threshold: float) -> int | None:
     """The index (0-based, in assistant turns) of the first projection strictly below ``threshold``, or None."""
     threshold = float(threshold)
     if not math.isfinite(threshold):
@@ -488,7 +488,7 @@ def first_below(projections: Float[Tensor, "n_turns"] | Sequence[float], thresho
     return None
 
 
-def slope(projections: Float[Tensor, "n_turns"] | Sequence[float]) -> float:
+def slope(projections: Float[Tensor, " n_turns"] | Sequence[float]) -> float:
     """Least-squares slope of projection against assistant-turn index ``0, 1, ..., n-1`` (change per turn).
 
     ``sum((x - mean x)(y - mean y)) / sum((x - mean x)^2)`` with ``x`` the turn index; needs at least 2 turns.

@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import itertools
-import json
 import queue
 import threading
 import time

@@ -85,11 +85,11 @@ class Part1Results:
         return int(self.axis.shape[1])
 
     @property
-    def is_default(self) -> Bool[Tensor, "n_personas"]:
+    def is_default(self) -> Bool[Tensor, " n_personas"]:
         """Bool ``[n_personas]``: True for the default personas."""
         return torch.tensor([n in self.default_names for n in self.names])
 
-    def unit_axis(self, layer: int | None = None) -> Float[Tensor, "d_model"]:
+    def unit_axis(self, layer: int | None = None) -> Float[Tensor, " d_model"]:
         """The axis at ``layer`` (default: Part 1's layer), normalised to unit length."""
         a = self.axis[self.layer if layer is None else layer]
         return a / a.norm()

@@ -113,9 +113,9 @@ def similarity_heatmap(matrix: Float[Tensor, "n n"], names: Sequence[str], title
 
 def pca_scatter(
     projections: Float[Tensor, "n k"] | Float[np.ndarray, "n k"],
-    explained: Float[Tensor, "k"] | Float[np.ndarray, "k"],
+    explained: Float[Tensor, " k"] | Float[np.ndarray, " k"],
     names: Sequence[str],
-    color: Float[Tensor, "n"],
+    color: Float[Tensor, " n"],
     color_label: str,
     title: str,
 ) -> go.Figure:

@@ -70,7 +70,7 @@ LAYER_CONVENTION = "layer l = output of model.model.layers[l] = hidden_states[l 
 # The formula
 # ---------------------------------------------------------------------------------------------------
 
-def _cap(h: Float[Tensor, "... d_model"], unit_axis: Float[Tensor, "d_model"], tau: float,
+def _cap(h: Float[Tensor, "... d_model"], unit_axis: Float[Tensor, " d_model"], tau: float,
          ) -> tuple[Float[Tensor, "... d_model"], Bool[Tensor, "..."]]:
     """:func:`cap_activations` without input checks; also returns the mask of capped positions."""
     a = unit_axis.to(device=h.device, dtype=torch.float32)
@@ -82,7 +82,7 @@ def _cap(h: Float[Tensor, "... d_model"], unit_axis: Float[Tensor, "d_model"], t
     return torch.where(below.unsqueeze(-1), lifted, h), below
 
 
-def cap_activations(h: Float[Tensor, "... d_model"], unit_axis: Float[Tensor, "d_model"], tau: float,
+def cap_activations(h: Float[Tensor, "... d_model"], unit_axis: Float[Tensor, " d_model"], tau: float,
                     ) -> Float[Tensor, "... d_model"]:
     """Floor the projection of every activation on a unit axis at ``tau``.
 
@@ -287,8 +287,8 @@ class _PassState:
 def intervene(
     model,
     *,
-    add: Mapping[int, Float[Tensor, "d_model"]] | None = None,
-    cap: Mapping[int, tuple[Float[Tensor, "d_model"], float]] | None = None,
+    add: Mapping[int, Float[Tensor, " d_model"]] | None = None,
+    cap: Mapping[int, tuple[Float[Tensor, " d_model"], float]] | None = None,
     positions: Positions = "all",
     stats: CapStats | None = None,
 ) -> Iterator[None]:
@@ -396,7 +396,7 @@ def intervene(
 
 
 @contextlib.contextmanager
-def steering(model, vectors: Mapping[int, Float[Tensor, "d_model"]], positions: Positions = "all") -> Iterator[None]:
+def steering(model, vectors: Mapping[int, Float[Tensor, " d_model"]], positions: Positions = "all") -> Iterator[None]:
     """Add ``vectors[layer]`` (already scaled) to block ``layer``'s output: ``intervene(model, add=vectors)``."""
     with intervene(model, add=vectors, positions=positions):
         yield
@@ -405,7 +405,7 @@ def steering(model, vectors: Mapping[int, Float[Tensor, "d_model"]], positions: 
 @contextlib.contextmanager
 def capping(
     model,
-    axes: Mapping[int, Float[Tensor, "d_model"]],
+    axes: Mapping[int, Float[Tensor, " d_model"]],
     thresholds: Mapping[int, float],
     positions: Positions = "all",
     stats: CapStats | None = None,
@@ -443,7 +443,7 @@ class ProjectionProbe:
         layers: ``{layer: axis}`` with ``axis`` ``[d_model]`` (normalised here).
     """
 
-    def __init__(self, model, layers: Mapping[int, Float[Tensor, "d_model"]]):
+    def __init__(self, model, layers: Mapping[int, Float[Tensor, " d_model"]]):
         blocks = decoder_layers(model)
         n_layers, d_model = len(blocks), _d_model(model)
         if not layers:
@@ -504,7 +504,7 @@ class ProjectionProbe:
 # Thresholds and layer ranges
 # ---------------------------------------------------------------------------------------------------
 
-def capping_thresholds(projections: Mapping[int, Float[Tensor, "n_responses"]], percentile: float = 25.0,
+def capping_thresholds(projections: Mapping[int, Float[Tensor, " n_responses"]], percentile: float = 25.0,
                        ) -> dict[int, float]:
     """The paper's capping thresholds: per layer, a percentile of the default persona's projections.
 

@@ -48,8 +48,8 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _select_layer(vector: Float[Tensor, "d_model"] | Float[Tensor, "n_layers d_model"], layer: int,
-                  trait: str) -> Float[Tensor, "d_model"]:
+def _select_layer(vector: Float[Tensor, " d_model"] | Float[Tensor, "n_layers d_model"], layer: int,
+                  trait: str) -> Float[Tensor, " d_model"]:
     """``[d_model]`` from a ``[d_model]`` vector or row ``layer`` of a ``[n_layers, d_model]`` stack.
 
     The paper's files are ``[46, 4608]`` for Gemma 2 27B; row ``i`` is the output of block
@@ -71,7 +71,7 @@ def _select_layer(vector: Float[Tensor, "d_model"] | Float[Tensor, "n_layers d_m
 
 def load_precomputed_trait_vectors(
     model_name: str, layer: int, traits: list[str] | None = None
-) -> tuple[dict[str, Float[Tensor, "d_model"]] | None, str]:
+) -> tuple[dict[str, Float[Tensor, " d_model"]] | None, str]:
     """The paper's precomputed trait vectors at ``layer``, when there are any and the hub is reachable.
 
     Only ``google/gemma-2-27b-it`` has them (``gemma-2-27b/trait_vectors/<trait>.pt`` in the dataset
