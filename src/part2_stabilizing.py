@@ -66,6 +66,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np  # noqa: F401 - for your answers (np.percentile, np.polyfit, ...)
 import torch
 import transformers
 from jaxtyping import Float
