@@ -296,11 +296,7 @@ class Pipeline:
                     raise MalformedReply("empty response")
                 return text.strip()
 
-            try:
-                text, attempts = call_with_retries(call)
-                self.responses.put({"key": item.key, "response": text, "attempts": attempts})
-            except PermanentFailure as exc:
-                self.responses.put({"key": item.key, "error": str(exc)})
+            _record(self.responses, item.key, "response", call)
 
         _run_threads(one, todo, self.cfg.workers, "1/5 generate (api)", self.progress)
 
@@ -326,11 +322,7 @@ class Pipeline:
                     model=self.cfg.judge_model, messages=[{"role": "user", "content": prompt}], max_tokens=16,
                     temperature=0.0)), "a role score")
 
-            try:
-                score, attempts = call_with_retries(call)
-                self.judgements.put({"key": item.key, "score": score, "attempts": attempts})
-            except PermanentFailure as exc:
-                self.judgements.put({"key": item.key, "error": str(exc)})
+            _record(self.judgements, item.key, "score", call)
 
         _run_threads(one, todo, self.cfg.workers, "2/5 judge", self.progress)
 
@@ -475,6 +467,15 @@ class Pipeline:
             raise RuntimeError(f"{len(missing)} items have no record at all, e.g. {missing[:3]}")
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def _record(store: JsonlStore, key: str, field: str, call) -> None:
+    """Store ``call()``'s result under ``field`` with the attempts it took, or the error it failed with for good."""
+    try:
+        value, attempts = call_with_retries(call)
+        store.put({"key": key, field: value, "attempts": attempts})
+    except PermanentFailure as exc:
+        store.put({"key": key, "error": str(exc)})
 
 
 def _run_threads(fn, items, workers: int, desc: str, progress: bool) -> None:

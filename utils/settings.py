@@ -169,6 +169,16 @@ def _user() -> str:
         return str(os.getuid()) if hasattr(os, "getuid") else "user"
 
 
+def _size(offline: Any, *, gpu: Any, small: Any) -> dict[str, Any]:
+    """A size: its offline value, its GPU value, and one small value for the tests and the grading kernels."""
+    return per_profile(offline=offline, gpu=gpu, tests=small, grading=small)
+
+
+def _folder(local: str, *, grading: str) -> dict[str, Any]:
+    """A folder under the repository offline, on a GPU and in the tests; a per-user scratch folder when grading."""
+    return per_profile(offline=local, gpu=local, tests=local, grading=grading)
+
+
 def _declare(*settings: Setting) -> dict[str, Setting]:
     """The settings by name, each checked: a known type, every profile, and defaults of its own type."""
     table = {}
@@ -198,19 +208,18 @@ SETTINGS: dict[str, Setting] = _declare(
     Setting("COURSE_PROFILE", "choice", COMPUTED, "Which column of defaults applies.",
             choices=PROFILES, computed="gpu with a CUDA GPU, else offline"),
     Setting("COURSE_MODEL", "str",
-            per_profile(offline=COMPUTED, gpu=COMPUTED, tests="tiny-gemma2", grading="tiny-gemma2"),
+            _size(COMPUTED, gpu=COMPUTED, small="tiny-gemma2"),
             "The notebooks' model: smollm2-135m-instruct, tiny-gemma2, or a Hugging Face hub id.",
             computed="google/gemma-2-27b-it with at least 60 GB of CUDA memory, else smollm2-135m-instruct"),
     # Part 1
-    Setting("COURSE_N_QUESTIONS", "int", per_profile(offline=15, gpu=15, tests=3, grading=3),
+    Setting("COURSE_N_QUESTIONS", "int", _size(15, gpu=15, small=3),
             "Extraction questions per persona (Part 1, and Part 2 when it computes Part 1's results).", minimum=1),
-    Setting("COURSE_MAX_NEW_TOKENS", "int", per_profile(offline=ByPart(64, 48), gpu=256, tests=12, grading=12),
+    Setting("COURSE_MAX_NEW_TOKENS", "int", _size(ByPart(64, 48), gpu=256, small=12),
             "New tokens per generated answer.", minimum=1),
-    Setting("COURSE_N_TRAITS", "int", per_profile(offline=6, gpu=6, tests=2, grading=2),
+    Setting("COURSE_N_TRAITS", "int", _size(6, gpu=6, small=2),
             "Traits whose persona vectors Part 1 extracts.", minimum=1),
     Setting("COURSE_OUT_DIR", "path",
-            per_profile(offline="{repo}/out/part1", gpu="{repo}/out/part1", tests="{repo}/out/part1",
-                        grading=_GRADING_DIR + "-{user}"),
+            _folder("{repo}/out/part1", grading=_GRADING_DIR + "-{user}"),
             "Where Part 1 writes its figures, summary.json and results."),
     Setting("COURSE_LAYER", "int", COMPUTED, "Part 1's extraction layer (the output of model.model.layers[i]).",
             minimum=0, computed="the paper's layer for the model (Gemma 2 27B: 22), else half depth"),
@@ -225,26 +234,24 @@ SETTINGS: dict[str, Setting] = _declare(
             "The model that writes Part 1's answers through the API."),
     Setting("COURSE_JUDGE_MODEL", "str", "openai/gpt-4.1-mini", "The model that judges answers through the API."),
     # Part 2
-    Setting("COURSE_MAX_TURNS", "int", per_profile(offline=1000, gpu=1000, tests=2, grading=2),
+    Setting("COURSE_MAX_TURNS", "int", _size(1000, gpu=1000, small=2),
             "Assistant turns read per transcript in Part 2 (at least 2: a drift curve needs 2 for its slope).",
             minimum=2),
-    Setting("COURSE_MAX_TOKENS", "int", per_profile(offline=8192, gpu=8192, tests=1536, grading=1536),
+    Setting("COURSE_MAX_TOKENS", "int", _size(8192, gpu=8192, small=1536),
             "Longest forward pass in Part 2, in tokens; when unset, at most the model's context.", minimum=1),
     Setting("COURSE_CASE_STUDIES", "str",
             per_profile(offline=_CPU_CASES, gpu="all", tests="llama-3.3-70b/jailbreak",
                         grading="llama-3.3-70b/jailbreak"),
             "Part 2's case studies: all, or a comma-separated list of model/scenario."),
-    Setting("COURSE_REPLAY_TURNS", "int", per_profile(offline=6, gpu=10, tests=1, grading=1),
+    Setting("COURSE_REPLAY_TURNS", "int", _size(6, gpu=10, small=1),
             "User turns Part 2 replays with and without capping.", minimum=1),
-    Setting("COURSE_STEER_QUESTIONS", "int", per_profile(offline=2, gpu=10, tests=1, grading=1),
+    Setting("COURSE_STEER_QUESTIONS", "int", _size(2, gpu=10, small=1),
             "Questions per persona in Part 2's steering sweep.", minimum=1),
     Setting("COURSE_PART1_DIR", "path",
-            per_profile(offline="{repo}/out/part1", gpu="{repo}/out/part1", tests="{repo}/out/part1",
-                        grading=_GRADING_DIR + "-part1-results-{user}"),
+            _folder("{repo}/out/part1", grading=_GRADING_DIR + "-part1-results-{user}"),
             "Where Part 2 reads Part 1's results (and saves them when it has to compute them)."),
     Setting("COURSE_PART2_OUT_DIR", "path",
-            per_profile(offline="{repo}/out/part2", gpu="{repo}/out/part2", tests="{repo}/out/part2",
-                        grading=_GRADING_DIR + "-part2-{user}"),
+            _folder("{repo}/out/part2", grading=_GRADING_DIR + "-part2-{user}"),
             "Where Part 2 writes its figures and summary.json."),
     # The model and its cache
     Setting("COURSE_DTYPE", "choice", "auto",
