@@ -41,7 +41,7 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,8 +145,8 @@ class Config:
     workers: int = 16
     chunk_size: int = 32
     limit: int | None = None
-    cache_dir: Path = field(default_factory=lambda: PROJECT_ROOT / ".cache" / "pipeline")
-    out_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "out" / "pipeline")
+    cache_dir: Path = PROJECT_ROOT / ".cache" / "pipeline"
+    out_dir: Path = PROJECT_ROOT / "out" / "pipeline"
     seed: int = 0
     cap_percentile: float = 25.0  # stage 6: the capping threshold's percentile of default projections
     stage: str = "all"  # "axes": main() runs only stage 6
@@ -487,29 +487,32 @@ def _run_threads(fn, items, workers: int, desc: str, progress: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
+    """The command line: every default is :class:`Config`'s own (written once, there)."""
+    d = Config(model="", roles=[], n_questions=240, n_prompts=5, layers=[])
     p = argparse.ArgumentParser(description="Resumable Assistant Axis pipeline (generate, judge, extract, vectors, axis).")
     p.add_argument("--model", required=True, help="course model name or hub id (activations are read from it)")
     p.add_argument("--roles", default="all", help="'all', a number N (the first N roles), or a comma list")
-    p.add_argument("--questions", type=int, default=240)
-    p.add_argument("--prompts", type=int, default=5, help="system prompts per role (and defaults), at most 5")
-    p.add_argument("--layers", default=None, help="comma list of block indices (default: the paper's or half depth)")
-    p.add_argument("--backend", choices=["local", "api"], default="local")
-    p.add_argument("--judge", choices=["offline", "api"], default="offline")
-    p.add_argument("--generation-model", default=None, help="API model name (default: --model)")
-    p.add_argument("--judge-model", default=DEFAULT_JUDGE_MODEL)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--min-score", type=int, default=3)
-    p.add_argument("--min-count", type=int, default=50, help="score-3 responses a role needs for a vector (paper: 50)")
-    p.add_argument("--workers", type=int, default=16)
-    p.add_argument("--chunk-size", type=int, default=Config.chunk_size,
+    p.add_argument("--questions", type=int, default=d.n_questions)
+    p.add_argument("--prompts", type=int, default=d.n_prompts, help="system prompts per role (and defaults), at most 5")
+    p.add_argument("--layers", default=None, help="comma list of block indices (default: the model table's layer)")
+    p.add_argument("--backend", choices=["local", "api"], default=d.backend)
+    p.add_argument("--judge", choices=["offline", "api"], default=d.judge)
+    p.add_argument("--generation-model", default=d.generation_model, help="API model name (default: --model)")
+    p.add_argument("--judge-model", default=d.judge_model)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--min-score", type=int, default=d.min_score)
+    p.add_argument("--min-count", type=int, default=d.min_count,
+                   help="score-3 responses a role needs for a vector (paper: 50)")
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size,
                    help="local generation: requests per fixed, seeded chunk (part of the cache key)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items (for small runs)")
-    p.add_argument("--cache-dir", type=Path, default=PROJECT_ROOT / ".cache" / "pipeline")
-    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "out" / "pipeline")
-    p.add_argument("--stage", choices=["all", "axes"], default="all",
+    p.add_argument("--limit", type=int, default=d.limit, help="only the first N items (for small runs)")
+    p.add_argument("--cache-dir", type=Path, default=d.cache_dir)
+    p.add_argument("--out", type=Path, default=d.out_dir)
+    p.add_argument("--stage", choices=["all", "axes"], default=d.stage,
                    help="'axes': only stage 6 (capping axes and thresholds), after stages 1-5 are done")
-    p.add_argument("--percentile", type=float, default=25.0,
+    p.add_argument("--percentile", type=float, default=d.cap_percentile,
                    help="stage 6: capping threshold = this percentile of default projections (paper: 25)")
     a = p.parse_args(argv)
     if a.chunk_size < 1:
