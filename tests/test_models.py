@@ -157,3 +157,13 @@ def test_an_older_smollm2_cache_is_rebuilt_not_reused(tmp_path, monkeypatch):
     (cached / "COURSE_CACHE_VERSION").write_text("1\n")
     with pytest.raises(Rebuilding):
         models.smollm2_path(progress=False)
+
+
+def test_one_model_benchmark_runs_at_tiny_size(capsys):
+    from benchmarks import one_model
+
+    assert one_model.main(["--model", "tiny-gemma2", "--n", "4", "--new-tokens", "2", "--repeats", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["chosen_dtype"] == "float32"  # the table's dtype for the test model
+    assert result["max_abs_diff"] == 0.0 and result["min_cosine"] > 0.99999
+    assert result["extract_ratio_chosen_vs_float32"] > 0 and result["generate_ratio_chosen_vs_float32"] > 0
