@@ -346,19 +346,23 @@ def _unwrap_chain(obj: Any) -> list[Any]:
     while obj is not None and id(obj) not in seen and len(chain) < 64:
         seen.add(id(obj))
         chain.append(obj)
-        if isinstance(obj, functools.partial):
-            obj = obj.func
-        elif hasattr(obj, "__func__") and not isinstance(obj, type):
-            obj = obj.__func__
-        elif (isinstance(obj, types.FunctionType) and not hasattr(obj, "__wrapped__") and obj.__closure__
-              and _frame_kind(obj.__code__.co_filename) == "library"):
-            obj = next((c.cell_contents for c in obj.__closure__ if _cell_callable(c)), None)
-        else:
-            try:
-                obj = getattr(obj, "__wrapped__", None)
-            except Exception:  # an object whose attribute lookup raises stands for nothing else
-                obj = None
+        try:
+            obj = _stands_in_for(obj)
+        except Exception:  # an object whose attribute lookup raises stands for nothing else
+            obj = None
     return chain
+
+
+def _stands_in_for(obj: Any) -> Any:
+    """The next link of :func:`_unwrap_chain` (None at its end)."""
+    if isinstance(obj, functools.partial):
+        return obj.func
+    if hasattr(obj, "__func__") and not isinstance(obj, type):
+        return obj.__func__
+    if (isinstance(obj, types.FunctionType) and not hasattr(obj, "__wrapped__") and obj.__closure__
+            and _frame_kind(obj.__code__.co_filename) == "library"):
+        return next((c.cell_contents for c in obj.__closure__ if _cell_callable(c)), None)
+    return getattr(obj, "__wrapped__", None)
 
 
 def _cell_callable(cell) -> bool:
@@ -490,8 +494,8 @@ class _Tripwires:
                 calls.append(_learner_call(dotted, caller))
             return impl(*args, **kwargs)
 
-        _TRIPWIRE_CODES.add(tripwire.__code__)
         tripwire.__course_tripwire_of__ = impl
+        _TRIPWIRE_CODES.add(tripwire.__code__)  # one code object for every stand-in: looked through in stacks
         return tripwire
 
     def _rewire_dict(self, namespace: dict, wires: list[tuple[Any, Callable]]) -> None:
@@ -640,7 +644,6 @@ def _refuse_calls(exercise: str, entry, fn: Any, calls: list[_Call], underlying:
         where = f" (from your {first.caller}, {first.where})" if first.where else f" (from {first.caller})"
         _refuse(exercise, entry, first.implementation, f"Your {name} calls it while the check runs{where}.",
                 underlying)
-
 
 
 # --------------------------------------------------------------------------------------------------

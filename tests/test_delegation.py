@@ -584,6 +584,28 @@ def activation_capping(model, axes, thresholds, layers):
     assert _run("tests.part2_stabilizing.test_activation_capping", namespace["activation_capping"]) is None
 
 
+def test_an_extraction_answer_may_use_the_courses_chat_formatting():
+    """Exercise 4's answers may format with utils.conversation (the notebook gives them turn_suffix_len; the
+    response's token span is Exercise 3's work, not this one's)."""
+    namespace = _learner('''
+import torch
+import utils.conversation as chat
+
+
+def extract_response_activations(model, tokenizer, conversations, layer):
+    rows = []
+    for messages in conversations:
+        ids, start, end = chat.response_token_span(messages, tokenizer)
+        assert end == len(ids) - chat.turn_suffix_len(tokenizer)
+        with torch.inference_mode():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1]
+        rows.append(hidden[0, start:end].float().mean(dim=0))
+    return torch.stack(rows)
+''', "formatting")
+    assert _run("tests.part1_persona_space.test_extract_response_activations",
+                namespace["extract_response_activations"]) is None
+
+
 def test_naming_the_implementation_without_calling_it_is_allowed():
     """The dynamic signal decides: an answer that imports the course's function (to compare, say) but computes
     the result itself passes."""
