@@ -11,6 +11,9 @@ grading each exercise on its own.
 - :func:`check` records whether each exercise's check passed; :func:`using_reference` runs a check with
   the course's reference for an *earlier* exercise swapped in (so one mistake costs one exercise), and
   says so when the learner's own earlier function has not passed its check.
+- :func:`check` also refuses an answer that hands its work to the course's own implementation of the
+  exercise (``tests/implementations.py`` lists them): one that *is* it (under any name, or wrapped), or that
+  *calls* it while the check runs. Calls the check itself makes (expected values, references) do not count.
 
 Nothing here holds a reference solution: the references :func:`using_reference` swaps in are the course's
 ``utils`` machinery, which learners can read.
@@ -20,11 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
+import sys
 import sysconfig
 import threading
 import time
 import traceback
+import types
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -284,6 +291,354 @@ def limited(fn: Callable, section: str | None = None) -> Callable:
 
 
 # --------------------------------------------------------------------------------------------------
+# Answers that hand the work to the course's own implementation
+# --------------------------------------------------------------------------------------------------
+
+_CHECK_FILES = {str(CHECKS_DIR / name) for name in ("checking.py", "implementations.py", "part1_persona_space.py",
+                                                     "part2_stabilizing.py")}  # the checks' own code
+_SITE = ("site-packages", "dist-packages")
+
+
+@functools.lru_cache(maxsize=1)
+def _course_dir() -> str:
+    """The folder of the course's ``utils`` package, as imported (its frames are looked through)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("utils")
+    origin = spec.origin if spec is not None and spec.origin else str(CHECKS_DIR.parent / "utils" / "__init__.py")
+    return str(Path(origin).resolve().parent)
+
+
+@functools.lru_cache(maxsize=4096)
+def _frame_kind(filename: str) -> str:
+    """Who wrote the code of a frame: "check", "course" (utils/), "library" (stdlib, installed packages), or
+    "learner" (everything else: notebook cells, the learner's own files)."""
+    if filename.startswith("<frozen"):
+        return "library"
+    if filename.startswith("<"):  # code compiled from a string (a notebook, exec): the learner's
+        return "learner"
+    try:
+        path = str(Path(filename).resolve())
+    except (OSError, ValueError):
+        return "learner"
+    if path in _CHECK_FILES:
+        return "check"
+    if path.startswith(_course_dir() + os.sep):
+        return "course"
+    if any(s in path for s in _SITE) or path.startswith(_STDLIB):
+        return "library"
+    return "learner"
+
+
+def _unwrap_chain(obj: Any) -> list[Any]:
+    """``obj``, then what it stands for: ``functools.partial``'s ``func``, a bound method's ``__func__``,
+    ``__wrapped__`` (``functools.wraps``, ``contextlib.contextmanager``), the function a library's wrapper
+    closes over (a copy of ``contextmanager``'s wrapper has no ``__wrapped__``), ..."""
+    chain, seen = [], set()
+    while obj is not None and id(obj) not in seen and len(chain) < 64:
+        seen.add(id(obj))
+        chain.append(obj)
+        try:
+            obj = _stands_in_for(obj)
+        except Exception:  # an object whose attribute lookup raises stands for nothing else
+            obj = None
+    return chain
+
+
+def _stands_in_for(obj: Any) -> Any:
+    """The next link of :func:`_unwrap_chain` (None at its end)."""
+    if isinstance(obj, functools.partial):
+        return obj.func
+    if hasattr(obj, "__func__") and not isinstance(obj, type):
+        return obj.__func__
+    if (isinstance(obj, types.FunctionType) and not hasattr(obj, "__wrapped__") and obj.__closure__
+            and _frame_kind(obj.__code__.co_filename) == "library"):
+        return next((c.cell_contents for c in obj.__closure__ if _cell_callable(c)), None)
+    return getattr(obj, "__wrapped__", None)
+
+
+def _cell_callable(cell) -> bool:
+    try:
+        return callable(cell.cell_contents)
+    except ValueError:  # an empty cell
+        return False
+
+
+def _codes(obj: Any) -> set:
+    """The code objects of ``obj``'s chain, other than libraries' (``contextlib.contextmanager``'s wrapper has one
+    code object for every function it decorates)."""
+    return {code for x in _unwrap_chain(obj) if (code := getattr(x, "__code__", None)) is not None
+            and _frame_kind(code.co_filename) != "library"}
+
+
+def _stands_for(fn: Any, impl: Any) -> str | None:
+    """How ``fn`` is the course's ``impl`` without calling it (a sentence), or None if it is not."""
+    chain = _unwrap_chain(fn)
+    impl_chain = _unwrap_chain(impl)
+    if any(x is y for x in chain for y in impl_chain):
+        if chain[0] is impl:
+            return "The function you passed is that function itself, imported or assigned under your name."
+        return "The function you passed stands for it (a functools.partial or functools.wraps wrapper of it)."
+    if _codes(fn) & _codes(impl):
+        return "The function you passed runs a copy of its code."
+    return None
+
+
+def _partial_around(value: Any, impl: Any, tripwire: Callable) -> Any:
+    """``value`` with ``impl`` replaced by ``tripwire``: the tripwire for ``impl`` itself, a rebuilt partial for
+    a partial of it; None for anything else."""
+    if value is impl:
+        return tripwire
+    if isinstance(value, functools.partial):
+        inner = _partial_around(value.func, impl, tripwire)
+        if inner is not None:
+            return functools.partial(inner, *value.args, **value.keywords)
+    return None
+
+
+def _learner_functions(fn: Any) -> list[Any]:
+    """The learner's function, what it wraps, and the learner functions it reaches through its globals, closure
+    and defaults (its helpers): the code the static scan reads and whose references are rewired."""
+    out, seen, todo = [], set(), list(_unwrap_chain(fn))
+    while todo and len(out) < 256:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if isinstance(f, type):  # a class the learner wrote (a context manager): its methods
+            todo += [x for v in vars(f).values() for x in _unwrap_chain(v)]
+            continue
+        code = getattr(f, "__code__", None)
+        if not isinstance(f, types.FunctionType) or _frame_kind(code.co_filename) != "learner":
+            continue
+        out.append(f)
+        namespace = f.__globals__
+        names = {n for c in _code_objects(code) for n in c.co_names}
+        todo += [x for n in names if n in namespace and (callable(namespace[n]) or isinstance(namespace[n], type))
+                 for x in _unwrap_chain(namespace[n])]
+        for cell in getattr(f, "__closure__", None) or ():
+            try:
+                todo += _unwrap_chain(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        todo += [d for d in (getattr(f, "__defaults__", None) or ()) if callable(d)]
+    return out
+
+
+def _code_objects(code) -> list:
+    """``code`` and every code object nested in it (inner functions, lambdas, comprehensions)."""
+    out, todo = [], [code]
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo += [k for k in c.co_consts if hasattr(k, "co_names")]
+    return out
+
+
+def _named_in(functions: list, dotted: str, impl: Any) -> bool:
+    """The static signal: the learner's code names ``impl``: a global that stands for it, ``from <its module>
+    import <it>``, or ``<its module>.<it>`` (also through a name bound to the module)."""
+    module, name = dotted.rsplit(".", 1)
+    for f in functions:
+        namespace = f.__globals__
+        for code in _code_objects(f.__code__):
+            names = code.co_names
+            if name in names and (module in names or any(getattr(namespace.get(n), "__name__", None) == module
+                                                         for n in names)):
+                return True
+            if any(n in namespace and _stands_for(namespace[n], impl) for n in names):
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A call of a course implementation made by the learner's code while a check ran."""
+
+    implementation: str  # its dotted name
+    caller: str  # the learner's function that called it
+    where: str  # "Cell In[12], line 4", or a file and line
+
+
+class _Tripwires:
+    """While a check runs, every reference to the course's implementations that the learner's code can reach
+    (the home module, every module of the course and the learner, ``__main__``, the learner function's
+    globals, closure and defaults, partials of them) points at a stand-in that records the call when the
+    learner's code made it, then calls the real function. Everything is put back on exit."""
+
+    def __init__(self, fn: Callable, implementations: list[tuple[str, Any]]):
+        self.fn, self.implementations = fn, implementations
+        self.calls: list[_Call] = []
+        self._undo: list[Callable[[], None]] = []
+        self._learner = _learner_functions(fn)
+        self._named = {dotted for dotted, impl in implementations if _named_in(self._learner, dotted, impl)}
+
+    def _tripwire(self, dotted: str, impl: Callable) -> Callable:
+        calls, named = self.calls, self._named
+
+        @functools.wraps(impl)
+        def tripwire(*args, **kwargs):
+            caller = _delegating_frame(sys._getframe(1))
+            if caller is _UNDECIDED:  # a thread the learner's code started: counts if their code names it
+                if dotted in named:
+                    calls.append(_learner_call(dotted, caller))
+            elif caller is not None:
+                calls.append(_learner_call(dotted, caller))
+            return impl(*args, **kwargs)
+
+        tripwire.__course_tripwire_of__ = impl
+        _TRIPWIRE_CODES.add(tripwire.__code__)  # one code object for every stand-in: looked through in stacks
+        return tripwire
+
+    def _rewire_dict(self, namespace: dict, wires: list[tuple[Any, Callable]]) -> None:
+        for key, value in list(namespace.items()):
+            for impl, wire in wires:
+                new = _partial_around(value, impl, wire)
+                if new is not None:
+                    namespace[key] = new
+                    self._undo.append(functools.partial(_put_back, namespace, key, new, value))
+                    break
+
+    def __enter__(self) -> _Tripwires:
+        wires = [(impl, self._tripwire(dotted, impl)) for dotted, impl in self.implementations]
+        try:
+            dicts = {id(d): d for d in _namespaces()}
+            for f in self._learner:
+                namespace = getattr(f, "__globals__", None)
+                if isinstance(namespace, dict):
+                    dicts[id(namespace)] = namespace
+            for namespace in dicts.values():
+                self._rewire_dict(namespace, wires)
+            for f in self._learner:
+                self._rewire_function(f, wires)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _rewire_function(self, f: Any, wires: list[tuple[Any, Callable]]) -> None:
+        for cell in getattr(f, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            for impl, wire in wires:
+                new = _partial_around(value, impl, wire)
+                if new is not None:
+                    cell.cell_contents = new
+                    self._undo.append(functools.partial(_put_back_cell, cell, new, value))
+                    break
+        defaults = getattr(f, "__defaults__", None)
+        if defaults:
+            new_defaults = tuple(next((n for impl, wire in wires if (n := _partial_around(d, impl, wire)) is not None),
+                                      d) for d in defaults)
+            if any(a is not b for a, b in zip(new_defaults, defaults)):
+                f.__defaults__ = new_defaults
+                self._undo.append(functools.partial(setattr, f, "__defaults__", defaults))
+
+    def __exit__(self, *exc_info) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+_UNDECIDED = object()
+_TRIPWIRE_CODES: set = set()
+
+
+def _delegating_frame(frame):
+    """The learner's frame that made this call; None when the checks made it; ``_UNDECIDED`` when no frame
+    says (a thread the learner's code started). Library and course frames are looked through, so a call the
+    learner makes through a course helper counts, and one the check makes through a course helper does not."""
+    while frame is not None:
+        code = frame.f_code
+        if code not in _TRIPWIRE_CODES:
+            kind = _frame_kind(code.co_filename)
+            if kind == "learner":
+                return frame
+            if kind == "check":
+                return None
+        frame = frame.f_back
+    return _UNDECIDED
+
+
+def _learner_call(dotted: str, frame) -> _Call:
+    if frame is _UNDECIDED:
+        return _Call(dotted, "a thread your code started", "")
+    return _Call(dotted, frame.f_code.co_name, f"{_where(frame.f_code.co_filename)}, line {frame.f_lineno}")
+
+
+def _put_back(namespace: dict, key: str, new: Any, old: Any) -> None:
+    if namespace.get(key) is new:
+        namespace[key] = old
+
+
+def _put_back_cell(cell, new: Any, old: Any) -> None:
+    try:
+        if cell.cell_contents is new:
+            cell.cell_contents = old
+    except ValueError:
+        pass
+
+
+def _namespaces() -> list[dict]:
+    """The globals of every loaded module that is not a library's: the course's, the checks', the learner's
+    (``__main__``, their own files)."""
+    out = []
+    for module in list(sys.modules.values()):
+        filename = getattr(module, "__file__", None)
+        if filename is not None and _frame_kind(filename) == "library":
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if isinstance(namespace, dict):
+            out.append(namespace)
+    return out
+
+
+def _check_name(test: Callable) -> str:
+    return f"{test.__module__}.{test.__name__}"
+
+
+def _registered(check_name: str):
+    """The registry's entry and implementations for a check (None, []) when it has none."""
+    from tests import implementations
+
+    entry = implementations.REGISTRY.get(check_name)
+    return entry, (implementations.implementations_of(check_name) if entry is not None else [])
+
+
+def _delegation_message(exercise: str, entry, dotted: str, how: str) -> str:
+    allowed = ""
+    if entry.allowed:
+        allowed = f" (Other helpers stay allowed: the notebook lets you use {', '.join(entry.allowed)} here.)"
+    return (f"{exercise}: this answer hands the work to the course's own {dotted}; write it yourself (you may read "
+            f"utils/ for ideas). {how}{allowed}\n(See {entry.section} in the notebook.)")
+
+
+def _refuse(exercise: str, entry, dotted: str, how: str, underlying: BaseException | None) -> None:
+    failure = CheckFailure(_delegation_message(exercise, entry, dotted, how))
+    failure.underlying = underlying  # what the check itself concluded (None: it accepted the answer)
+    raise failure from None
+
+
+def _refuse_stand_ins(exercise: str, entry, fn: Any, implementations: list[tuple[str, Any]]) -> None:
+    """Fail at once when the learner's function is a course implementation, under any name or wrapper."""
+    for dotted, impl in implementations:
+        how = _stands_for(fn, impl)
+        if how is not None:
+            _refuse(exercise, entry, dotted, how, None)
+
+
+def _refuse_calls(exercise: str, entry, fn: Any, calls: list[_Call], underlying: BaseException | None) -> None:
+    """Fail when the learner's code called a course implementation while the check ran."""
+    if calls:
+        first = calls[0]
+        name = getattr(fn, "__name__", None) or "answer"
+        where = f" (from your {first.caller}, {first.where})" if first.where else f" (from {first.caller})"
+        _refuse(exercise, entry, first.implementation, f"Your {name} calls it while the check runs{where}.",
+                underlying)
+
+
+# --------------------------------------------------------------------------------------------------
 # One exercise, one grade
 # --------------------------------------------------------------------------------------------------
 
@@ -308,14 +663,23 @@ def check(exercise: str, uses: dict[str, tuple[str, Callable[[], Callable]]] | N
         @functools.wraps(test)
         def run(fn, *args, **kwargs):
             RESULTS[exercise] = False
+            entry, implementations = _registered(_check_name(test))
+            _refuse_stand_ins(exercise, entry, fn, implementations)
+            tripwires = _Tripwires(fn, implementations) if implementations else None
             try:
                 with contextlib.ExitStack() as stack:
+                    if tripwires is not None:
+                        stack.enter_context(tripwires)
                     for name, (earlier, reference) in (uses or {}).items():
                         stack.enter_context(using_reference(fn, name, reference(), earlier))
                     result = test(fn, *args, **kwargs)
-            except (CheckFailure, NotImplementedError):
+            except (CheckFailure, NotImplementedError) as exc:
+                if tripwires is not None:
+                    _refuse_calls(exercise, entry, fn, tripwires.calls, exc)
                 raise
             except Exception as exc:
+                if tripwires is not None:
+                    _refuse_calls(exercise, entry, fn, tripwires.calls, exc)
                 if hasattr(exc, "_render_traceback_"):  # the learner's own exception, already readable
                     raise
                 # The check itself stumbled on something the learner's answer returned (or a bug in the
@@ -323,10 +687,13 @@ def check(exercise: str, uses: dict[str, tuple[str, Callable[[], Callable]]] | N
                 fail(f"{exercise}: the check could not finish on your answer: {type(exc).__name__}: "
                      f"{clip(str(exc))}. Compare what your function returns with its docstring (types, shapes, "
                      "keys).", None, exc)
+            if tripwires is not None:
+                _refuse_calls(exercise, entry, fn, tripwires.calls, None)
             RESULTS[exercise] = True
             return result
 
         run.__course_exercise__ = exercise
+        run.__course_check__ = _check_name(test)
         return run
 
     return decorate

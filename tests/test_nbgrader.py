@@ -16,6 +16,10 @@ autograded notebooks, the feedback HTML and the grades CSV. Every part has ``sol
 Part 2 adds ``rewritten`` (seven exercises answered differently: 11 of 11) and ``mistakes`` (three realistic
 mistakes, one of them a steering hook left registered by its check: 6 of 11).
 
+Both parts have ``delegating``: three exercises handed to the course's own implementations in ``utils``, one
+in each way the checks refuse (the course's function itself, an alias of it, an answer that calls it): each
+costs its own check (15 of 21, 6 of 11), and the message names the course's function.
+
 The feedback must read like a tutor (no traceback through the checks' own code) and show every figure.
 This file ships with the ``tests`` package, so it holds no reference solution: the correct answers are read
 from ``solutions/`` at run time (``tools/sample_submissions.py`` edits them).
@@ -43,8 +47,9 @@ ROOT = rt.ROOT
 MAX_SECONDS = 300  # one part's whole round trip, on 2 busy CPU cores (measured: about 150 s for Part 1)
 LOOP_EXTRA_SECONDS = 60  # an endless loop may cost at most this much grading time over a correct submission
 # What the demo class must score, in points (of 21 for Part 1).
-TOTALS = {"part1_persona_space": {"solution": 21, "rewritten": 21, "mistakes": 15, "broken": 18, "blank": 0},
-          "part2_stabilizing": {"solution": 11, "rewritten": 11, "mistakes": 6, "blank": 0}}
+TOTALS = {"part1_persona_space": {"solution": 21, "rewritten": 21, "mistakes": 15, "broken": 18, "delegating": 15,
+                                  "blank": 0},
+          "part2_stabilizing": {"solution": 11, "rewritten": 11, "mistakes": 6, "delegating": 6, "blank": 0}}
 FIGURES = {"part1_persona_space": 7}  # plotly figures the solution notebook shows
 API_KEY_VARIABLES = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
@@ -355,6 +360,30 @@ def test_part2_mistakes_are_named_and_a_left_hook_costs_nothing_later(graded):
         errors = [_grade_id(c) or c.source[:60] for c in nb.cells if c.cell_type == "code" and _error_text(c)
                   and _grade_id(c) not in failing]
         assert errors == [], f"{student}: cells that raised: {errors}"
+
+
+@pytest.mark.parametrize("graded", PARTS, indirect=True)
+@classroom
+def test_a_delegated_exercise_costs_its_check_and_names_the_course_function(graded):
+    """The ``delegating`` student's three answers that hand the work to ``utils`` (the course's function itself,
+    an alias of it, a function that calls it) fail their checks with the message that names the course's function
+    and says how; every other cell of the notebook runs, and a later exercise that uses a delegated one is graded
+    on its own."""
+    _need_classroom(graded)
+    nb = _autograded(graded, "delegating")
+    delegated = samples.DELEGATED[graded.part]
+    assert set(delegated) == samples.LOST[graded.part]["delegating"]
+    for check, (dotted, how) in delegated.items():
+        error = _error_text(_cell(nb, check))
+        assert f"this answer hands the work to the course's own {dotted}; write it yourself (you may read utils/ " \
+               "for ideas)" in error, (check, error[:600])
+        assert how in error, (check, error[:600])
+    errors = [_grade_id(c) or c.source[:60] for c in nb.cells if c.cell_type == "code" and _error_text(c)
+              and _grade_id(c) not in delegated]
+    assert errors == [], f"cells that raised: {errors}"
+    if graded.part == "part1_persona_space":
+        vectors = _printed(_cell(nb, "check_persona_vectors"))
+        assert "Note: Exercise 4b is still wrong" in vectors and "all checks passed" in vectors
 
 
 @PART1

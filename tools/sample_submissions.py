@@ -22,6 +22,11 @@ then some cells replaced (a new source) or deleted (``None``). For Part 1:
 - ``broken``: a syntax error (Exercise 7), an endless retry loop (Exercise 2a: it fails its check after
   ``COURSE_CHECK_TIMEOUT`` seconds, and later cells that call it fail at once), and Exercise 8 deleted with
   its check (nbgrader puts the check back; it scores 0).
+- ``delegating``: three exercises handed to the course's own implementations in ``utils``, one in each way
+  the checks refuse (``tests/implementations.py``): Exercise 3's ``format_messages`` *is* the course's
+  (imported under its name), Exercise 4b's batched extraction is an *alias* of the course's
+  (``functools.partial(extract_mean_activations, ...)``), and Exercise 2b *calls* the course's
+  ``run_parallel``. Each costs its own check (15 of 21), and the rest of the notebook runs.
 
 For Part 2:
 
@@ -31,6 +36,10 @@ For Part 2:
 - ``mistakes``: three realistic mistakes, each costing only its own check (6 of 11): ``hidden_states[layer]``
   (off by one), a steering hook removed without ``try/finally`` (its check leaves a hook behind on the
   check's model, which later checks must not feel), and the KL the wrong way round.
+- ``delegating``: as in Part 1, one exercise handed to ``utils`` in each way: ``cap_activations`` *is* the
+  course's (Exercise 7's first half; the student's own ``activation_capping`` uses it), ``capping_threshold``
+  is an *alias* of ``utils.steering.capping_thresholds``, and ``add_steering`` *calls* the course's
+  ``steering`` through a helper of the student's (6 of 11).
 
 :data:`LOST` says which check cells each student loses. The wrong and rewritten answers are written out
 here or made by editing the solution's own source; the solution itself is read from ``solutions/``.
@@ -56,6 +65,16 @@ def _replace(old: str, new: str) -> Callable[[str], str]:
         if old not in source:
             raise ValueError(f"The solution no longer contains {old!r}: update tools/sample_submissions.py.")
         return source.replace(old, new)
+
+    return edit
+
+
+def _cut_from(marker: str, new: str) -> Callable[[str], str]:
+    """The solution's source up to ``marker`` (a definition the student did not write), then ``new``."""
+    def edit(source: str) -> str:
+        if marker not in source:
+            raise ValueError(f"The solution no longer contains {marker!r}: update tools/sample_submissions.py.")
+        return source[:source.index(marker)] + new
 
     return edit
 
@@ -210,6 +229,30 @@ def generate_response_api(client, model_name, system_prompt, question, max_token
             return text
 '''
 
+# Three exercises handed to the course's own implementations, one in each way the checks refuse.
+_P1_DELEGATING = {
+    # *is*: the course's function under the exercise's name.
+    "ex_format": _cut_from("def format_messages(", "from utils.conversation import format_messages  # done already\n"),
+    # an *alias*: a partial of the course's function.
+    "ex_extract_batched": '''\
+import functools
+
+from utils.activations import extract_mean_activations
+
+extract_response_activations_batched = functools.partial(extract_mean_activations, progress=False)
+''',
+    # *calls*: the student's own function, whose work is the course's run_parallel (imported by the notebook).
+    "ex_generate_all": '''\
+def generate_all_responses(client, model_name, personas, questions, max_workers=16, **generation_kwargs):
+    def one(key):
+        persona, q = key
+        return generate_response_api(client, model_name, personas[persona], questions[q], **generation_kwargs)
+
+    keys = [(persona, q) for persona in personas for q in range(len(questions))]
+    return run_parallel(one, keys, max_workers=max_workers, desc="generate")
+''',
+}
+
 # --------------------------------------------------------------------------------------------------
 # Part 2
 # --------------------------------------------------------------------------------------------------
@@ -323,6 +366,56 @@ _P2_MISTAKES = {
     "ex_next_token_kl": _replace("(log_p.exp() * (log_p - log_q))", "(log_q.exp() * (log_q - log_p))"),
 }
 
+# One exercise handed to the course's own implementations in each way the checks refuse.
+_P2_DELEGATING = {
+    # *is*: the course's cap_activations under the exercise's name (the student's activation_capping uses it).
+    "ex_capping": _cut_from("def cap_activations(", '''\
+from utils.steering import cap_activations  # the course's own
+
+
+@contextlib.contextmanager
+def activation_capping(model, axes, thresholds, layers):
+    def make_hook(layer):
+        unit = axes[layer].float() / axes[layer].float().norm()
+        tau = float(thresholds[layer])
+
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            new = cap_activations(h, unit, tau)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    handles = []
+    try:
+        for layer in layers:
+            handles.append(model.model.layers[layer].register_forward_hook(make_hook(layer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+'''),
+    # an *alias*: the course's capping_thresholds under the exercise's name.
+    "ex_capping_threshold": '''\
+from utils.steering import capping_thresholds
+
+capping_threshold = capping_thresholds
+''',
+    # *calls*: the student's context manager, whose work is the course's steering, through a helper of theirs.
+    "ex_add_steering": '''\
+from utils.steering import steering
+
+
+def _steer_one_layer(model, layer, vector, positions):
+    return steering(model, {layer: vector}, positions=positions)
+
+
+@contextlib.contextmanager
+def add_steering(model, layer, vector, positions="all"):
+    with _steer_one_layer(model, layer, vector, positions):
+        yield
+''',
+}
+
 EDITS: dict[str, dict[str, dict[str, Edit]]] = {
     "part1_persona_space": {
         "rewritten": _P1_REWRITTEN,
@@ -333,10 +426,12 @@ EDITS: dict[str, dict[str, dict[str, Edit]]] = {
             "ex_auc": None,
             "check_auc": None,
         },
+        "delegating": _P1_DELEGATING,
     },
     "part2_stabilizing": {
         "rewritten": _P2_REWRITTEN,
         "mistakes": _P2_MISTAKES,
+        "delegating": _P2_DELEGATING,
     },
 }
 
@@ -345,12 +440,28 @@ LOST: dict[str, dict[str, set[str]]] = {
         "rewritten": set(),
         "mistakes": {"check_extract_batched", "check_cosine", "check_axis"},
         "broken": {"check_generate_one", "check_trait", "check_auc"},
+        "delegating": {"check_format", "check_extract_batched", "check_generate_all"},
     },
     "part2_stabilizing": {
         "rewritten": set(),
         "mistakes": {"check_turn_projections", "check_add_steering", "check_next_token_kl"},
+        "delegating": {"check_capping", "check_capping_threshold", "check_add_steering"},
     },
 }
+
+DELEGATED: dict[str, dict[str, tuple[str, str]]] = {
+    "part1_persona_space": {
+        "check_format": ("utils.conversation.format_messages", "is that function itself"),
+        "check_extract_batched": ("utils.activations.extract_mean_activations", "functools.partial"),
+        "check_generate_all": ("utils.runtime.run_parallel", "Your generate_all_responses calls it"),
+    },
+    "part2_stabilizing": {
+        "check_capping": ("utils.steering.cap_activations", "is that function itself"),
+        "check_capping_threshold": ("utils.steering.capping_thresholds", "is that function itself"),
+        "check_add_steering": ("utils.steering.steering", "calls it while the check runs (from your _steer_one_layer"),
+    },
+}
+"""The ``delegating`` students' lost check cells: the course function each failure names, and a piece of how."""
 """Check cells (grade ids) each sample student loses all points of; every other check gets full points.
 ``blank`` loses every check; ``solution`` none."""
 
