@@ -28,6 +28,8 @@ for var in ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY"):
 
 import pytest  # noqa: E402
 
+from utils import settings  # noqa: E402
+
 TESTS = Path(__file__).resolve().parent
 MODEL_FIXTURES = frozenset({"tiny", "smollm2", "reference"})
 # Calls that load a model or a tokenizer (or run a notebook, or every catalogued check, which do).
@@ -117,7 +119,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """With ``COURSE_TEST_MARKS=path``: write each collected test's markers and fixtures there (tests/test_markers.py)."""
-    path = os.environ.get("COURSE_TEST_MARKS")
+    path = settings.get("COURSE_TEST_MARKS") if settings.is_set("COURSE_TEST_MARKS") else None
     if path:
         Path(path).write_text(json.dumps({item.nodeid: {"marks": sorted({m.name for m in item.iter_markers()}),
                                                         "fixtures": sorted(item.fixturenames)}

@@ -267,6 +267,8 @@ SETTINGS: dict[str, Setting] = _declare(
     Setting("COURSE_TEST_CLASSROOM", "choice", "full",
             "The sample students tests/test_nbgrader.py grades: all of them, or only solution and blank.",
             choices=("full", "minimal")),
+    Setting("COURSE_TEST_MARKS", "path", "",
+            "tests/test_markers.py's scratch file: where the collection writes each test's markers and fixtures."),
     Setting("COURSE_CHROMIUM", "path", "/usr/bin/chromium", "The Chromium or Chrome that tests/test_browser.py drives."),
     Setting("COURSE_ROOT", "path", "{repo}/nbgrader/course",
             "The nbgrader course root of `make instructor-roundtrip` (a make variable: `make COURSE_ROOT=...`)."),
