@@ -300,7 +300,7 @@ def test_part2_plots(tmp_path):
     assert [len(t.y) for t in fig.data] == [3, 2] and len(fig.layout.shapes) == 1
     assert len(plots.drift_plot({"a": [1.0, 2.0]}, None, "no line").layout.shapes) == 0
     paired = plots.paired_drift_plot([1.0, 0.0], [1.0, 0.8], 0.5, "pair")
-    assert [t.name for t in paired.data] == ["unsteered", "capped"]
+    assert [t.name for t in paired.data] == ["uncapped", "capped"]
     summary = {-1.0: {"mean_projection": -0.5, "role_rate": 0.75, "n": 4},
                1.0: {"mean_projection": 0.5, "role_rate": None, "n": 4}}
     dr = plots.dose_response_plot(summary, "dose")

@@ -219,13 +219,22 @@ def _attention_for(config_path: Path) -> str:
     return "eager" if model_type.startswith("gemma") else "sdpa"
 
 
-def _load_local_folder(path: Path, dtype=None):
+def _load_local_folder(path: Path, dtype=None, quiet: bool = False):
+    """``quiet``: no "Loading weights" progress bar (transformers 5.x draws one per load)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32,
-                                                 attn_implementation=_attention_for(path / "config.json"))
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32,
+                                                     attn_implementation=_attention_for(path / "config.json"))
+    finally:
+        if quiet and bars_were_on:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
@@ -256,8 +265,8 @@ def load_model(name: str):
     Offline names: ``"tiny-gemma2"``, ``"smollm2-135m-instruct"``. Anything containing a ``/`` is a
     hub id. Any other name is an error that lists the choices.
     """
-    if name == TINY:
-        model, tokenizer = _load_local_folder(tiny_gemma2_path())
+    if name == TINY:  # the checks' model, loaded in many check cells: no progress bar in their output
+        model, tokenizer = _load_local_folder(tiny_gemma2_path(), quiet=True)
     elif name == SMOLLM2:
         model, tokenizer = _load_local_folder(smollm2_path())
     elif "/" in name or Path(name).is_dir():
