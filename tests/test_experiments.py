@@ -129,7 +129,7 @@ def test_capped_replay_differs_from_unsteered(tiny):
 def test_replay_raises_on_an_empty_reply(tiny, monkeypatch):
     model, tok = tiny
     monkeypatch.setattr(backends, "generate_batch", lambda *args, **kwargs: [""])
-    with pytest.raises(experiments.EmptyReplyError, match="user turn 0"):
+    with pytest.raises(experiments.EmptyReplyError, match=r"user turn 1 \(counting from 1\)"):
         replay_user_turns(model, tok, TRANSCRIPT, max_turns=1, progress=False)
 
 

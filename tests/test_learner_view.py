@@ -2,6 +2,8 @@
 computed from the run, one word for "uncapped", each threshold line labelled with its layer), Part 1's BOS
 printout, the figures' layout, the offline self-description measure, and the progress `make demo` prints."""
 
+import ast
+import importlib
 import json
 import re
 
@@ -36,6 +38,31 @@ def test_the_learners_notebook_opens_on_its_title_not_on_a_generated_file_banner
         assert nb.cells[0].source.startswith("# Part "), f"{where}: the first cell is not the title"
         assert "Edit the source" in nb.metadata["generated_note"] and nb.metadata["generated_from"] == f"src/{part}.py"
     assert solution.cells[0].source.startswith("> **Generated file (solutions).**")
+
+
+# --- names the text tells the learner to use ------------------------------------------------------------
+
+QUALIFIED = re.compile(r"`utils\.(\w+)\.(\w+)")  # `utils.turns.turn_windows`
+BARE_CALL = re.compile(r"`(\w+)\(")  # `turn_windows(messages, ...)`
+
+
+@pytest.mark.parametrize("part", build_notebooks.PARTS)
+def test_every_utils_function_the_text_names_exists_and_bare_calls_are_imported(part):
+    """A function the text names as `utils.mod.name` exists there; one it then calls bare is imported by the
+    first code cell, so that the learner can call it as written."""
+    nb = nbformat.read(ROOT / "exercises" / f"{part}.ipynb", as_version=4)
+    imports_cell = next(c for c in nb.cells if c.cell_type == "code")
+    imported = {(a.asname or a.name) for node in ast.walk(ast.parse(imports_cell.source))
+                if isinstance(node, ast.ImportFrom) for a in node.names}
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    exercises = "\n".join(c.source for c in nb.cells if c.metadata["nbgrader"].get("solution"))  # stubs: docstrings
+    named = set(QUALIFIED.findall(markdown + exercises))
+    assert named, f"{part}: the text names no utils function"
+    for module, name in sorted(named):
+        assert hasattr(importlib.import_module(f"utils.{module}"), name), f"{part} names utils.{module}.{name}: missing"
+    bare = set(BARE_CALL.findall(markdown)) & {name for _, name in named}
+    missing = sorted(bare - imported)
+    assert missing == [], f"{part}: the text calls {missing} bare, but the first cell does not import them"
 
 
 # --- Part 1: the BOS printout --------------------------------------------------------------------------

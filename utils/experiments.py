@@ -185,8 +185,8 @@ def replay_user_turns(
         with _entered(intervention):
             reply = backends.generate_batch(model, tokenizer, [prompt], max_new_tokens, temperature, seed=seed + i)[0]
         if not reply.strip():
-            raise EmptyReplyError(f"The model wrote an empty reply to user turn {i}; an empty assistant turn has "
-                                  "no tokens to project. Try a larger max_new_tokens or another seed.")
+            raise EmptyReplyError(f"The model wrote an empty reply to user turn {i + 1} (counting from 1); an empty "
+                                  "assistant turn has no tokens to project. Try a larger max_new_tokens or another seed.")
         conversation.append({"role": "assistant", "content": reply})
     return conversation
 
