@@ -236,12 +236,16 @@ def test_figures_keep_legends_colour_bars_and_axes_off_the_right_edge(name):
         if key.startswith("yaxis"):
             assert layout[key].side != "right", f"{name}: {key} is on the right"
     if any(t.showlegend is not False for t in fig.data) and layout.showlegend is not False and len(fig.data) > 1:
-        assert layout.legend.orientation == "h" and (layout.legend.x or 0) <= 0.05, f"{name}: legend {layout.legend}"
+        # One entry a line, at the left: a horizontal legend runs across the whole width, and is cut too.
+        legend = layout.legend
+        assert legend.orientation == "v" and legend.x <= 0.05 and legend.xanchor == "left" and legend.y >= 1, \
+            f"{name}: legend {legend}"
     for trace in fig.data:
         colorbar = getattr(getattr(trace, "marker", None), "colorbar", None) if trace.type == "scatter" else \
             getattr(trace, "colorbar", None)
         if colorbar is not None and colorbar.to_plotly_json():
-            assert colorbar.orientation == "h", f"{name}: a vertical colour bar sits at the right edge"
+            assert colorbar.orientation == "h" and colorbar.x <= 0.05 and colorbar.xanchor == "left", \
+                f"{name}: a colour bar reaches the right edge"
     for note in layout.annotations:
         assert note.xanchor != "right" or note.xref != "paper", f"{name}: an annotation pinned to the right edge"
 

@@ -3,11 +3,12 @@
 ``save(fig, path)`` writes a standalone HTML file with plotly.js inlined, so it opens offline.
 All figures have a title, axis titles and hover text, and stay readable with ~20 personas.
 
-Nothing that explains a figure sits at its right edge: legends are horizontal, above the plot and
-left-aligned (:data:`TOP_LEGEND`), colour bars are horizontal under it, and no figure has a second y axis
-on the right. JupyterLab keeps a figure in a saved notebook as a static image as wide as the window it was
-drawn in, and shows that image, uncut only in a window as wide, when the notebook is reopened: in a
-narrower one the right edge is what is lost.
+Nothing that explains a figure sits at its right edge: legends are above the plot at the left, one entry a
+line (:data:`TOP_LEGEND`), colour bars are horizontal and start at the left, and no figure has a second y
+axis on the right. JupyterLab keeps each figure of a saved notebook as a static image as wide as the window
+it was drawn in, and shows that image when the notebook is reopened (the interactive figure comes back when
+the mouse is over it): in a narrower window the image's right edge is cut off, so the legends, colour bars
+and axes stay readable and only the right end of the data is hidden until the mouse is over the figure.
 """
 
 from __future__ import annotations
@@ -33,8 +34,19 @@ SCORE_MEANINGS = {
     3: "3: fully plays the role",
 }
 DEFAULT_COLOUR, ROLE_COLOUR = "#d95f02", "#1b9e77"
-# A horizontal legend above the plot, at the left (see the module docstring).
-TOP_LEGEND = dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left")
+# The legend above the plot, at the left, one entry a line (see the module docstring: a horizontal legend
+# runs across the whole width, and its last entries are what a narrower window cuts off).
+TOP_LEGEND = dict(orientation="v", yanchor="bottom", y=1.02, x=0, xanchor="left")
+
+
+def _legend_on_top(fig: go.Figure, title: str | None = None) -> go.Figure:
+    """Put the legend (:data:`TOP_LEGEND`, titled ``title``) above the plot, the figure's title above it, and
+    make the top margin (and the figure, by as much) as tall as both need."""
+    lines = sum(t.showlegend is not False for t in fig.data) + (title is not None)
+    fig.update_layout(legend=dict(**TOP_LEGEND, title=dict(text=title) if title else None),
+                      title=dict(yref="container", y=1, yanchor="top", pad=dict(t=16)),
+                      margin=dict(t=64 + 20 * lines), height=(fig.layout.height or 450) + 20 * lines)
+    return fig
 
 
 def _bottom_colorbar(title: str) -> dict:
@@ -100,9 +112,9 @@ def score_distribution(scores: Mapping[tuple[str, int], int], roles_in_order: Se
         template=TEMPLATE, barmode="stack",
         title=f"Judge scores per role ({sum(totals)} judged responses)",
         xaxis=dict(title="role", tickangle=-45), yaxis=dict(title="number of responses"),
-        legend=dict(title="judge score", **TOP_LEGEND), height=520, margin=dict(t=110),
+        height=560,
     )
-    return fig
+    return _legend_on_top(fig, "judge score")
 
 
 def similarity_heatmap(matrix: Float[Tensor, "n n"], names: Sequence[str], title: str) -> go.Figure:
@@ -206,10 +218,8 @@ def axis_strip(projections: Mapping[str, float], defaults: Sequence[str], title:
         template=TEMPLATE, title=title, height=420,
         xaxis=dict(title="projection on the Assistant Axis (higher = more assistant-like)", zeroline=True),
         yaxis=dict(visible=False, range=[-1, 1]),
-        legend=TOP_LEGEND,
-        margin=dict(t=90),
     )
-    return fig
+    return _legend_on_top(fig)
 
 
 def trait_bars(ranking: Sequence[tuple[str, float]], title: str, top: int = 10) -> go.Figure:
@@ -259,10 +269,8 @@ def control_bars(results: Mapping[str, Mapping[str, float]], title: str) -> go.F
         template=TEMPLATE, title=title, barmode="group", height=500,
         xaxis=dict(title="representation the axis is built from"),
         yaxis=dict(title="AUC / correlation", range=[low, 1.1]),
-        legend=TOP_LEGEND,
-        margin=dict(t=100),
     )
-    return fig
+    return _legend_on_top(fig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,9 +318,8 @@ def drift_plot(series: Mapping[str, Sequence[float]], threshold: float | None, t
         template=TEMPLATE, title=title, height=480,
         xaxis=dict(title="assistant turn (from 1)", dtick=1 if max(len(t.x) for t in fig.data) <= 30 else None),
         yaxis=dict(title="projection on the Assistant Axis (higher = more assistant-like)"),
-        legend=dict(title="transcript", **TOP_LEGEND), margin=dict(t=110),
     )
-    return fig
+    return _legend_on_top(fig, "transcript")
 
 
 def paired_drift_plot(uncapped: Sequence[float], capped: Sequence[float], threshold: float | None,
@@ -326,8 +333,7 @@ def paired_drift_plot(uncapped: Sequence[float], capped: Sequence[float], thresh
         raise ValueError(f"names must be two legend entries (without, with capping); got {names!r}")
     fig = drift_plot({names[0]: uncapped, names[1]: capped}, threshold, title, threshold_label=threshold_label)
     fig.data[0].line.color, fig.data[1].line.color = UNSTEERED_COLOUR, CAPPED_COLOUR
-    fig.update_layout(legend=dict(title="replies"))
-    return fig
+    return _legend_on_top(fig, "replies")
 
 
 def dose_response_plot(summary: Mapping[float, Mapping[str, float | None]], title: str,
@@ -385,8 +391,8 @@ def dose_response_plot(summary: Mapping[float, Mapping[str, float | None]], titl
         fig.add_vline(x=0.0, line_dash="dot", line_color="#999", row=row, col=1)
     fig.update_layout(
         template=TEMPLATE, title=title, height=620,
-        legend=TOP_LEGEND, margin=dict(t=150),
     )
+    _legend_on_top(fig)
     fig.update_xaxes(title_text="steering coefficient along the unit axis (+ = toward the assistant)", row=2, col=1)
     fig.update_yaxes(title_text="mean projection of the generated text", row=1, col=1)
     fig.update_yaxes(title_text="fraction of replies", range=[-0.05, 1.05], tickformat=".0%", row=2, col=1)
