@@ -207,17 +207,23 @@ for name, prompt in PERSONAS.items():
 #
 # > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 15 minutes
 # >
-# > **Your task:** write `JUDGE_PROMPT_TEMPLATE` (the three placeholders, the bold role, the answer markers, the `<score>N</score>` request), then `judge_role_response`: fill the template (or `eval_prompt`), call the client, and return the one score in the reply or raise `JudgeParseError`.
+# > **Your task:** write `JUDGE_PROMPT_TEMPLATE` (the three placeholders, the bold role, the answer markers,
+# > the `<score>N</score>` request), then `judge_role_response`: fill the template (or `eval_prompt`), call
+# > the client, and return the one score in the reply or raise `JudgeParseError`.
 #
 # <details><summary>Hint 1</summary>
 #
-# `re.findall(r"<score>\s*(-?\d+)\s*</score>", reply)` lists every tagged score: accept exactly one. For a reply with no tag, `re.fullmatch(r"-?\d+", reply.strip())` tells whether it is a bare number. Parse `-1` and `7` as numbers, so that you can reject them by range rather than miss them.
+# `re.findall(r"<score>\s*(-?\d+)\s*</score>", reply)` lists every tagged score: accept exactly one. For a
+# reply with no tag, `re.fullmatch(r"-?\d+", reply.strip())` tells whether it is a bare number. Parse `-1` and
+# `7` as numbers, so that you can reject them by range rather than miss them.
 #
 # </details>
 #
 # <details><summary>Hint 2</summary>
 #
-# The reply is `client.chat.completions.create(model=judge_model, messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=0.0).choices[0].message.content`, which can be `None`. The paper's prompts fill with `eval_prompt.format(question=question, answer=response)`.
+# The reply is `client.chat.completions.create(model=judge_model, messages=[{"role": "user", "content":
+# prompt}], max_tokens=16, temperature=0.0).choices[0].message.content`, which can be `None`. The paper's
+# prompts fill with `eval_prompt.format(question=question, answer=response)`.
 #
 # </details>
 
@@ -328,11 +334,14 @@ checks.hidden_test_judge_with_every_paper_prompt(judge_role_response)
 #
 # > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 10 minutes
 # >
-# > **Your task:** build the messages (Gemma: the system prompt goes in front of the question; others: a `system` message; an empty prompt: nothing), make one call, and return the stripped text, raising `EmptyResponseError` for an empty reply.
+# > **Your task:** build the messages (Gemma: the system prompt goes in front of the question; others: a
+# > `system` message; an empty prompt: nothing), make one call, and return the stripped text, raising
+# > `EmptyResponseError` for an empty reply.
 #
 # <details><summary>Hint</summary>
 #
-# `"gemma" in model_name.lower()` picks the rule; `system_prompt.strip()` is falsy for a blank prompt. Do not wrap the call in `try`: a client's exception must reach the caller, who records it as a failure.
+# `"gemma" in model_name.lower()` picks the rule; `system_prompt.strip()` is falsy for a blank prompt. Do not
+# wrap the call in `try`: a client's exception must reach the caller, who records it as a failure.
 #
 # </details>
 
@@ -395,17 +404,20 @@ checks.test_generate_response_api(generate_response_api)
 #
 # > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 15 minutes
 # >
-# > **Your task:** submit one `generate_response_api` call per (persona, question) to a thread pool, collect them as they complete under a tqdm bar, and sort each into `responses` or `failures`.
+# > **Your task:** submit one `generate_response_api` call per (persona, question) to a thread pool, collect
+# > them as they complete under a tqdm bar, and sort each into `responses` or `failures`.
 #
 # <details><summary>Hint 1</summary>
 #
-# Keep a dict from each future to its key: `futures = {pool.submit(...): (persona, q_idx) ...}`. Then `for future in tqdm(as_completed(futures), total=len(futures))`.
+# Keep a dict from each future to its key: `futures = {pool.submit(...): (persona, q_idx) ...}`. Then `for
+# future in tqdm(as_completed(futures), total=len(futures))`.
 #
 # </details>
 #
 # <details><summary>Hint 2</summary>
 #
-# `future.result()` re-raises the call's exception. Catch `Exception` there and store `f"{type(exc).__name__}: {exc}"` under the same key.
+# `future.result()` re-raises the call's exception. Catch `Exception` there and store `f"{type(exc).__name__}:
+# {exc}"` under the same key.
 #
 # </details>
 
@@ -463,7 +475,10 @@ checks.test_generate_all_responses(generate_all_responses)
 #
 # <details><summary>Answer</summary>
 #
-# Few, by the paper's standard. A 135M model often ignores a role prompt or answers in its usual helpful register, and its short answers drift into generic advice. Read the judge-score chart below with care: offline, the stand-in judge scores 3 whenever an answer does not *claim* to be an AI, so it counts many answers as in role that an LLM judge would score 1 or 2. Print a few answers and judge them yourself.
+# Few, by the paper's standard. A 135M model often ignores a role prompt or answers in its usual helpful
+# register, and its short answers drift into generic advice. Read the judge-score chart below with care:
+# offline, the stand-in judge scores 3 whenever an answer does not *claim* to be an AI, so it counts many
+# answers as in role that an LLM judge would score 1 or 2. Print a few answers and judge them yourself.
 #
 # </details>
 
@@ -538,17 +553,21 @@ fig.show()
 #
 # > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 20 minutes
 # >
-# > **Your task:** write `_normalize_messages` (drop an empty system prompt; merge it into the first user turn when the template has no system role) and `format_messages` (the full templated text and the index of the response's first token).
+# > **Your task:** write `_normalize_messages` (drop an empty system prompt; merge it into the first user turn
+# > when the template has no system role) and `format_messages` (the full templated text and the index of the
+# > response's first token).
 #
 # <details><summary>Hint 1</summary>
 #
-# `utils.conversation.supports_system_role(tokenizer)` answers the system-role question. Copy the dicts (`[dict(m) for m in messages]`) so that the caller's list is never changed.
+# `utils.conversation.supports_system_role(tokenizer)` answers the system-role question. Copy the dicts
+# (`[dict(m) for m in messages]`) so that the caller's list is never changed.
 #
 # </details>
 #
 # <details><summary>Hint 2</summary>
 #
-# Render `msgs[:-1]` with `add_generation_prompt=True` and `tokenize=False`; the number of tokens in that prefix, counted with `tokenizer(prefix, add_special_tokens=False)`, is `response_start_idx`.
+# Render `msgs[:-1]` with `add_generation_prompt=True` and `tokenize=False`; the number of tokens in that
+# prefix, counted with `tokenizer(prefix, add_special_tokens=False)`, is `response_start_idx`.
 #
 # </details>
 
@@ -620,8 +639,8 @@ if bos is None:
     print(f"{len(ids)} tokens; {MODEL_NAME}'s tokenizer has no BOS token")
 else:
     leading = next((i for i, t in enumerate(ids) if t != bos), len(ids))  # BOS tokens at the very start
-    print(f"{len(ids)} tokens; starts with exactly one BOS ({tokenizer.bos_token!r}, not doubled): {leading == 1}"
-          + (f" ({tokenizer.bos_token!r} also opens every turn: {ids.count(bos)} in all)" if ids.count(bos) > 1 else ""))
+    also = f" ({tokenizer.bos_token!r} also opens every turn: {ids.count(bos)} in all)" if ids.count(bos) > 1 else ""
+    print(f"{len(ids)} tokens; starts with exactly one BOS ({tokenizer.bos_token!r}, not doubled): {leading == 1}{also}")
 print(f"The template appends {turn_suffix_len(tokenizer)} tokens after the response content")
 
 # %% [markdown]
@@ -641,11 +660,13 @@ print(f"The template appends {turn_suffix_len(tokenizer)} tokens after the respo
 #
 # > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 15 minutes
 # >
-# > **Your task:** for each conversation, run the model once with `output_hidden_states=True` and average `hidden_states[layer + 1]` over the response's content tokens, in float32; stack the means.
+# > **Your task:** for each conversation, run the model once with `output_hidden_states=True` and average
+# > `hidden_states[layer + 1]` over the response's content tokens, in float32; stack the means.
 #
 # <details><summary>Hint 1</summary>
 #
-# The span is `[start, len(ids) - turn_suffix_len(tokenizer))`, with `start` from `format_messages`. Tokenise with `add_special_tokens=False` and move the ids to the model's device (`next(model.parameters()).device`).
+# The span is `[start, len(ids) - turn_suffix_len(tokenizer))`, with `start` from `format_messages`. Tokenise
+# with `add_special_tokens=False` and move the ids to the model's device (`next(model.parameters()).device`).
 #
 # </details>
 #
@@ -706,23 +727,34 @@ checks.test_extract_response_activations(extract_response_activations, model, to
 #
 # <details><summary>Answer</summary>
 #
-# Without the mask, every real token attends to the padding as if it were text, so every activation changes, not only the padded positions. Position ids: in a plain forward pass (no `generate`), transformers numbers the positions `0 .. seq_len - 1` whatever the mask, so under left padding a row's first real token sits at the number of pad tokens, not at 0. With rotary position embeddings (Gemma, SmolLM2) attention depends only on the *difference* between two positions, and shifting every position of a row by the same amount changes nothing beyond rounding. That is why the batched result can match the one-at-a-time result, and why the mask, not the positions, is what you must get right.
+# Without the mask, every real token attends to the padding as if it were text, so every activation changes,
+# not only the padded positions. Position ids: in a plain forward pass (no `generate`), transformers numbers
+# the positions `0 .. seq_len - 1` whatever the mask, so under left padding a row's first real token sits at
+# the number of pad tokens, not at 0. With rotary position embeddings (Gemma, SmolLM2) attention depends only
+# on the *difference* between two positions, and shifting every position of a row by the same amount changes
+# nothing beyond rounding. That is why the batched result can match the one-at-a-time result, and why the
+# mask, not the positions, is what you must get right.
 #
 # </details>
 #
 # > **Difficulty:** 🔴🔴🔴🔴⚪ &nbsp; **Importance:** 🔵🔵🔵🔵⚪ &nbsp; **Time:** about 25 minutes
 # >
-# > **Your task:** tokenise each batch with padding, build a `[batch, seq]` mask from each row's own span shifted by its own padding, and take the masked mean of `hidden_states[layer + 1]`.
+# > **Your task:** tokenise each batch with padding, build a `[batch, seq]` mask from each row's own span
+# > shifted by its own padding, and take the masked mean of `hidden_states[layer + 1]`.
 #
 # <details><summary>Hint 1</summary>
 #
-# For row `i` with `length` real tokens in a batch of width `seq_len`: under left padding its tokens start at `offset = seq_len - length`, under right padding at `offset = 0`. Its span is `[offset + start, offset + length - suffix)`.
+# For row `i` with `length` real tokens in a batch of width `seq_len`: under left padding its tokens start at
+# `offset = seq_len - length`, under right padding at `offset = 0`. Its span is `[offset + start, offset +
+# length - suffix)`.
 #
 # </details>
 #
 # <details><summary>Hint 2</summary>
 #
-# `enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")`, then `model(**enc, output_hidden_states=True)` passes the mask. The mean is `(hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)` (or the einsum above), in float32.
+# `enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")`, then `model(**enc,
+# output_hidden_states=True)` passes the mask. The mean is `(hidden * mask[..., None]).sum(1) / mask.sum(1,
+# keepdim=True)` (or the einsum above), in float32.
 #
 # </details>
 
@@ -786,17 +818,20 @@ checks.hidden_test_extract_batch_sizes(extract_response_activations_batched)
 #
 # > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵⚪ &nbsp; **Time:** about 15 minutes
 # >
-# > **Your task:** keep the responses that pass the score filter, raise a `ValueError` naming every persona with nothing left, extract all kept responses in one batched call, and average each persona's rows.
+# > **Your task:** keep the responses that pass the score filter, raise a `ValueError` naming every persona
+# > with nothing left, extract all kept responses in one batched call, and average each persona's rows.
 #
 # <details><summary>Hint 1</summary>
 #
-# A key is kept when `key not in scores or scores[key] >= score_threshold` (and its persona is in `personas`). Find the empty personas *before* extracting, and name them all in one error.
+# A key is kept when `key not in scores or scores[key] >= score_threshold` (and its persona is in `personas`).
+# Find the empty personas *before* extracting, and name them all in one error.
 #
 # </details>
 #
 # <details><summary>Hint 2</summary>
 #
-# Keep the kept keys in a list; after one call of `extract_response_activations_batched`, row `i` belongs to `kept[i]`, so `acts[[i for i, k in enumerate(kept) if k[0] == p]].mean(dim=0)` is persona `p`'s vector.
+# Keep the kept keys in a list; after one call of `extract_response_activations_batched`, row `i` belongs to
+# `kept[i]`, so `acts[[i for i, k in enumerate(kept) if k[0] == p]].mean(dim=0)` is persona `p`'s vector.
 #
 # </details>
 
@@ -854,7 +889,10 @@ checks.test_extract_persona_vectors(extract_persona_vectors, model, tokenizer, D
 #
 # <details><summary>Answer</summary>
 #
-# Those responses *are* the assistant speaking, so they pull each role's vector toward the defaults. `mean(defaults) - mean(roles)` shrinks, and the roles that the model plays worst look the most assistant-like, for the wrong reason: the axis then partly measures how often the model refused the role, not where the role sits. That is why the paper keeps only score-3 responses.
+# Those responses *are* the assistant speaking, so they pull each role's vector toward the defaults.
+# `mean(defaults) - mean(roles)` shrinks, and the roles that the model plays worst look the most
+# assistant-like, for the wrong reason: the axis then partly measures how often the model refused the role,
+# not where the role sits. That is why the paper keeps only score-3 responses.
 #
 # </details>
 
@@ -894,7 +932,8 @@ print(f"persona vectors: {tuple(vectors.shape)}, mean norm {vectors.norm(dim=1).
 #
 # <details><summary>Hint</summary>
 #
-# Stack in the dict's order, `.float()`, divide each row by its norm (`keepdim=True`), and the matrix is `unit @ unit.T`. For the centred one, subtract `vectors.mean(dim=0)` first.
+# Stack in the dict's order, `.float()`, divide each row by its norm (`keepdim=True`), and the matrix is `unit
+# @ unit.T`. For the centred one, subtract `vectors.mean(dim=0)` first.
 #
 # </details>
 
@@ -969,11 +1008,13 @@ for title, fn, fname in [("Raw cosine similarity", compute_cosine_similarity_mat
 #
 # > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 10 minutes
 # >
-# > **Your task:** fit a two-component PCA to the stacked persona vectors and return the coordinates and the fitted object.
+# > **Your task:** fit a two-component PCA to the stacked persona vectors and return the coordinates and the
+# > fitted object.
 #
 # <details><summary>Hint</summary>
 #
-# `X = torch.stack(list(persona_vectors.values())).float().cpu().numpy()`, then `pca = PCA(n_components=2, svd_solver="full")` and `coords = pca.fit_transform(X)` (it centres for you).
+# `X = torch.stack(list(persona_vectors.values())).float().cpu().numpy()`, then `pca = PCA(n_components=2,
+# svd_solver="full")` and `coords = pca.fit_transform(X)` (it centres for you).
 #
 # </details>
 
@@ -1015,11 +1056,13 @@ checks.test_pca_decompose_persona_vectors(pca_decompose_persona_vectors)
 #
 # > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 10 minutes
 # >
-# > **Your task:** compute the unit axis `mean(defaults) - mean(roles)`, and `characterize_axis`: each vector's cosine with the axis, sorted from lowest to highest.
+# > **Your task:** compute the unit axis `mean(defaults) - mean(roles)`, and `characterize_axis`: each
+# > vector's cosine with the axis, sorted from lowest to highest.
 #
 # <details><summary>Hint</summary>
 #
-# Means over dimension 0 in float32, their difference, divided by its norm. For the ranking, `dict(sorted(similarities.items(), key=lambda kv: kv[1]))` keeps the order in a dict.
+# Means over dimension 0 in float32, their difference, divided by its norm. For the ranking,
+# `dict(sorted(similarities.items(), key=lambda kv: kv[1]))` keeps the order in a dict.
 #
 # </details>
 
@@ -1212,11 +1255,13 @@ fig.show()
 #
 # > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 10 minutes
 # >
-# > **Your task:** compute the AUC as the fraction of (positive, negative) pairs in which the positive scores higher, ties counting one half; raise a `ValueError` if a class is empty.
+# > **Your task:** compute the AUC as the fraction of (positive, negative) pairs in which the positive scores
+# > higher, ties counting one half; raise a `ValueError` if a class is empty.
 #
 # <details><summary>Hint</summary>
 #
-# `diff = pos[:, None] - neg[None, :]` holds every pair at once; the AUC is the mean of `(diff > 0) + 0.5 * (diff == 0)` (as floats). Use float64 for the comparisons.
+# `diff = pos[:, None] - neg[None, :]` holds every pair at once; the AUC is the mean of `(diff > 0) + 0.5 *
+# (diff == 0)` (as floats). Use float64 for the comparisons.
 #
 # </details>
 
@@ -1307,7 +1352,11 @@ fig.show()
 #
 # <details><summary>Answer</summary>
 #
-# If the paper is right that a large model represents *who it is speaking as*, the **no-system-prompt** control should fall furthest below the main result: without the prompt, the model reads a bard's words but was never told it is the bard. Token embeddings can only carry wording, so they bound from below what wording alone gives. On SmolLM2 neither control drops much. Which one drops on Gemma 2 27B is an experiment, not a given: run this section on the GPU path to find out.
+# If the paper is right that a large model represents *who it is speaking as*, the **no-system-prompt**
+# control should fall furthest below the main result: without the prompt, the model reads a bard's words but
+# was never told it is the bard. Token embeddings can only carry wording, so they bound from below what
+# wording alone gives. On SmolLM2 neither control drops much. Which one drops on Gemma 2 27B is an experiment,
+# not a given: run this section on the GPU path to find out.
 #
 # </details>
 

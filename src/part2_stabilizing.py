@@ -196,11 +196,14 @@ print(f"{NUM_LAYERS} layers, d_model = {D_MODEL}; Part 1's layer {LAYER}; {len(p
 #
 # > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 15 minutes
 # >
-# > **Your task:** read the file, walk its `conversation`, and return the messages, raising `TranscriptError` (with the path and the message's index) at the first message that breaks a rule.
+# > **Your task:** read the file, walk its `conversation`, and return the messages, raising `TranscriptError`
+# > (with the path and the message's index) at the first message that breaks a rule.
 #
 # <details><summary>Hint 1</summary>
 #
-# Keep the role you expect next (`"user"` at the start) and flip it after each turn; a `system` message is allowed only at index 0 and does not flip it. Check the content with `isinstance(content, str) and content.strip()`.
+# Keep the role you expect next (`"user"` at the start) and flip it after each turn; a `system` message is
+# allowed only at index 0 and does not flip it. Check the content with `isinstance(content, str) and
+# content.strip()`.
 #
 # </details>
 #
@@ -287,8 +290,8 @@ if CASE_STUDIES != "all":
 for name, messages in DRIFT.items():
     print(f"drift   {name:12s} {sum(m['role'] == 'assistant' for m in messages):3d} assistant turns")
 for (who, scenario), pair in CASES.items():
-    print(f"case    {who}/{scenario:10s} " + ", ".join(f"{VARIANT_NAMES[v]}: {sum(m['role'] == 'assistant' for m in msgs)} "
-                                                     "turns" for v, msgs in pair.items()))
+    turns = {VARIANT_NAMES[v]: sum(m["role"] == "assistant" for m in msgs) for v, msgs in pair.items()}
+    print(f"case    {who}/{scenario:10s} " + ", ".join(f"{v}: {n} turns" for v, n in turns.items()))
 
 # %% [markdown]
 # ## 2. Projection per turn
@@ -316,17 +319,22 @@ for (who, scenario), pair in CASES.items():
 #
 # > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 20 minutes
 # >
-# > **Your task:** for each window from `turn_windows`, run one forward pass, average the layer's output over each scored turn's span, and put its projection on the unit axis at that turn's place in the result.
+# > **Your task:** for each window from `turn_windows`, run one forward pass, average the layer's output over
+# > each scored turn's span, and put its projection on the unit axis at that turn's place in the result.
 #
 # <details><summary>Hint 1</summary>
 #
-# `model.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0]` is `[seq, d_model]` for a batch of one (`model(...)` works too). Put the ids on the embedding's device: `model.get_input_embeddings().weight.device`.
+# `model.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0]` is `[seq, d_model]` for
+# a batch of one (`model(...)` works too). Put the ids on the embedding's device:
+# `model.get_input_embeddings().weight.device`.
 #
 # </details>
 #
 # <details><summary>Hint 2</summary>
 #
-# Start from `out = torch.zeros(sum(len(w.turns) for w in windows))` and fill `out[turn] = hidden[start:end].float().mean(dim=0).cpu() @ unit` for each `(turn, (start, end))` in `zip(window.turns, window.spans)`.
+# Start from `out = torch.zeros(sum(len(w.turns) for w in windows))` and fill `out[turn] =
+# hidden[start:end].float().mean(dim=0).cpu() @ unit` for each `(turn, (start, end))` in `zip(window.turns,
+# window.spans)`.
 #
 # </details>
 
@@ -411,7 +419,8 @@ checks.test_turn_projections(turn_projections)
 #
 # <details><summary>Hint</summary>
 #
-# `torch.quantile` takes a fraction: `torch.quantile(p.float(), percentile / 100)`. `numpy.percentile` takes the percent itself.
+# `torch.quantile` takes a fraction: `torch.quantile(p.float(), percentile / 100)`. `numpy.percentile` takes
+# the percent itself.
 #
 # </details>
 
@@ -480,11 +489,14 @@ for layer, tau in THRESHOLDS.items():
 #
 # > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 10 minutes
 # >
-# > **Your task:** return the least-squares slope of projection against turn index, and the index of the first turn strictly below the threshold (or None).
+# > **Your task:** return the least-squares slope of projection against turn index, and the index of the first
+# > turn strictly below the threshold (or None).
 #
 # <details><summary>Hint</summary>
 #
-# With `x = 0, 1, ..., n - 1`: slope `= sum((x - x.mean()) * (y - y.mean())) / sum((x - x.mean()) ** 2)`, in float64. `torch.nonzero(y < threshold)` lists the turns below; the first, if any, is the answer. Return the index from 0: the notebook adds 1 when it prints turns.
+# With `x = 0, 1, ..., n - 1`: slope `= sum((x - x.mean()) * (y - y.mean())) / sum((x - x.mean()) ** 2)`, in
+# float64. `torch.nonzero(y < threshold)` lists the turns below; the first, if any, is the answer. Return the
+# index from 0: the notebook adds 1 when it prints turns.
 #
 # </details>
 
@@ -593,10 +605,11 @@ for (who, scenario), pair in CASE_PROJECTIONS.items():
 # %%
 read_ok = {n: r for n, r in drift_results.items() if "skipped" not in r}
 below = [n for n, r in read_ok.items() if r["first_turn_below"] is not None]
+skipped = sorted(set(DRIFT) - set(read_ok))
 lines = [f"**What {MODEL_NAME} shows here.** It read the first {MAX_TURNS} assistant turns of {len(read_ok)} of the "
          f"{len(DRIFT)} drift transcripts (windows of at most {MAX_TOKENS} tokens)"
-         + (f"; skipped, a turn too long for the window: {', '.join(sorted(set(DRIFT) - set(read_ok)))}" if len(read_ok) < len(DRIFT) else "")
-         + ". Per transcript, at layer " + str(LAYER) + ":", ""]
+         + (f"; skipped, a turn too long for the window: {', '.join(skipped)}" if skipped else "")
+         + f". Per transcript, at layer {LAYER}:", ""]
 for name, r in read_ok.items():
     first = "never" if r["first_turn_below"] is None else f"first at turn {r['first_turn_below']}"
     lines.append(f"- {name}: slope {r['slope']:+.2f} per turn over {r['n_turns']} turns; below tau_{LAYER} = "
@@ -624,7 +637,11 @@ display(Markdown("\n".join(lines)))
 #
 # <details><summary>Answer</summary>
 #
-# Not necessarily. Capping changed what *Qwen or Llama* wrote; your model only reads the words. If the capped replies read as more Assistant-like here, the difference is in the text itself (refusals, grounding the user, pointing to real help, speaking as an AI), which any model's axis can pick up. If they do not, that does not show that capping failed: it shows that this model's axis, at this layer, does not separate those texts, a question about how far the axis transfers between models, not about capping.
+# Not necessarily. Capping changed what *Qwen or Llama* wrote; your model only reads the words. If the capped
+# replies read as more Assistant-like here, the difference is in the text itself (refusals, grounding the
+# user, pointing to real help, speaking as an AI), which any model's axis can pick up. If they do not, that
+# does not show that capping failed: it shows that this model's axis, at this layer, does not separate those
+# texts, a question about how far the axis transfers between models, not about capping.
 #
 # </details>
 
@@ -652,17 +669,21 @@ display(Markdown("\n".join(lines)))
 #
 # > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 20 minutes
 # >
-# > **Your task:** register a forward hook that adds `vector` to the block's output (every pass, or only single-position passes), handling tuple and tensor outputs, and remove it in `finally`.
+# > **Your task:** register a forward hook that adds `vector` to the block's output (every pass, or only
+# > single-position passes), handling tuple and tensor outputs, and remove it in `finally`.
 #
 # <details><summary>Hint 1</summary>
 #
-# `handle = model.model.layers[layer].register_forward_hook(hook)`, then `try: yield` / `finally: handle.remove()`. A hook that returns `None` leaves the output as it was.
+# `handle = model.model.layers[layer].register_forward_hook(hook)`, then `try: yield` / `finally:
+# handle.remove()`. A hook that returns `None` leaves the output as it was.
 #
 # </details>
 #
 # <details><summary>Hint 2</summary>
 #
-# Inside the hook: `h = output[0] if isinstance(output, tuple) else output`; for `"generated"`, skip when `h.shape[1] != 1`; return `(new, *output[1:])` for a tuple, `new` otherwise, with `new = h + vector.to(device=h.device, dtype=h.dtype)`.
+# Inside the hook: `h = output[0] if isinstance(output, tuple) else output`; for `"generated"`, skip when
+# `h.shape[1] != 1`; return `(new, *output[1:])` for a tuple, `new` otherwise, with `new = h +
+# vector.to(device=h.device, dtype=h.dtype)`.
 #
 # </details>
 
@@ -717,7 +738,8 @@ checks.test_add_steering(add_steering)
 #
 # <details><summary>Hint</summary>
 #
-# `unit = axis.float() / axis.float().norm()`, `spread = projections.float().std()`, then broadcast: `torch.tensor(multiples)[:, None] * spread * unit[None, :]`.
+# `unit = axis.float() / axis.float().norm()`, `spread = projections.float().std()`, then broadcast:
+# `torch.tensor(multiples)[:, None] * spread * unit[None, :]`.
 #
 # </details>
 
@@ -919,17 +941,20 @@ display(Markdown("\n".join(lines)))
 #
 # > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 25 minutes
 # >
-# > **Your task:** write `cap_activations` (lift positions below `tau` onto it along the axis; leave the others bit for bit) and `activation_capping`, a context manager with one capping hook per layer.
+# > **Your task:** write `cap_activations` (lift positions below `tau` onto it along the axis; leave the
+# > others bit for bit) and `activation_capping`, a context manager with one capping hook per layer.
 #
 # <details><summary>Hint 1</summary>
 #
-# `proj = h.float() @ a`; `lifted = (h.float() + (tau - proj).unsqueeze(-1) * a).to(h.dtype)`; then `torch.where((proj < tau).unsqueeze(-1), lifted, h)` keeps every other position exactly as it was.
+# `proj = h.float() @ a`; `lifted = (h.float() + (tau - proj).unsqueeze(-1) * a).to(h.dtype)`; then
+# `torch.where((proj < tau).unsqueeze(-1), lifted, h)` keeps every other position exactly as it was.
 #
 # </details>
 #
 # <details><summary>Hint 2</summary>
 #
-# Build each hook in a function of the layer (`def make_hook(layer): ...; return hook`): a hook defined directly in the loop would see the loop's *last* layer, axis and threshold (Python's late binding).
+# Build each hook in a function of the layer (`def make_hook(layer): ...; return hook`): a hook defined
+# directly in the loop would see the loop's *last* layer, axis and threshold (Python's late binding).
 #
 # </details>
 
@@ -1032,7 +1057,8 @@ with timer("replay"), bar:
             conv = replay_user_turns(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS, intervention=intervention,
                                      max_turns=REPLAY_TURNS, max_context=MAX_TOKENS, progress=False)
             proj = turn_projections(model, tokenizer, conv, AXIS[LAYER], LAYER, max_tokens=MAX_TOKENS)
-            proj_cap = turn_projections(model, tokenizer, conv, AXIS[PLOT_CAP_LAYER], PLOT_CAP_LAYER, max_tokens=MAX_TOKENS)
+            proj_cap = turn_projections(model, tokenizer, conv, AXIS[PLOT_CAP_LAYER], PLOT_CAP_LAYER,
+                                        max_tokens=MAX_TOKENS)
             result = {"n_turns": len(proj), "min_projection": float(proj.min()),
                       "mean_projection": float(proj.mean()), "plot_cap_layer": PLOT_CAP_LAYER,
                       "min_projection_at_cap_layer": float(proj_cap.min()),
@@ -1079,7 +1105,8 @@ print("A capped reply:", conv[-1]["content"][:300])
 #
 # <details><summary>Hint</summary>
 #
-# `log_p = torch.log_softmax(logits_p.float(), dim=-1)` (and the same for `q`); then `(log_p.exp() * (log_p - log_q)).sum(dim=-1)`.
+# `log_p = torch.log_softmax(logits_p.float(), dim=-1)` (and the same for `q`); then `(log_p.exp() * (log_p -
+# log_q)).sum(dim=-1)`.
 #
 # </details>
 
@@ -1156,6 +1183,7 @@ capping_results = {
 
 # %%
 tau_plot = THRESHOLDS[PLOT_CAP_LAYER]
+n_capped_replies = sum(r["capped"]["n_turns"] for r in replay_results.values())
 lines = [f"**What {MODEL_NAME} shows here.** Capping layers {CAP_RANGE}, each at its own threshold (layer "
          f"{PLOT_CAP_LAYER}: tau = {tau_plot:.2f}). Replayed with the model's own greedy replies to "
          f"{count_of(REPLAY_TURNS, 'user turn')} per conversation:", ""]
@@ -1173,8 +1201,7 @@ lines += ["", f"On {len(neutral)} ordinary default-persona conversations ({cost[
           f"averaged {cost['kl_mean']:.3g} nats (95th percentile {cost['kl_p95']:.3g}, max {cost['kl_max']:.3g}).",
           "",
           "**What these numbers are.** Each replay is one greedy conversation per condition: a difference between "
-          f"two of them is an anecdote about "
-          f"{count_of(sum(r['capped']['n_turns'] for r in replay_results.values()), 'capped reply', 'capped replies')}, "
+          f"two of them is an anecdote about {count_of(n_capped_replies, 'capped reply', 'capped replies')}, "
           "not an effect. The projections re-read the replies without the cap, so they show whether the "
           "words changed, not whether the cap acted (it acted on the positions counted above). "
           + ("The harm scores come from an LLM judge." if USE_API else
@@ -1198,7 +1225,11 @@ display(Markdown("\n".join(lines)))
 #
 # <details><summary>Answer</summary>
 #
-# The percentile is of *per-response means*; capping acts on every *position* at every capped layer. Single positions scatter much more than means over a response (turn markers, the system prompt, punctuation, the first tokens of a reply all sit far from the average), so many more, or fewer, of them fall below a floor set on means. Each capped layer also has its own axis, threshold and distribution, and the fraction is pooled over all of them; and the conversations here include the prompt's tokens, which the means never saw.
+# The percentile is of *per-response means*; capping acts on every *position* at every capped layer. Single
+# positions scatter much more than means over a response (turn markers, the system prompt, punctuation, the
+# first tokens of a reply all sit far from the average), so many more, or fewer, of them fall below a floor
+# set on means. Each capped layer also has its own axis, threshold and distribution, and the fraction is
+# pooled over all of them; and the conversations here include the prompt's tokens, which the means never saw.
 #
 # </details>
 
