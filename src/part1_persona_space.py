@@ -57,6 +57,11 @@
 # Questions marked **Think first** are for you to answer before running a cell. `einops` and
 # scikit-learn's `PCA` are imported for you; plain torch or numpy is accepted everywhere too.
 #
+# Each exercise starts, as in ARENA, with its **difficulty** (🔴 out of five), its **importance** for
+# the rest of the course (🔵 out of five), about how long it takes, and a one-line **Your task**. Under it
+# are folded hints: open one when you are stuck, not before. The answers to the **Think first**
+# questions are folded the same way; answer for yourself first.
+#
 # ## Coming from the ARENA text?
 #
 # This notebook follows ARENA's *Persona vectors & the Assistant Axis* exercises, and its function
@@ -197,6 +202,28 @@ for name, prompt in PERSONAS.items():
 # `judge_role_response`. It also accepts one of the paper's per-role judge prompts (`eval_prompt`, with
 # `{question}` and `{answer}` slots), which ask for just the number, so a reply that is exactly one
 # digit is accepted too.
+#
+# > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 15 minutes
+# >
+# > **Your task:** write `JUDGE_PROMPT_TEMPLATE` (the three placeholders, the bold role, the answer markers,
+# > the `<score>N</score>` request), then `judge_role_response`: fill the template (or `eval_prompt`), call
+# > the client, and return the one score in the reply or raise `JudgeParseError`.
+#
+# <details><summary>Hint 1</summary>
+#
+# `re.findall(r"<score>\s*(-?\d+)\s*</score>", reply)` lists every tagged score: accept exactly one. For a
+# reply with no tag, `re.fullmatch(r"-?\d+", reply.strip())` tells whether it is a bare number. Parse `-1` and
+# `7` as numbers, so that you can reject them by range rather than miss them.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# The reply is `client.chat.completions.create(model=judge_model, messages=[{"role": "user", "content":
+# prompt}], max_tokens=16, temperature=0.0).choices[0].message.content`, which can be `None`. The paper's
+# prompts fill with `eval_prompt.format(question=question, answer=response)`.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_judge_template", "locked": false, "schema_version": 3, "solution": true, "task": false}
 # Define JUDGE_PROMPT_TEMPLATE: a str with the placeholders {character}, {question} and {response}.
@@ -302,6 +329,19 @@ checks.hidden_test_judge_with_every_paper_prompt(judge_role_response)
 # content, so rerunning the notebook gives the same answers, whatever order your threads happen to run in.
 #
 # ### Exercise 2a: one call
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 10 minutes
+# >
+# > **Your task:** build the messages (Gemma: the system prompt goes in front of the question; others: a
+# > `system` message; an empty prompt: nothing), make one call, and return the stripped text, raising
+# > `EmptyResponseError` for an empty reply.
+#
+# <details><summary>Hint</summary>
+#
+# `"gemma" in model_name.lower()` picks the rule; `system_prompt.strip()` is falsy for a blank prompt. Do not
+# wrap the call in `try`: a client's exception must reach the caller, who records it as a failure.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_generate_one", "locked": false, "schema_version": 3, "solution": true, "task": false}
 class EmptyResponseError(ValueError):
@@ -359,6 +399,25 @@ checks.test_generate_response_api(generate_response_api)
 # Use `concurrent.futures.ThreadPoolExecutor` and a `tqdm` progress bar over completed futures. Key
 # every result by `(persona_name, question_index)`. Put successes in one dict and failures, with the
 # error as text (`f"{type(e).__name__}: {e}"`), in another. Every key lands in exactly one of them.
+#
+# > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 15 minutes
+# >
+# > **Your task:** submit one `generate_response_api` call per (persona, question) to a thread pool, collect
+# > them as they complete under a tqdm bar, and sort each into `responses` or `failures`.
+#
+# <details><summary>Hint 1</summary>
+#
+# Keep a dict from each future to its key: `futures = {pool.submit(...): (persona, q_idx) ...}`. Then `for
+# future in tqdm(as_completed(futures), total=len(futures))`.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# `future.result()` re-raises the call's exception. Catch `Exception` there and store `f"{type(exc).__name__}:
+# {exc}"` under the same key.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_generate_all", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def generate_all_responses(
@@ -411,6 +470,15 @@ checks.test_generate_all_responses(generate_all_responses)
 # %% [markdown]
 # Now generate. **Think first:** the working set has 21 personas. How many of the fantastical roles do
 # you expect a 135M-parameter model to actually play, rather than answering as an assistant?
+#
+# <details><summary>Answer</summary>
+#
+# Few, by the paper's standard. A 135M model often ignores a role prompt or answers in its usual helpful
+# register, and its short answers drift into generic advice. Read the judge-score chart below with care:
+# offline, the stand-in judge scores 3 whenever an answer does not *claim* to be an AI, so it counts many
+# answers as in role that an LLM judge would score 1 or 2. Print a few answers and judge them yourself.
+#
+# </details>
 
 # %%
 if USE_API:
@@ -480,6 +548,26 @@ fig.show()
 #    without its last message but with `add_generation_prompt=True`, and count that prefix's tokens.
 #
 # ### Exercise 3: normalise and format
+#
+# > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 20 minutes
+# >
+# > **Your task:** write `_normalize_messages` (drop an empty system prompt; merge it into the first user turn
+# > when the template has no system role) and `format_messages` (the full templated text and the index of the
+# > response's first token).
+#
+# <details><summary>Hint 1</summary>
+#
+# `utils.conversation.supports_system_role(tokenizer)` answers the system-role question. Copy the dicts
+# (`[dict(m) for m in messages]`) so that the caller's list is never changed.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# Render `msgs[:-1]` with `add_generation_prompt=True` and `tokenize=False`; the number of tokens in that
+# prefix, counted with `tokenizer(prefix, add_special_tokens=False)`, is `response_start_idx`.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_format", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def _normalize_messages(messages: list[dict[str, str]], tokenizer) -> list[dict[str, str]]:
@@ -542,8 +630,16 @@ ids = tokenizer(full_prompt, add_special_tokens=False).input_ids
 tokens = tokenizer.convert_ids_to_tokens(ids)
 print(" ".join(repr(t) for t in tokens[max(0, start - 6):start]), " >>>", repr(tokens[start]), "<<< ",
       " ".join(repr(t) for t in tokens[start + 1:start + 5]))
-print(f"{len(ids)} tokens; exactly one BOS: {ids.count(tokenizer.bos_token_id) <= 1}; "
-      f"the template appends {turn_suffix_len(tokenizer)} tokens after the response content")
+# The BOS check looks at the start: a doubled BOS is two there. (SmolLM2's BOS token is <|im_start|>, which
+# also opens every turn, so counting it over the whole conversation would say nothing.)
+bos = tokenizer.bos_token_id
+if bos is None:
+    print(f"{len(ids)} tokens; {MODEL_NAME}'s tokenizer has no BOS token")
+else:
+    leading = next((i for i, t in enumerate(ids) if t != bos), len(ids))  # BOS tokens at the very start
+    also = f" ({tokenizer.bos_token!r} also opens every turn: {ids.count(bos)} in all)" if ids.count(bos) > 1 else ""
+    print(f"{len(ids)} tokens; starts with exactly one BOS ({tokenizer.bos_token!r}, not doubled): {leading == 1}{also}")
+print(f"The template appends {turn_suffix_len(tokenizer)} tokens after the response content")
 
 # %% [markdown]
 # ## 4. Mean activations over the response
@@ -559,6 +655,24 @@ print(f"{len(ids)} tokens; exactly one BOS: {ids.count(tokenizer.bos_token_id) <
 # them in bf16 loses the low digits. Return CPU tensors without grad.
 #
 # ### Exercise 4a: one sequence at a time
+#
+# > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 15 minutes
+# >
+# > **Your task:** for each conversation, run the model once with `output_hidden_states=True` and average
+# > `hidden_states[layer + 1]` over the response's content tokens, in float32; stack the means.
+#
+# <details><summary>Hint 1</summary>
+#
+# The span is `[start, len(ids) - turn_suffix_len(tokenizer))`, with `start` from `format_messages`. Tokenise
+# with `add_special_tokens=False` and move the ids to the model's device (`next(model.parameters()).device`).
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# `hidden[0, start:end].float().mean(dim=0).cpu()`: float32 before the mean, CPU after it.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_extract_single", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def extract_response_activations(
@@ -608,6 +722,39 @@ checks.test_extract_response_activations(extract_response_activations, model, to
 #
 # **Think first:** why must `attention_mask` be passed to the model too, and what happens to position
 # ids under left padding?
+#
+# <details><summary>Answer</summary>
+#
+# Without the mask, every real token attends to the padding as if it were text, so every activation changes,
+# not only the padded positions. Position ids: in a plain forward pass (no `generate`), transformers numbers
+# the positions `0 .. seq_len - 1` whatever the mask, so under left padding a row's first real token sits at
+# the number of pad tokens, not at 0. With rotary position embeddings (Gemma, SmolLM2) attention depends only
+# on the *difference* between two positions, and shifting every position of a row by the same amount changes
+# nothing beyond rounding. That is why the batched result can match the one-at-a-time result, and why the
+# mask, not the positions, is what you must get right.
+#
+# </details>
+#
+# > **Difficulty:** 🔴🔴🔴🔴⚪ &nbsp; **Importance:** 🔵🔵🔵🔵⚪ &nbsp; **Time:** about 25 minutes
+# >
+# > **Your task:** tokenise each batch with padding, build a `[batch, seq]` mask from each row's own span
+# > shifted by its own padding, and take the masked mean of `hidden_states[layer + 1]`.
+#
+# <details><summary>Hint 1</summary>
+#
+# For row `i` with `length` real tokens in a batch of width `seq_len`: under left padding its tokens start at
+# `offset = seq_len - length`, under right padding at `offset = 0`. Its span is `[offset + start, offset +
+# length - suffix)`.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# `enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")`, then `model(**enc,
+# output_hidden_states=True)` passes the mask. The mean is `(hidden * mask[..., None]).sum(1) / mask.sum(1,
+# keepdim=True)` (or the einsum above), in float32.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_extract_batched", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def extract_response_activations_batched(
@@ -666,6 +813,25 @@ checks.hidden_test_extract_batch_sizes(extract_response_activations_batched)
 # vector: that is an error to report, not a NaN to carry into the geometry.
 #
 # ### Exercise 5
+#
+# > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵⚪ &nbsp; **Time:** about 15 minutes
+# >
+# > **Your task:** keep the responses that pass the score filter, raise a `ValueError` naming every persona
+# > with nothing left, extract all kept responses in one batched call, and average each persona's rows.
+#
+# <details><summary>Hint 1</summary>
+#
+# A key is kept when `key not in scores or scores[key] >= score_threshold` (and its persona is in `personas`).
+# Find the empty personas *before* extracting, and name them all in one error.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# Keep the kept keys in a list; after one call of `extract_response_activations_batched`, row `i` belongs to
+# `kept[i]`, so `acts[[i for i, k in enumerate(kept) if k[0] == p]].mean(dim=0)` is persona `p`'s vector.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_persona_vectors", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def extract_persona_vectors(
@@ -718,6 +884,15 @@ checks.test_extract_persona_vectors(extract_persona_vectors, model, tokenizer, D
 # judge is blunt, so offline we also keep score 2 (claims to be an AI but shows the role) unless that
 # leaves a role empty; the cell prints what it kept. **Think first:** what would happen to the axis if we
 # kept every response, including those where the "ghost" answers as an AI assistant?
+#
+# <details><summary>Answer</summary>
+#
+# Those responses *are* the assistant speaking, so they pull each role's vector toward the defaults.
+# `mean(defaults) - mean(roles)` shrinks, and the roles that the model plays worst look the most
+# assistant-like, for the wrong reason: the axis then partly measures how often the model refused the role,
+# not where the role sits. That is why the paper keeps only score-3 responses.
+#
+# </details>
 
 # %%
 MIN_SCORE = settings.get("COURSE_MIN_SCORE", computed=3 if USE_API else 2)
@@ -748,6 +923,17 @@ print(f"persona vectors: {tuple(vectors.shape)}, mean norm {vectors.norm(dim=1).
 # about 3 significant digits). Both functions take the dict of persona vectors, as in the ARENA text,
 # and return the matrix with the names in the order of its rows. The mean over personas is
 # `einops.reduce(vectors, "n_personas d_model -> d_model", "mean")`, or `vectors.mean(dim=0)`.
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵⚪ &nbsp; **Time:** about 10 minutes
+# >
+# > **Your task:** write the raw and the centred cosine-similarity matrices, each returning `(matrix, names)`.
+#
+# <details><summary>Hint</summary>
+#
+# Stack in the dict's order, `.float()`, divide each row by its norm (`keepdim=True`), and the matrix is `unit
+# @ unit.T`. For the centred one, subtract `vectors.mean(dim=0)` first.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_cosine", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def compute_cosine_similarity_matrix(
@@ -817,6 +1003,18 @@ for title, fn, fname in [("Raw cosine similarity", compute_cosine_similarity_mat
 # Any correct PCA is accepted: your own SVD of the centred vectors (`torch.linalg.svd`, `np.linalg.svd`)
 # returning `(pca_coords, explained_variance_ratio, components)` instead of the fitted object, or the
 # text's `(assistant_axis, pca_coords, pca)`. A principal component's sign is arbitrary.
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 10 minutes
+# >
+# > **Your task:** fit a two-component PCA to the stacked persona vectors and return the coordinates and the
+# > fitted object.
+#
+# <details><summary>Hint</summary>
+#
+# `X = torch.stack(list(persona_vectors.values())).float().cpu().numpy()`, then `pca = PCA(n_components=2,
+# svd_solver="full")` and `coords = pca.fit_transform(X)` (it centres for you).
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_pca", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def pca_decompose_persona_vectors(
@@ -853,6 +1051,18 @@ checks.test_pca_decompose_persona_vectors(pca_decompose_persona_vectors)
 # similarity with the axis, sorted from the lowest (most role-playing) to the highest (most
 # assistant-like), as in the text. Pass it centred vectors, so the shared mean does not dominate every
 # cosine.
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 10 minutes
+# >
+# > **Your task:** compute the unit axis `mean(defaults) - mean(roles)`, and `characterize_axis`: each
+# > vector's cosine with the axis, sorted from lowest to highest.
+#
+# <details><summary>Hint</summary>
+#
+# Means over dimension 0 in float32, their difference, divided by its norm. For the ranking,
+# `dict(sorted(similarities.items(), key=lambda kv: kv[1]))` keeps the order in a dict.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_axis", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def compute_assistant_axis(
@@ -902,6 +1112,12 @@ checks.test_characterize_axis(characterize_axis)
 # Now put it together: the PCA scatter coloured by each persona's projection on the axis, and the
 # personas laid out along the axis. **Think first:** if the Assistant Axis is the main thing that varies
 # between personas, how should PC1 and the axis projection relate?
+#
+# <details><summary>Answer</summary>
+#
+# Nearly the same direction: the projections on PC1 and on the axis should be strongly correlated (|corr| close to 1; the sign of a principal component is arbitrary), and PC1 should explain a large share of the variance. A weak correlation would mean that the largest difference between these personas is something else (length, topic, register) and that the axis is a smaller direction.
+#
+# </details>
 
 # %%
 with timer("geometry"):
@@ -945,6 +1161,16 @@ fig.show()
 # paper's trait instructions on a small subset, so the figure still appears. The cell prints which.
 #
 # ### Exercise 7: a trait vector
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 5 minutes
+# >
+# > **Your task:** return `mean(pos) - mean(neg)` in float32.
+#
+# <details><summary>Hint</summary>
+#
+# Cast with `.float()` before taking the means (over dimension 0), not after.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_trait", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def compute_trait_vector(
@@ -1024,6 +1250,18 @@ fig.show()
 # roles above the fantastical ones (1.0 = perfectly).
 #
 # ### Exercise 8: AUC
+#
+# > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 10 minutes
+# >
+# > **Your task:** compute the AUC as the fraction of (positive, negative) pairs in which the positive scores
+# > higher, ties counting one half; raise a `ValueError` if a class is empty.
+#
+# <details><summary>Hint</summary>
+#
+# `diff = pos[:, None] - neg[None, :]` holds every pair at once; the AUC is the mean of `(diff > 0) + 0.5 *
+# (diff == 0)` (as floats). Use float64 for the comparisons.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_auc", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def axis_auc(scores: Float[Tensor, " n"], positive: Bool[Tensor, " n"]) -> float:
@@ -1109,6 +1347,16 @@ fig.show()
 # model, the full dataset and the causal experiments of later parts.
 #
 # **Think first:** which control would you expect to drop the most on Gemma 2 27B, and why?
+#
+# <details><summary>Answer</summary>
+#
+# If the paper is right that a large model represents *who it is speaking as*, the **no-system-prompt**
+# control should fall furthest below the main result: without the prompt, the model reads a bard's words but
+# was never told it is the bard. Token embeddings can only carry wording, so they bound from below what
+# wording alone gives. On SmolLM2 neither control drops much. Which one drops on Gemma 2 27B is an experiment,
+# not a given: run this section on the GPU path to find out.
+#
+# </details>
 
 # %% [markdown]
 # ## Saving for Part 2

@@ -59,6 +59,14 @@
 # `raise NotImplementedError()` with your code, then run the check in the next cell. Checks run offline
 # on tiny-gemma2 in seconds and name the likely mistake. **Think first** questions are for you to answer
 # before running a cell.
+#
+# Each exercise starts with its **difficulty** (🔴 out of five), its **importance** (🔵 out of five), about
+# how long it takes, and a one-line **Your task**, with folded hints under it: open one when you are stuck.
+# The answers to the **Think first** questions are folded too.
+#
+# **Turns are numbered from 1** wherever the notebook prints or plots them (the first assistant turn is
+# turn 1). Inside the code, as in Python, indices start at 0: `drift_summary` returns an index, and the
+# printouts add 1.
 
 # %%
 import contextlib
@@ -73,13 +81,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 import tests.part2_stabilizing as checks
-from IPython.display import display
+from IPython.display import Markdown, display
+from tqdm.auto import tqdm
 
 from utils import choose_model, load_model, plots, settings
 from utils.chat_panel import ChatPanel
 from utils.conversation import TurnTooLongError, chat_messages, turn_windows
 from utils.data import DEFAULT_PERSONA_NAMES, working_personas, working_questions
-from utils.experiments import dose_response, replay_user_turns, steering_sweep
+from utils.experiments import dose_response, replay_user_turns, self_description_rates, steering_sweep
 from utils.experiments import next_token_kl as course_next_token_kl
 from utils.generation import generate
 from utils.judges import OfflineHarmJudge, OfflineRuleJudge, api_key_present, judge_harm, make_api_client
@@ -171,6 +180,25 @@ print(f"{NUM_LAYERS} layers, d_model = {D_MODEL}; Part 1's layer {LAYER}; {len(p
 # say **which file and which turn**.
 #
 # ### Exercise 1: parse a transcript
+#
+# > **Difficulty:** 🔴🔴⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 15 minutes
+# >
+# > **Your task:** read the file, walk its `conversation`, and return the messages, raising `TranscriptError`
+# > (with the path and the message's index) at the first message that breaks a rule.
+#
+# <details><summary>Hint 1</summary>
+#
+# Keep the role you expect next (`"user"` at the start) and flip it after each turn; a `system` message is
+# allowed only at index 0 and does not flip it. Check the content with `isinstance(content, str) and
+# content.strip()`.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# Build every message as `f"{path}: turn {i} ..."`, so that the file and the index are always in it.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_parse_transcript", "locked": false, "schema_version": 3, "solution": true, "task": false}
 class TranscriptError(ValueError):
@@ -235,6 +263,8 @@ def first_turns(messages: list[dict[str, str]], n_turns: int) -> list[dict[str, 
 
 
 DRIFT = {name: parse_transcript(path) for name, path in drift_transcripts().items()}
+# The paper's case-study files say "unsteered"; this notebook says "uncapped" for the same thing.
+VARIANT_NAMES = {"unsteered": "uncapped", "capped": "capped"}
 CASES = {key: {variant: parse_transcript(path) for variant, path in pair.items()}
          for key, pair in case_studies().items()}
 if CASE_STUDIES != "all":
@@ -247,8 +277,8 @@ if CASE_STUDIES != "all":
 for name, messages in DRIFT.items():
     print(f"drift   {name:12s} {sum(m['role'] == 'assistant' for m in messages):3d} assistant turns")
 for (who, scenario), pair in CASES.items():
-    print(f"case    {who}/{scenario:10s} " + ", ".join(f"{v}: {sum(m['role'] == 'assistant' for m in msgs)} turns"
-                                                     for v, msgs in pair.items()))
+    turns = {VARIANT_NAMES[v]: sum(m["role"] == "assistant" for m in msgs) for v, msgs in pair.items()}
+    print(f"case    {who}/{scenario:10s} " + ", ".join(f"{v}: {n} turns" for v, n in turns.items()))
 
 # %% [markdown]
 # ## 2. Projection per turn
@@ -267,11 +297,33 @@ for (who, scenario), pair in CASES.items():
 # - turns whose windows start at the same message share one pass;
 # - a turn is **never cut**: if a user message and its answer do not fit on their own, that is an error.
 #
-# `turn_windows(messages, tokenizer, max_tokens)` returns the windows: each has `ids` (token ids, one BOS),
-# `turns` (which assistant turns it scores, numbered from 0) and `spans` (each scored turn's `[start, end)`
-# content span in `ids`). Use it: your job is the forward pass and the means.
+# `turn_windows(messages, tokenizer, max_tokens)` (imported in the first cell, from `utils.conversation`) returns
+# the windows: each has `ids` (token ids, one BOS), `turns` (which assistant turns it scores, as indices from
+# 0) and `spans` (each scored turn's `[start, end)` content span in `ids`). Use it: your job is the forward
+# pass and the means.
 #
 # ### Exercise 2: per-turn projections
+#
+# > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 20 minutes
+# >
+# > **Your task:** for each window from `turn_windows`, run one forward pass, average the layer's output over
+# > each scored turn's span, and put its projection on the unit axis at that turn's place in the result.
+#
+# <details><summary>Hint 1</summary>
+#
+# `model.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0]` is `[seq, d_model]` for
+# a batch of one (`model(...)` works too). Put the ids on the embedding's device:
+# `model.get_input_embeddings().weight.device`.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# Start from `out = torch.zeros(sum(len(w.turns) for w in windows))` and fill `out[turn] =
+# hidden[start:end].float().mean(dim=0).cpu() @ unit` for each `(turn, (start, end))` in `zip(window.turns,
+# window.spans)`.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_turn_projections", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def turn_projections(
@@ -302,7 +354,6 @@ def turn_projections(
         float32 CPU tensor ``[n_assistant_turns]``, in conversation order.
     """
     ### BEGIN SOLUTION
-
     unit = axis.float().cpu() / axis.float().norm()
     windows = turn_windows(messages, tokenizer, max_tokens)
     out = torch.zeros(sum(len(w.turns) for w in windows))
@@ -338,7 +389,27 @@ checks.test_turn_projections(turn_projections)
 # model table, `utils.models.MODEL_CONFIGS`, gives 70-90% of depth (32-40 of Gemma 2 27B's 46 layers; 21-26
 # of SmolLM2's 30; `MODEL_CONFIG.cap_layers` below). The thresholds for those layers are yours to compute.
 #
+# **Raw projections, and negative thresholds.** Part 1 projected *centred* vectors (the mean persona
+# subtracted); Part 2 projects raw activations, $\langle h, \hat a_l\rangle$, because capping acts on the
+# raw activation $h$ inside the forward pass, and its threshold must be on that scale. Subtracting the mean
+# persona would shift every projection and every threshold by the same constant and change nothing. So a
+# negative threshold (late layers often have thresholds far below 0) does not mean "away from the
+# Assistant": every activation carries a large shared component that points against the axis at those
+# layers. Only differences matter: higher is more Assistant-like. The cell prints each threshold relative to
+# the mean persona too, on Part 1's centred scale.
+#
 # ### Exercise 3: the threshold
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 5 minutes
+# >
+# > **Your task:** return each layer's percentile of its projections as a Python float.
+#
+# <details><summary>Hint</summary>
+#
+# `torch.quantile` takes a fraction: `torch.quantile(p.float(), percentile / 100)`. `numpy.percentile` takes
+# the percent itself.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_capping_threshold", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def capping_threshold(
@@ -374,11 +445,21 @@ else:  # results saved without per-response activations: fall back on the defaul
     source = f"only the {default_acts.shape[0]} default persona vectors (Part 1 saved no per-response activations)"
 default_projections = {l: default_acts[:, l] @ UNIT_AXES[l] for l in sorted({LAYER, *CAP_LAYERS})}
 THRESHOLDS = capping_threshold(default_projections, CAP_PERCENTILE)
-print(f"Capping layers {CAP_LAYERS[0]}-{CAP_LAYERS[-1]} of {NUM_LAYERS}; thresholds from {source}:")
+# The capped layer that the plots of capped replies (Section 6) and the chat panel (Section 8) show.
+PLOT_CAP_LAYER = CAP_LAYERS[0]
+CAP_RANGE = f"{CAP_LAYERS[0]}-{CAP_LAYERS[-1]}" if len(CAP_LAYERS) > 1 else str(CAP_LAYERS[0])
+# Where Part 1's results, and so every threshold, came from.
+PART1_PROVENANCE = (f"{'computed just now' if how.startswith('Computed') else 'loaded from ' + str(PART1_DIR)}, "
+                    f"by {part1.extra.get('computed_by', 'an unknown run')}")
+print(f"Capping layers {CAP_RANGE} of {NUM_LAYERS}; thresholds from {source}; Part 1's "
+      f"results {PART1_PROVENANCE}:")
 for layer, tau in THRESHOLDS.items():
     p = default_projections[layer]
-    print(f"  layer {layer:2d}: tau = {tau:8.2f}   (defaults range {p.min():.2f} .. {p.max():.2f})"
-          + ("   <- Part 1's layer" if layer == LAYER else ""))
+    mean_persona = float(part1.vectors_at(layer).mean(dim=0) @ UNIT_AXES[layer])
+    role = "Part 1's layer, not capped" if layer == LAYER and layer not in CAP_LAYERS else (
+        "capped" + (", Part 1's layer" if layer == LAYER else "") + (", plotted" if layer == PLOT_CAP_LAYER else ""))
+    print(f"  layer {layer:2d}: tau = {tau:8.2f}   (defaults range {p.min():.2f} .. {p.max():.2f}; "
+          f"tau - mean persona = {tau - mean_persona:+.2f})   <- {role}")
 
 # %% [markdown]
 # ## 4. Drift
@@ -392,6 +473,19 @@ for layer, tau in THRESHOLDS.items():
 # **first turn below the threshold** (the first assistant turn that leaves the Assistant's usual range).
 #
 # ### Exercise 4: drift summary
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 10 minutes
+# >
+# > **Your task:** return the least-squares slope of projection against turn index, and the index of the first
+# > turn strictly below the threshold (or None).
+#
+# <details><summary>Hint</summary>
+#
+# With `x = 0, 1, ..., n - 1`: slope `= sum((x - x.mean()) * (y - y.mean())) / sum((x - x.mean()) ** 2)`, in
+# float64. `torch.nonzero(y < threshold)` lists the turns below; the first, if any, is the answer. Return the
+# index from 0: the notebook adds 1 when it prints turns.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_drift_summary", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def drift_summary(projections: Float[Tensor, " n_turns"], threshold: float) -> tuple[float, int | None]:
@@ -429,10 +523,24 @@ def project_turns(messages: list[dict[str, str]], label: str) -> Tensor | None:
         return None
 
 
+def turn_number(index: int | None) -> str:
+    """An assistant-turn index from 0 as the plots number it, from 1 (or "none")."""
+    return "none" if index is None else str(index + 1)
+
+
+def count_of(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 reply', '3 replies': the text below states counts from the run's own variables."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 with timer("drift"):
-    DRIFT_PROJECTIONS = {name: project_turns(messages, name) for name, messages in DRIFT.items()}
-    CASE_PROJECTIONS = {key: {v: project_turns(msgs, f"{key[0]}/{key[1]}/{v}") for v, msgs in pair.items()}
-                        for key, pair in CASES.items()}
+    jobs = [(("drift", name), messages, name) for name, messages in DRIFT.items()]
+    jobs += [(("case", key, v), msgs, f"{key[0]}/{key[1]}/{VARIANT_NAMES[v]}") for key, pair in CASES.items()
+             for v, msgs in pair.items()]
+    read = {job: project_turns(messages, label) for job, messages, label in tqdm(jobs, desc="drift: read transcripts",
+                                                                                unit="transcript")}
+    DRIFT_PROJECTIONS = {name: read[("drift", name)] for name in DRIFT}
+    CASE_PROJECTIONS = {key: {VARIANT_NAMES[v]: read[("case", key, v)] for v in pair} for key, pair in CASES.items()}
 
 drift_results = {}
 for name, proj in DRIFT_PROJECTIONS.items():
@@ -441,9 +549,9 @@ for name, proj in DRIFT_PROJECTIONS.items():
         continue
     slope, first = drift_summary(proj, THRESHOLDS[LAYER])
     drift_results[name] = {"n_turns": len(proj), "slope": slope, "min_projection": float(proj.min()),
-                           "first_below": first}
+                           "first_turn_below": None if first is None else first + 1}  # numbered from 1
     print(f"{name:12s} {len(proj):3d} turns  slope {slope:+8.3f}/turn  min {proj.min():8.2f}  "
-          f"first turn below tau: {first}")
+          f"first turn below tau_{LAYER}: {turn_number(first)}")
 case_results = {}
 for (who, scenario), pair in CASE_PROJECTIONS.items():
     case_results[f"{who}/{scenario}"] = {}
@@ -452,28 +560,77 @@ for (who, scenario), pair in CASE_PROJECTIONS.items():
             continue
         slope, first = drift_summary(proj, THRESHOLDS[LAYER])
         case_results[f"{who}/{scenario}"][variant] = {"n_turns": len(proj), "slope": slope,
-                                                     "min_projection": float(proj.min()), "first_below": first}
+                                                     "min_projection": float(proj.min()),
+                                                     "first_turn_below": None if first is None else first + 1}
         print(f"{who}/{scenario:10s} {variant:9s} slope {slope:+8.3f}/turn  min {proj.min():8.2f}  "
-              f"first turn below tau: {first}")
+              f"first turn below tau_{LAYER}: {turn_number(first)}")
 
 # %%
+# Layer LAYER is not a capped layer: its line is the same 25th percentile, the edge of the Assistant's range there.
+drift_line = f"tau at layer {LAYER} (defaults' {CAP_PERCENTILE:g}th percentile; not a capped layer)"
 fig = plots.drift_plot({n: p for n, p in DRIFT_PROJECTIONS.items() if p is not None}, THRESHOLDS[LAYER],
-                       title=f"Persona drift read by {MODEL_NAME} (layer {LAYER}, first {MAX_TURNS} turns)")
+                       title=f"Persona drift read by {MODEL_NAME} (layer {LAYER}, first {MAX_TURNS} turns)",
+                       threshold_label=drift_line)
 plots.save(fig, OUT_DIR / "drift.html")
 fig.show()
 for (who, scenario), pair in CASE_PROJECTIONS.items():
-    if pair["unsteered"] is None or pair["capped"] is None:
+    if pair["uncapped"] is None or pair["capped"] is None:
         continue
-    fig = plots.paired_drift_plot(pair["unsteered"], pair["capped"], THRESHOLDS[LAYER],
-                                  title=f"{who} / {scenario}: the paper's unsteered vs capped replies, read by "
-                                        f"{MODEL_NAME}")
+    fig = plots.paired_drift_plot(pair["uncapped"], pair["capped"], THRESHOLDS[LAYER],
+                                  title=f"{who} / {scenario}: the paper's uncapped vs capped replies, read by "
+                                        f"{MODEL_NAME} at layer {LAYER}",
+                                  threshold_label=drift_line)
     plots.save(fig, OUT_DIR / f"case_{who}_{scenario}.html")
     fig.show()
 
 # %% [markdown]
+# ### What this run shows
+#
+# The next cell writes what the drift numbers above are, from this run's own values, and what they would
+# need before they could mean something.
+
+# %%
+read_ok = {n: r for n, r in drift_results.items() if "skipped" not in r}
+below = [n for n, r in read_ok.items() if r["first_turn_below"] is not None]
+skipped = sorted(set(DRIFT) - set(read_ok))
+lines = [f"**What {MODEL_NAME} shows here.** It read the first {MAX_TURNS} assistant turns of {len(read_ok)} of the "
+         f"{len(DRIFT)} drift transcripts (windows of at most {MAX_TOKENS} tokens)"
+         + (f"; skipped, a turn too long for the window: {', '.join(skipped)}" if skipped else "")
+         + f". Per transcript, at layer {LAYER}:", ""]
+for name, r in read_ok.items():
+    first = "never" if r["first_turn_below"] is None else f"first at turn {r['first_turn_below']}"
+    lines.append(f"- {name}: slope {r['slope']:+.2f} per turn over {r['n_turns']} turns; below tau_{LAYER} = "
+                 f"{THRESHOLDS[LAYER]:.2f}: {first}.")
+lines += ["", f"{len(below)} of {len(read_ok)} fall below the threshold within {MAX_TURNS} turns.", "",
+          f"**What these numbers are.** Each point is one assistant turn's mean activation at layer {LAYER}, as "
+          f"{MODEL_NAME} reads a conversation that another, larger model wrote. A slope through {MAX_TURNS} points "
+          "is set by one or two turns: one long or odd reply can flip its sign.",
+          "",
+          "**What they would need to mean something.** Whole transcripts (the paper's drift unfolds over tens of "
+          f"turns; this run read {MAX_TURNS}), read by the model that wrote them, and many more than "
+          f"{len(read_ok)} conversations, with a spread across them, before a slope or a crossing says anything about "
+          "drift.",
+          "",
+          f"**Where the threshold comes from.** tau_{LAYER} is the {CAP_PERCENTILE:g}th percentile of {source}, "
+          f"from Part 1's results {PART1_PROVENANCE}. Part 1's own notebook (or `make demo`) and the fallback "
+          "differ in questions, judge and sampled answers, so the threshold, and every crossing above, moves with "
+          "where those results came from."]
+display(Markdown("\n".join(lines)))
+
+# %% [markdown]
 # **Think first:** the capped transcripts were capped inside *their* model (Qwen 3 32B or Llama 3.3 70B).
-# Should the capped replies project higher than the unsteered ones when a different, much smaller model reads
+# Should the capped replies project higher than the uncapped ones when a different, much smaller model reads
 # them? What would it mean if they did not?
+#
+# <details><summary>Answer</summary>
+#
+# Not necessarily. Capping changed what *Qwen or Llama* wrote; your model only reads the words. If the capped
+# replies read as more Assistant-like here, the difference is in the text itself (refusals, grounding the
+# user, pointing to real help, speaking as an AI), which any model's axis can pick up. If they do not, that
+# does not show that capping failed: it shows that this model's axis, at this layer, does not separate those
+# texts, a question about how far the axis transfers between models, not about capping.
+#
+# </details>
 
 # %% [markdown]
 # ## 5. Steering
@@ -497,6 +654,26 @@ for (who, scenario), pair in CASE_PROJECTIONS.items():
 # pass with no KV cache).
 #
 # ### Exercise 5: a steering hook
+#
+# > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 20 minutes
+# >
+# > **Your task:** register a forward hook that adds `vector` to the block's output (every pass, or only
+# > single-position passes), handling tuple and tensor outputs, and remove it in `finally`.
+#
+# <details><summary>Hint 1</summary>
+#
+# `handle = model.model.layers[layer].register_forward_hook(hook)`, then `try: yield` / `finally:
+# handle.remove()`. A hook that returns `None` leaves the output as it was.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# Inside the hook: `h = output[0] if isinstance(output, tuple) else output`; for `"generated"`, skip when
+# `h.shape[1] != 1`; return `(new, *output[1:])` for a tuple, `new` otherwise, with `new = h +
+# vector.to(device=h.device, dtype=h.dtype)`.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_add_steering", "locked": false, "schema_version": 3, "solution": true, "task": false}
 @contextlib.contextmanager
@@ -542,6 +719,17 @@ checks.test_add_steering(add_steering)
 # means nothing on its own. Measure it against how far personas are spread along the axis: the
 # **standard deviation of Part 1's persona projections** (sample standard deviation, `torch.std`'s
 # default). A multiple of 1 moves an activation by one persona-spread along the axis.
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵⚪⚪⚪ &nbsp; **Time:** about 5 minutes
+# >
+# > **Your task:** return one row per multiple: `multiple * std(projections) * unit axis`, in float32.
+#
+# <details><summary>Hint</summary>
+#
+# `unit = axis.float() / axis.float().norm()`, `spread = projections.float().std()`, then broadcast:
+# `torch.tensor(multiples)[:, None] * spread * unit[None, :]`.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_steering_vectors", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def steering_vectors(
@@ -579,8 +767,9 @@ persona_projections = part1.vectors_at(LAYER) @ unit_axis  # [n_personas]
 print(f"Spread of Part 1's persona projections at layer {LAYER}: std = {persona_projections.std():.3f}")
 vectors = steering_vectors(AXIS[LAYER], persona_projections, [-10.0, 10.0])
 
-question = [chat_messages("", "Who are you, and what do you care about?")]
-for multiple, vector in zip([-10.0, 10.0], vectors):
+IDENTITY_QUESTION = "Who are you, and what do you care about?"  # asked here and in the sweep below
+question = [chat_messages("", IDENTITY_QUESTION)]
+for multiple, vector in zip(tqdm([-10.0, 10.0], desc="steered replies", unit="reply"), vectors):
     with add_steering(model, LAYER, vector):
         reply = generate(model, tokenizer, question, MAX_NEW_TOKENS, temperature=0.0)[0]
     print(f"--- {multiple:+.0f} x spread:\n{reply[:300]}\n")
@@ -588,21 +777,31 @@ for multiple, vector in zip([-10.0, 10.0], vectors):
 # %% [markdown]
 # ### The experiment: dose-response
 #
-# A few role prompts and the default prompts, each asked `N_STEER_QUESTIONS` questions, generated greedily
-# under `coeff × unit axis` at Part 1's layer for each coefficient (in units of the spread). For each reply:
+# A few role prompts and the default prompts, each asked the identity question above and
+# `N_STEER_QUESTIONS` of Part 1's questions, generated greedily under `coeff × unit axis` at Part 1's layer
+# for each coefficient (in units of the spread). For each reply:
 #
 # - **projection**: re-read without steering, its mean activation at the layer projected on the axis;
 # - **role rate**: for role prompts, the fraction of replies the judge scores 3 (fully in role). With an API
-#   key the judge is an LLM; offline it is `OfflineRuleJudge`, the same rule-based **stand-in** as Part 1.
+#   key the judge is an LLM; offline it is `OfflineRuleJudge`, the same rule-based **stand-in** as Part 1,
+#   which scores 3 whenever a reply does not claim to be an AI;
+# - **self-description**: for every reply, whether it describes itself as an AI or assistant ("I'm an AI",
+#   "as a language model", "I don't have feelings", "here to help") or as a person or character ("I am a
+#   bard", "my heart", "I remember", "I grew up"), by keyword cues
+#   (`utils.experiments.self_description`, cues in `SELF_DESCRIPTION_CUES`). It is a transparent
+#   **stand-in** too: it reads words, not meaning, and a reply that does not talk about itself counts as
+#   neither. It is there because it reads what steering changes in the text, offline, where the role judge
+#   may not move at all. The identity question is in the set so that there are replies that talk about
+#   themselves.
 #
-# If the axis is causal, pushing toward the Assistant (+) should raise the projection and lower the role
-# rate, and pushing away (−) the reverse. On a GPU, set `COURSE_STEER_QUESTIONS` higher (and the notebook
-# uses more coefficients) for tighter curves.
+# If the axis is causal, pushing toward the Assistant (+) should raise the projection and the AI
+# self-description rate and lower the role rate, and pushing away (−) the reverse. On a GPU, set
+# `COURSE_STEER_QUESTIONS` higher (and the notebook uses more coefficients) for tighter curves.
 
 # %%
 steer_personas = {name: prompt for name, prompt in working_personas(short_model_name(MODEL_NAME)).items()
                   if name in DEFAULT_PERSONA_NAMES or name in ("ghost", "bard", "analyst")}
-steer_questions = working_questions(N_STEER_QUESTIONS)
+steer_questions = [IDENTITY_QUESTION] + working_questions(N_STEER_QUESTIONS)
 steer_coefficients = [float(v @ unit_axis) for v in steering_vectors(AXIS[LAYER], persona_projections,
                                                                        STEER_MULTIPLES)]
 if USE_API:
@@ -616,28 +815,98 @@ with timer("steering"):
                              steer_coefficients, max_new_tokens=MAX_NEW_TOKENS, judge_client=judge_client,
                              judge_model=judge_model, default_personas=DEFAULT_PERSONA_NAMES)
 dose = dose_response(records)
+self_desc = self_description_rates(records)  # {coeff: {"ai_rate", "human_rate", "n"}}
 steering_results = {}
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 for multiple, (coeff, row) in zip(STEER_MULTIPLES, dose.items()):
+    sd = self_desc[coeff]
     steering_results[f"{multiple:+g}"] = {"coefficient": coeff, "mean_projection": row["mean_projection"],
-                                          "role_rate": row["role_rate"], "n": row["n"]}
-    rate = "n/a" if row["role_rate"] is None else f"{row['role_rate']:.0%}"
+                                          "role_rate": row["role_rate"], "n": row["n"],
+                                          "n_role_judged": row["n_role_judged"], "ai_self_description": sd["ai_rate"],
+                                          "human_self_description": sd["human_rate"]}
     mean = "n/a" if row["mean_projection"] is None else f"{row['mean_projection']:8.3f}"
-    print(f"{multiple:+5.0f} x spread (coeff {coeff:+8.3f}): mean projection {mean}, role rate {rate}")
-fig = plots.dose_response_plot(dose, title=f"Steering along the Assistant Axis ({MODEL_NAME}, layer {LAYER})")
+    print(f"{multiple:+5.0f} x spread (coeff {coeff:+8.3f}): mean projection {mean}, role rate "
+          f"{percent(row['role_rate'])} of {row['n_role_judged']}, self-description AI {percent(sd['ai_rate'])} / "
+          f"person or role {percent(sd['human_rate'])} of {sd['n']}")
+fig = plots.dose_response_plot(
+    dose, title=f"Steering along the Assistant Axis ({MODEL_NAME}, layer {LAYER})",
+    rates={"replies describing themselves as an AI (keyword stand-in)": {c: r["ai_rate"] for c, r in self_desc.items()},
+           "replies describing themselves as a person or role (keyword stand-in)":
+               {c: r["human_rate"] for c, r in self_desc.items()}})
 plots.save(fig, OUT_DIR / "dose_response.html")
 fig.show()
 
 # %% [markdown]
-# ### What SmolLM2 shows
+# ### What this run shows
 #
-# Look at the dose-response numbers above before reading on, and be honest about them. With 7 personas, 2
-# questions and 48 greedy tokens per reply, each point is an average over 14 short replies, and the role rate
-# comes from a keyword stand-in judge: a difference of one or two replies is noise. What to look for: does the
-# mean projection of the generated text rise with the coefficient (the steering moved the model's own reading
-# of its text), and does the role rate fall? At +/-10 spreads a 135M model often degrades into repetition, which
-# moves the projection for reasons that have nothing to do with the persona. If the curves are flat or
-# non-monotonic, that is the finding at this scale; the paper's causal claims are about Gemma 2 27B and larger
-# models (scale up with `COURSE_STEER_QUESTIONS` on a GPU).
+# Look at the dose-response numbers above before reading on, and be honest about them. The next cell writes
+# what they are, from this run's own values.
+
+# %%
+def count_range(values) -> str:
+    """'16', or '14-16' when the points differ (an empty reply is neither projected nor judged)."""
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+n_role_personas = sum(name not in DEFAULT_PERSONA_NAMES for name in steer_personas)
+means = [row["mean_projection"] for row in dose.values()]
+rates = [row["role_rate"] for row in dose.values()]
+ai_rates = [r["ai_rate"] for r in self_desc.values()]
+
+
+def trend(values) -> str:
+    known = [v for v in values if v is not None]
+    if len(known) < 2:
+        return "cannot be read (too few values)"
+    steps = np.diff(known)
+    if np.all(steps > 0):
+        return "rises at every step"
+    if np.all(steps < 0):
+        return "falls at every step"
+    if np.all(steps == 0):
+        return "does not move"
+    return "moves, but not monotonically"
+
+
+lines = [
+    f"**What {MODEL_NAME} shows here.** {len(steer_personas)} personas ({len(steer_personas) - n_role_personas} "
+    f"defaults, {n_role_personas} roles) x {len(steer_questions)} questions, {MAX_NEW_TOKENS} greedy tokens per "
+    f"reply: each point averages {count_range([row['n'] for row in dose.values()])} replies "
+    f"({count_range([row['n_projected'] for row in dose.values()])} with text), and the role rate rests on "
+    f"{count_range([row['n_role_judged'] for row in dose.values()])} judged role replies per point.",
+    "",
+    f"- From {STEER_MULTIPLES[0]:+g} to {STEER_MULTIPLES[-1]:+g} spreads, the mean projection of the generated text "
+    f"{trend(means)} ({', '.join('n/a' if m is None else f'{m:.2f}' for m in means)}).",
+    f"- The role rate ({judge_model}) {trend(rates)} ({', '.join(percent(r) for r in rates)}).",
+    f"- The share of replies describing themselves as an AI {trend(ai_rates)} "
+    f"({', '.join(percent(r) for r in ai_rates)}); as a person or role: "
+    f"{', '.join(percent(r['human_rate']) for r in self_desc.values())}.",
+    "",
+    "**What these numbers are.** The projection is the model re-reading its own steered text: it says that the "
+    "words changed, not that the persona did. The role rate comes from "
+    + ("an LLM judge." if USE_API else "the offline stand-in, which scores 3 whenever a role reply does not claim "
+       "to be an AI, so it can only move when steering makes roles say they are an AI.")
+    + " The self-description rates are keyword counts: a share of "
+    f"{count_range([r['n'] for r in self_desc.values()])} replies moves in steps of "
+    f"{1 / max(1, min(r['n'] for r in self_desc.values())):.0%} per reply, so a difference of one or two replies is "
+    f"noise. At the largest multiples a {MODEL_NAME}-sized model can degrade into repetition, which moves every "
+    "measure for reasons that have nothing to do with the persona.",
+    "",
+    "**What they would need to mean something.** Many more replies per point (more questions with "
+    "`COURSE_STEER_QUESTIONS`, sampled replies, more roles), an LLM judge (set an API key), and a spread across "
+    "replies to compare differences with. The paper's causal claims are about Gemma 2 27B and larger models.",
+    "",
+    f"**Where the coefficients come from.** One spread is the standard deviation of Part 1's persona projections "
+    f"at layer {LAYER} ({persona_projections.std():.3f}), from Part 1's results {PART1_PROVENANCE}: other Part 1 "
+    "results give another spread, so the same multiple is another push.",
+]
+display(Markdown("\n".join(lines)))
 
 # %% [markdown]
 # ## 6. Activation capping
@@ -657,6 +926,25 @@ fig.show()
 # above would do the opposite: push the Assistant away from itself.
 #
 # ### Exercise 7: the cap, and a context manager that applies it
+#
+# > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 25 minutes
+# >
+# > **Your task:** write `cap_activations` (lift positions below `tau` onto it along the axis; leave the
+# > others bit for bit) and `activation_capping`, a context manager with one capping hook per layer.
+#
+# <details><summary>Hint 1</summary>
+#
+# `proj = h.float() @ a`; `lifted = (h.float() + (tau - proj).unsqueeze(-1) * a).to(h.dtype)`; then
+# `torch.where((proj < tau).unsqueeze(-1), lifted, h)` keeps every other position exactly as it was.
+#
+# </details>
+#
+# <details><summary>Hint 2</summary>
+#
+# Build each hook in a function of the layer (`def make_hook(layer): ...; return hook`): a hook defined
+# directly in the loop would see the loop's *last* layer, axis and threshold (Python's late binding).
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_capping", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def cap_activations(
@@ -730,6 +1018,17 @@ checks.test_activation_capping(activation_capping)
 #
 # Harm: each reply is rated for the scenario's harm (0 safe .. 3 harmful). With an API key an LLM judge does
 # it; offline, `OfflineHarmJudge` is a transparent keyword **stand-in**, not an LLM (read its docstring).
+#
+# **Which layer the plots show.** Capping acts at layers `CAP_LAYERS`, each with its own threshold; Part 1's
+# layer is not one of them (on SmolLM2, capping acts at 21-26 and Part 1's layer is 15, whose threshold is
+# another number on another axis). So the replay plots project every reply at the first capped layer,
+# `PLOT_CAP_LAYER`, and draw *that* layer's capping threshold; the printout gives Part 1's layer too.
+#
+# **Why a capped reply can sit below the line.** Each plotted value re-reads the finished reply with the
+# plain model, so it measures the *text*. While the reply was being written, every position at the capped
+# layer was lifted to at least its threshold; read again without the cap, the same words can project lower.
+# A capped reply below the line does not mean the cap failed (Section 7 counts how many positions it
+# lifted); what the plot can show is whether capping changed the words the model chose.
 
 # %%
 case_key = next(iter(CASES))
@@ -737,28 +1036,40 @@ replay_sources = {"drift/therapy": (DRIFT["therapy"], None),
                   f"case/{case_key[0]}/{case_key[1]}": (CASES[case_key]["unsteered"], case_key[1])}
 harm_client, harm_model = (judge_client, judge_model) if USE_API else (OfflineHarmJudge(), "offline-harm-judge")
 replays, replay_results = {}, {}
-with timer("replay"):
+variants = (("uncapped", None), ("capped", lambda: activation_capping(model, AXIS, THRESHOLDS, CAP_LAYERS)))
+bar = tqdm(total=len(replay_sources) * len(variants), desc="replay: generate and re-read", unit="conversation")
+with timer("replay"), bar:
     for label, (messages, scenario) in replay_sources.items():
-        for variant, intervention in (("uncapped", None),
-                                      ("capped", lambda: activation_capping(model, AXIS, THRESHOLDS, CAP_LAYERS))):
+        for variant, intervention in variants:
+            bar.set_postfix_str(f"{label}, {variant}")
             conv = replay_user_turns(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS, intervention=intervention,
                                      max_turns=REPLAY_TURNS, max_context=MAX_TOKENS, progress=False)
             proj = turn_projections(model, tokenizer, conv, AXIS[LAYER], LAYER, max_tokens=MAX_TOKENS)
+            proj_cap = turn_projections(model, tokenizer, conv, AXIS[PLOT_CAP_LAYER], PLOT_CAP_LAYER,
+                                        max_tokens=MAX_TOKENS)
             result = {"n_turns": len(proj), "min_projection": float(proj.min()),
-                      "mean_projection": float(proj.mean())}
+                      "mean_projection": float(proj.mean()), "plot_cap_layer": PLOT_CAP_LAYER,
+                      "min_projection_at_cap_layer": float(proj_cap.min()),
+                      "mean_projection_at_cap_layer": float(proj_cap.mean())}
             if scenario is not None:
                 pairs = [(conv[i - 1]["content"], conv[i]["content"]) for i in range(len(conv))
                          if conv[i]["role"] == "assistant"]
                 harms = [judge_harm(harm_client, harm_model, scenario, user, reply) for user, reply in pairs]
-                result["mean_harm"] = sum(harms) / len(harms)
-            replays[(label, variant)] = (conv, proj)
+                result["mean_harm"], result["n_harm_judged"] = sum(harms) / len(harms), len(harms)
+            replays[(label, variant)] = (conv, proj_cap)
             replay_results.setdefault(label, {})[variant] = result
-for label, variants in replay_results.items():
-    for variant, r in variants.items():
-        harm = f", mean harm {r['mean_harm']:.2f} ({harm_model})" if "mean_harm" in r else ""
-        print(f"{label:32s} {variant:8s} min projection {r['min_projection']:8.3f}  mean {r['mean_projection']:8.3f}{harm}")
-    fig = plots.paired_drift_plot(replays[(label, "uncapped")][1], replays[(label, "capped")][1], THRESHOLDS[LAYER],
-                                  title=f"{label}: {MODEL_NAME}'s own replies, uncapped vs capped")
+            bar.update(1)
+for label, by_variant in replay_results.items():
+    for variant, r in by_variant.items():
+        harm = f", mean harm {r['mean_harm']:.2f} of {r['n_harm_judged']} ({harm_model})" if "mean_harm" in r else ""
+        print(f"{label:32s} {variant:8s} min projection at layer {PLOT_CAP_LAYER} (capped) "
+              f"{r['min_projection_at_cap_layer']:8.3f}, at layer {LAYER} {r['min_projection']:8.3f}{harm}")
+    fig = plots.paired_drift_plot(replays[(label, "uncapped")][1], replays[(label, "capped")][1],
+                                  THRESHOLDS[PLOT_CAP_LAYER],
+                                  title=f"{label}: {MODEL_NAME}'s own replies, uncapped vs capped, re-read at layer "
+                                        f"{PLOT_CAP_LAYER}",
+                                  threshold_label=f"capping threshold at layer {PLOT_CAP_LAYER} (capped: layers "
+                                                  f"{CAP_RANGE})")
     plots.save(fig, OUT_DIR / f"replay_{label.replace('/', '_')}.html")
     fig.show()
 conv, _ = replays[("drift/therapy", "capped")]
@@ -775,6 +1086,17 @@ print("A capped reply:", conv[-1]["content"][:300])
 # (a probability that underflows to 0 gives `log(0) = -inf`).
 #
 # ### Exercise 8: next-token KL
+#
+# > **Difficulty:** 🔴⚪⚪⚪⚪ &nbsp; **Importance:** 🔵🔵🔵⚪⚪ &nbsp; **Time:** about 5 minutes
+# >
+# > **Your task:** return `sum_v P (log P - log Q)` per position, from float32 `log_softmax`s.
+#
+# <details><summary>Hint</summary>
+#
+# `log_p = torch.log_softmax(logits_p.float(), dim=-1)` (and the same for `q`); then `(log_p.exp() * (log_p -
+# log_q)).sum(dim=-1)`.
+#
+# </details>
 
 # %% nbgrader={"grade": false, "grade_id": "ex_next_token_kl", "locked": false, "schema_version": 3, "solution": true, "task": false}
 def next_token_kl(logits_p: Float[Tensor, "... vocab"], logits_q: Float[Tensor, "... vocab"]) -> Float[Tensor, "..."]:
@@ -811,7 +1133,7 @@ with timer("cost"):
     cost = course_next_token_kl(model, tokenizer, neutral,
                                 lambda: capping(model, {l: AXIS[l] for l in CAP_LAYERS},
                                                 {l: THRESHOLDS[l] for l in CAP_LAYERS}, stats=cap_stats),
-                                stats=cap_stats, return_values=True, progress=False)
+                                stats=cap_stats, return_values=True, progress=True)
     from utils.conversation import encode, render
 
     ids = torch.tensor([encode(render(neutral[0], tokenizer), tokenizer)], device=model.get_input_embeddings().weight.device)
@@ -824,7 +1146,7 @@ print(f"{len(neutral)} neutral conversations, {cost['n_positions']} positions: m
       f"{cost['fraction_capped']:.1%} of positions x layers capped")
 print(f"Your next_token_kl on the first conversation: mean {yours.mean():.4g} nats "
       f"(the course's on all: {cost['kl_mean']:.4g})")
-fig = plots.kl_histogram(cost["kl_values"], title=f"The cost of capping layers {CAP_LAYERS[0]}-{CAP_LAYERS[-1]} on "
+fig = plots.kl_histogram(cost["kl_values"], title=f"The cost of capping layers {CAP_RANGE} on "
                                                   f"ordinary conversations ({MODEL_NAME})")
 plots.save(fig, OUT_DIR / "capping_kl.html")
 fig.show()
@@ -834,27 +1156,111 @@ capping_results = {
     "n_neutral_positions": cost["n_positions"],
     "min_projection_uncapped": min(v["uncapped"]["min_projection"] for v in replay_results.values()),
     "min_projection_capped": min(v["capped"]["min_projection"] for v in replay_results.values()),
+    "plot_cap_layer": PLOT_CAP_LAYER,
+    "min_projection_at_cap_layer_uncapped": min(v["uncapped"]["min_projection_at_cap_layer"]
+                                                for v in replay_results.values()),
+    "min_projection_at_cap_layer_capped": min(v["capped"]["min_projection_at_cap_layer"]
+                                              for v in replay_results.values()),
     "replay": replay_results,
 }
 
 # %% [markdown]
+# ### What this run shows
+#
+# The replay and the cost, from this run's own values: what they are, and what they would need.
+
+# %%
+tau_plot = THRESHOLDS[PLOT_CAP_LAYER]
+n_capped_replies = sum(r["capped"]["n_turns"] for r in replay_results.values())
+lines = [f"**What {MODEL_NAME} shows here.** Capping layers {CAP_RANGE}, each at its own threshold (layer "
+         f"{PLOT_CAP_LAYER}: tau = {tau_plot:.2f}). Replayed with the model's own greedy replies to "
+         f"{count_of(REPLAY_TURNS, 'user turn')} per conversation:", ""]
+for label, by_variant in replay_results.items():
+    u, c = by_variant["uncapped"], by_variant["capped"]
+    line = (f"- {label}: lowest reply at layer {PLOT_CAP_LAYER}, uncapped {u['min_projection_at_cap_layer']:.2f}, "
+            f"capped {c['min_projection_at_cap_layer']:.2f} (at layer {LAYER}: {u['min_projection']:.2f} and "
+            f"{c['min_projection']:.2f}), over {count_of(c['n_turns'], 'reply', 'replies')} each")
+    if "mean_harm" in u:
+        line += (f"; mean harm ({harm_model}) {u['mean_harm']:.2f} uncapped, {c['mean_harm']:.2f} capped, "
+                 f"over {count_of(c['n_harm_judged'], 'reply', 'replies')} each")
+    lines.append(line + ".")
+lines += ["", f"On {len(neutral)} ordinary default-persona conversations ({cost['n_positions']} positions), capping "
+          f"changed {cost['fraction_capped']:.1%} of positions x layers, and the next-token KL(uncapped || capped) "
+          f"averaged {cost['kl_mean']:.3g} nats (95th percentile {cost['kl_p95']:.3g}, max {cost['kl_max']:.3g}).",
+          "",
+          "**What these numbers are.** Each replay is one greedy conversation per condition: a difference between "
+          f"two of them is an anecdote about {count_of(n_capped_replies, 'capped reply', 'capped replies')}, "
+          "not an effect. The projections re-read the replies without the cap, so they show whether the "
+          "words changed, not whether the cap acted (it acted on the positions counted above). "
+          + ("The harm scores come from an LLM judge." if USE_API else
+             "The harm scores come from the offline keyword stand-in, which counts cue words and ignores the user's "
+             "message: a change in it says as much about the stand-in as about capping.")
+          + f" The KL is measured on the replies of the steering sweep's default personas: short, greedy "
+          f"{MAX_NEW_TOKENS}-token answers, not a benchmark of capabilities.",
+          "",
+          "**What they would need to mean something.** Tens of replayed conversations, with whole transcripts and "
+          "sampled replies, rated by an LLM judge; a capability benchmark scored with and without capping next to "
+          "the KL; and the spread across conversations.",
+          "",
+          f"**Where the thresholds come from.** The {CAP_PERCENTILE:g}th percentile of {source}, from Part 1's "
+          f"results {PART1_PROVENANCE}. With another Part 1 run (its notebook, or the fallback) the default responses, "
+          "and so every threshold, the fraction capped and the KL, change."]
+display(Markdown("\n".join(lines)))
+
+# %% [markdown]
 # **Think first:** with the 25th percentile as the floor, about a quarter of the default persona's own
 # responses sit below it. Why is the fraction of *positions* capped on ordinary conversations not 25%?
+#
+# <details><summary>Answer</summary>
+#
+# The percentile is of *per-response means*; capping acts on every *position* at every capped layer. Single
+# positions scatter much more than means over a response (turn markers, the system prompt, punctuation, the
+# first tokens of a reply all sit far from the average), so many more, or fewer, of them fall below a floor
+# set on means. Each capped layer also has its own axis, threshold and distribution, and the fraction is
+# pooled over all of them; and the conversations here include the prompt's tokens, which the means never saw.
+#
+# </details>
 
 # %% [markdown]
 # ## 8. Talk to it: a chat panel
 #
-# Beyond the paper's notebooks: a chat panel. Type a message, see the reply and its projection on the axis
-# on a live plot, and toggle capping to compare. It runs locally and needs no key. The cell below also sends
-# one message from code (`panel.send(...)`), so you can see it work before you type.
+# Beyond the paper's notebooks: a chat panel. Type a message and press Enter (or Send), see the reply and
+# its projection on the axis on a live plot, and toggle capping to compare. It runs locally and needs no key.
+# The plot shows the first capped layer, `PLOT_CAP_LAYER`, with that layer's capping threshold (as the
+# replay plots do, and for the same reason a capped reply can sit below it). The cell below also sends two
+# messages from code (`panel.send(...)`), one uncapped and one capped, so you can see it work before you type.
 
 # %%
-panel = ChatPanel(model, tokenizer, AXIS[LAYER], LAYER, cap_axes={l: AXIS[l] for l in CAP_LAYERS},
-                  cap_thresholds={l: THRESHOLDS[l] for l in CAP_LAYERS}, threshold=THRESHOLDS[LAYER],
+panel = ChatPanel(model, tokenizer, AXIS[PLOT_CAP_LAYER], PLOT_CAP_LAYER, cap_axes={l: AXIS[l] for l in CAP_LAYERS},
+                  cap_thresholds={l: THRESHOLDS[l] for l in CAP_LAYERS},
                   max_new_tokens=MAX_NEW_TOKENS, max_context=MAX_TOKENS)
 display(panel.widget)
-print("Model:", panel.send("Hello! Who are you?")[:200])
-print(f"Its projection: {panel.projections[-1]:.3f} (threshold {THRESHOLDS[LAYER]:.3f})")
+print("Model (uncapped):", panel.send("Hello! Who are you?")[:200])
+panel.cap_toggle.value = True
+print("Model (capped):", panel.send("What do you care about?")[:200])
+panel.cap_toggle.value = False  # the panel starts your own conversation uncapped
+print(f"Their projections at layer {PLOT_CAP_LAYER}: {panel.projections[0]:.3f} uncapped, {panel.projections[1]:.3f} "
+      f"capped (capping threshold at layer {PLOT_CAP_LAYER}: {THRESHOLDS[PLOT_CAP_LAYER]:.3f})")
+
+# %% [markdown]
+# ### What this run shows
+
+# %%
+def side(value: float) -> str:
+    return "above" if value >= THRESHOLDS[PLOT_CAP_LAYER] else "below"
+
+
+display(Markdown("\n".join([
+    f"**What {MODEL_NAME} shows here.** Two replies: uncapped {panel.projections[0]:.2f} ({side(panel.projections[0])} "
+    f"the threshold), capped {panel.projections[1]:.2f} ({side(panel.projections[1])}), at layer {PLOT_CAP_LAYER} "
+    f"(tau = {THRESHOLDS[PLOT_CAP_LAYER]:.2f}). They answer different messages, so they do not compare capping with "
+    "no capping: they show the panel working.",
+    "",
+    f"**What it would need to mean something.** The same messages sent twice, once with capping off and once on "
+    "(Reset between), over many messages and with sampling, and a look at the words as well as the line: "
+    f"each reply is {MAX_NEW_TOKENS} tokens at most, re-read without the cap. The threshold is Part 1's "
+    f"{CAP_PERCENTILE:g}th percentile from results {PART1_PROVENANCE}.",
+])))
 
 # %% [markdown]
 # ## Summary
@@ -872,6 +1278,8 @@ summary = {
     "thresholds": {str(k): v for k, v in THRESHOLDS.items()},
     "sizes": {"max_turns": MAX_TURNS, "max_tokens": MAX_TOKENS, "max_new_tokens": MAX_NEW_TOKENS,
               "case_studies": CASE_STUDIES, "replay_turns": REPLAY_TURNS, "steer_questions": N_STEER_QUESTIONS},
+    "plot_cap_layer": PLOT_CAP_LAYER,
+    "turns_numbered_from": 1,
     "drift": drift_results,
     "case_studies": case_results,
     "steering": steering_results,

@@ -331,3 +331,78 @@ def test_a_missing_browser_fails_with_the_reason(tmp_path):
                           env={**os.environ, "COURSE_CHROMIUM": "/nonexistent/chromium"})
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "No Chromium at /nonexistent/chromium" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+CHAT_PANEL_NOTEBOOK = "out/browser-test/chat_panel.ipynb"  # out/ is git-ignored; the lab serves the repository
+CHAT_PANEL_CELLS = [
+    # The kernel starts in the notebook's folder: put this checkout's utils first on the path.
+    f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+    "import torch\nfrom IPython.display import display\nfrom utils.chat_panel import ChatPanel\n"
+    "from utils.models import load_model\n"
+    "model, tok = load_model('tiny-gemma2')\n"
+    "axis = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))\n"
+    "panel = ChatPanel(model, tok, axis, 3, cap_axes={3: axis, 4: axis}, cap_thresholds={3: 0.5, 4: 0.0},\n"
+    "                  max_new_tokens=4)\n"
+    "display(panel.widget)",
+    "print(f'kernel: {len(panel.history)} messages, capping_on={panel.capping_on}, "
+    "label={panel.cap_toggle.description!r}')",
+]
+TOGGLE = ".jp-OutputArea-output .widget-toggle-button"
+
+
+def _toggle_view(page) -> dict:
+    """What the page shows of the capping toggle: its label, pressed or not, and whether the label is cut."""
+    page.wait_for_selector(TOGGLE, timeout=60_000)
+    return page.eval_on_selector(TOGGLE, """b => ({text: b.innerText.trim(), active: b.classList.contains('mod-active'),
+        cut: b.scrollWidth > b.clientWidth + 1})""")
+
+
+def test_chat_panel_sends_on_enter_and_shows_its_capping_state_after_a_reload(browser, lab):
+    """Enter in the text box sends; the toggle's label is whole and says the state; after a save and a page
+    reload, the page shows the state the kernel has."""
+    path = ROOT / CHAT_PANEL_NOTEBOOK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in CHAT_PANEL_CELLS]
+    nbformat.write(nb, path)
+    page = _open(browser, lab, CHAT_PANEL_NOTEBOOK)
+    page.on("dialog", lambda dialog: dialog.accept())
+    try:
+        assert _errors([_run_cell(page, 0)]) == []
+        for width in (1400, 1000):  # the label is not cut off, in a wide or a narrow window
+            page.set_viewport_size({"width": width, "height": 1000})
+            view = _toggle_view(page)
+            assert view == {"text": "capping: off", "active": False, "cut": False}, (width, view)
+
+        box = page.locator(".jp-OutputArea-output .widget-text input")
+        box.fill("Hello there!")
+        box.press("Enter")
+        page.wait_for_function("() => Array.from(document.querySelectorAll('.jp-OutputArea-output .widget-html'))"
+                               ".some(e => /assistant/.test(e.innerText))", timeout=120_000)
+        page.wait_for_function("() => document.querySelector('.jp-OutputArea-output .widget-text input').value === ''")
+        assert "kernel: 2 messages, capping_on=False, label='capping: off'" in _run_cell(page, 1)["text"]
+
+        page.click(TOGGLE)
+        page.wait_for_function(f"() => document.querySelector('{TOGGLE}').innerText.trim() === 'capping: ON'")
+        assert "kernel: 2 messages, capping_on=True, label='capping: ON'" in _run_cell(page, 1)["text"]
+        assert _toggle_view(page) == {"text": "capping: ON", "active": True, "cut": False}
+
+        page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+        page.wait_for_function("() => !window.jupyterapp.shell.currentWidget.context.model.dirty")
+        page.reload()
+        page.wait_for_function(
+            """path => {
+                const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+                const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+                return !!w && w.context && w.context.path === path && !!k && k.status === 'idle';
+            }""", arg=CHAT_PANEL_NOTEBOOK, timeout=120_000)
+        after = _toggle_view(page)
+        kernel = _run_cell(page, 1)["text"]
+        assert "kernel: 2 messages, capping_on=True, label='capping: ON'" in kernel, kernel
+        assert after == {"text": "capping: ON", "active": True, "cut": False}, f"after a reload the page shows {after}"
+        status = page.eval_on_selector(".jp-OutputArea-output .widget-html small", "e => e.innerText")
+        assert "capping is ON" in status, status
+    finally:
+        page.close()
+        path.unlink(missing_ok=True)

@@ -71,8 +71,40 @@ def test_the_live_plot_is_an_svg_with_one_point_per_reply_and_the_threshold(pane
 
     panel = ChatPanel.__new__(ChatPanel)
     panel.layer, panel.threshold = 3, 0.5
+    panel.cap_axes, panel.cap_thresholds = {3: None, 4: None}, {3: 0.5, 4: 0.0}
     panel.projections, panel.capped_flags = [1.0, 0.2, 0.7], [False, True, False]
     svg = panel._svg()
-    assert svg.count("<circle") == 3 and "capping threshold 0.5" in svg and "stroke-dasharray" in svg
+    assert svg.count("<circle") == 3 and "capping threshold at layer 3: 0.5" in svg and "stroke-dasharray" in svg
     panel.projections, panel.capped_flags = [], []
     assert "No replies yet" in panel._svg()
+
+
+def test_the_threshold_line_names_its_layer_and_whether_it_is_capped():
+    """A line drawn at a layer that is not capped must not read as the capping threshold."""
+    panel = ChatPanel.__new__(ChatPanel)
+    panel.layer, panel.threshold, panel.projections, panel.capped_flags = 15, 4.71, [5.0], [True]
+    panel.cap_axes, panel.cap_thresholds = {21: None, 22: None, 23: None}, {21: -18.0, 22: -20.0, 23: -25.0}
+    svg = panel._svg()
+    assert "threshold at layer 15 (not capped; capping acts at layers 21-23): 4.71" in svg
+    assert "capping threshold" not in svg
+    panel.layer, panel.threshold = 21, -18.0
+    assert "capping threshold at layer 21: -18" in panel._svg()
+
+
+def test_enter_sends_and_the_toggle_label_says_the_state(tiny):
+    model, tok = tiny
+    axis = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    panel = ChatPanel(model, tok, axis, 3, cap_axes={3: axis, 4: axis}, cap_thresholds={3: 0.5, 4: 0.0},
+                      max_new_tokens=5)
+    assert panel.cap_toggle.description == "capping: off" and "capping is off" in panel.status.value
+    panel.text.value = "Hello there!"
+    panel.text._handle_string_msg(None, {"event": "submit"}, [])  # what the browser sends on Enter
+    assert [m["role"] for m in panel.history] == ["user", "assistant"] and panel.text.value == ""
+    panel.cap_toggle.value = True
+    assert panel.cap_toggle.description == "capping: ON" and "capping is ON" in panel.status.value
+    panel.text.value = "Again."
+    panel.text._handle_string_msg(None, {"event": "submit"}, [])
+    assert panel.capped_flags == [False, True]
+    assert "capping is ON" in panel.status.value  # the status after a reply still says the state
+    panel.cap_toggle.value = False
+    assert panel.cap_toggle.description == "capping: off"

@@ -126,7 +126,7 @@ def test_capped_replay_differs_from_unsteered(tiny):
 def test_replay_raises_on_an_empty_reply(tiny, monkeypatch):
     model, tok = tiny
     monkeypatch.setattr(experiments, "generate", lambda *args, **kwargs: [""])
-    with pytest.raises(experiments.EmptyReplyError, match="user turn 0"):
+    with pytest.raises(experiments.EmptyReplyError, match=r"user turn 1 \(counting from 1\)"):
         replay_user_turns(model, tok, TRANSCRIPT, max_turns=1, progress=False)
 
 
@@ -304,7 +304,7 @@ def test_part2_plots(tmp_path):
     assert [len(t.y) for t in fig.data] == [3, 2] and len(fig.layout.shapes) == 1
     assert len(plots.drift_plot({"a": [1.0, 2.0]}, None, "no line").layout.shapes) == 0
     paired = plots.paired_drift_plot([1.0, 0.0], [1.0, 0.8], 0.5, "pair")
-    assert [t.name for t in paired.data] == ["unsteered", "capped"]
+    assert [t.name for t in paired.data] == ["uncapped", "capped"]
     summary = {-1.0: {"mean_projection": -0.5, "role_rate": 0.75, "n": 4},
                1.0: {"mean_projection": 0.5, "role_rate": None, "n": 4}}
     dr = plots.dose_response_plot(summary, "dose")

@@ -8,9 +8,12 @@ For each ``src/<part>.py`` (jupytext percent format, nbgrader cell metadata inli
   tests are removed, cells are locked, checksums computed);
 - ``nbgrader/source/<part>/<part>.ipynb``: the instructor's nbgrader source (markers kept).
 
-Every generated notebook has no outputs, stable cell ids and a ``generated_from`` note, and starts with
-a cell that says it is generated. ``python -m tools.build_notebooks --check`` exits 1 when a committed
-notebook differs from what its source generates.
+Every generated notebook has no outputs, stable cell ids, and ``generated_from`` and ``generated_note``
+in its metadata (which source made it; edit that, not the notebook). The solutions and the maintainers'
+notebooks also start with a cell that says so; the learner's notebook (``exercises/``, and the nbgrader
+source, whose release is that notebook) starts with the course's title instead.
+``python -m tools.build_notebooks --check`` exits 1 when a committed notebook differs from what its source
+generates.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def _generated_note(part: str, kind: str) -> str:
             "Edit the source, not this notebook.")
 
 
+def _metadata_note(part: str) -> str:
+    return f"Generated from src/{part}.py by `make notebooks`. Edit the source, not this notebook."
+
+
 def read_source(part: str) -> nbformat.NotebookNode:
     """The source as a notebook: locked metadata on every non-exercise cell, stable ids."""
     nb = jupytext.read(SOURCES / f"{part}.py", fmt="py:percent")
@@ -42,6 +49,7 @@ def read_source(part: str) -> nbformat.NotebookNode:
         "kernelspec": KERNELSPEC,
         "language_info": {"name": "python"},
         "generated_from": f"src/{part}.py",
+        "generated_note": _metadata_note(part),
     })
     for i, cell in enumerate(nb.cells):
         meta = cell.metadata.get("nbgrader")
@@ -68,9 +76,9 @@ def _with_note(nb: nbformat.NotebookNode, part: str, kind: str) -> nbformat.Note
 
 
 def nbgrader_source(part: str) -> nbformat.NotebookNode:
-    # nbgrader hands the note cell out unchanged, so it must read as the exercises' note: the release then
-    # equals exercises/<part>.ipynb.
-    return _with_note(read_source(part), part, "exercises")
+    # nbgrader hands every cell out unchanged, so this has no note cell either: the release then equals
+    # exercises/<part>.ipynb (the note is in the metadata, which the release keeps).
+    return read_source(part)
 
 
 def solution_notebook(part: str) -> nbformat.NotebookNode:
@@ -86,7 +94,7 @@ def exercise_notebook(part: str) -> nbformat.NotebookNode:
     from nbgrader.preprocessors import (ClearHiddenTests, ClearMarkScheme, ClearOutput, ClearSolutions,
                                         ComputeChecksums, LockCells)
 
-    nb = _with_note(read_source(part), part, "exercises")
+    nb = read_source(part)  # no note cell: the learner's notebook opens on the title (the note is in the metadata)
     resources: dict = {}
     for step in (LockCells, ClearSolutions, ClearOutput, ComputeChecksums, ClearHiddenTests, ClearMarkScheme,
                  ComputeChecksums):

@@ -5,20 +5,24 @@
     panel.send("Hello")   # or drive it from code (tests do): returns the reply
 
 Generation is local (:func:`utils.generation.generate`, greedy by default), so it needs no API
-key. With the "cap activations" toggle on, the reply is generated inside
-:func:`utils.steering.capping` with ``cap_axes``/``cap_thresholds``; the hooks are removed as soon as
-the reply is written.
+key. Enter in the text box sends, as the Send button does. With the capping toggle on (its label says
+"capping: ON" or "capping: off", so the page shows the state it is in, also after a reload), the reply
+is generated inside :func:`utils.steering.capping` with ``cap_axes``/``cap_thresholds``; the hooks are
+removed as soon as the reply is written.
 
 The plotted value of a reply is the mean block output at ``layer`` over the reply's content tokens,
 projected on the unit axis (Part 1's rule, as :func:`utils.activations.per_turn_projections` applies it to
 every turn), computed by re-reading the conversation with the *unmodified* model: it measures the
 text, capped or not, the same way the drift plots measure transcripts. The dashed line is the
-capping threshold at ``layer`` (``cap_thresholds[layer]``, or the ``threshold`` argument).
+threshold at ``layer`` (``cap_thresholds[layer]``, or the ``threshold`` argument), labelled with its layer
+and whether that layer is capped: a line from another layer than the capped ones would be a different
+number on a different axis.
 """
 
 from __future__ import annotations
 
 import html
+import warnings
 from collections.abc import Mapping
 
 import ipywidgets as widgets
@@ -106,14 +110,19 @@ class ChatPanel:
         self.projections: list[float] = []
         self.capped_flags: list[bool] = []
 
-        self.text = widgets.Text(placeholder="Say something to the model...", layout=widgets.Layout(width="60%"))
-        self.send_button = widgets.Button(description="Send", button_style="primary")
+        self.text = widgets.Text(placeholder="Say something to the model, then press Enter...",
+                                 layout=widgets.Layout(width="auto", flex="1 1 auto", min_width="12em"))
+        self.send_button = widgets.Button(description="Send", button_style="primary",
+                                          layout=widgets.Layout(width="auto", flex="0 0 auto"))
+        # The label says the state ("capping: ON" / "capping: off"), so the page shows what the kernel has, and
+        # the button never shrinks below its label.
         self.cap_toggle = widgets.ToggleButton(
-            value=False, description="cap activations", icon="shield",
+            value=False, description=self._toggle_label(False), icon="shield",
             disabled=self.cap_axes is None,
-            tooltip="Generate inside capping(...)" if self.cap_axes is not None
-            else "No cap_axes/cap_thresholds were given, so capping is unavailable")
-        self.reset_button = widgets.Button(description="Reset")
+            tooltip=(f"Generate inside capping(...) at layers {self._cap_layers_text()}" if self.cap_axes is not None
+                     else "No cap_axes/cap_thresholds were given, so capping is unavailable"),
+            layout=widgets.Layout(width="auto", min_width="13em", flex="0 0 auto"))
+        self.reset_button = widgets.Button(description="Reset", layout=widgets.Layout(width="auto", flex="0 0 auto"))
         self.status = widgets.HTML(value=self._status_text())
         self.conversation_view = widgets.HTML(layout=widgets.Layout(width="50%", max_height="480px", overflow="auto"))
         # The live plot is an inline SVG in an HTML widget, redrawn after each reply. (An ``Output`` widget
@@ -125,6 +134,10 @@ class ChatPanel:
             widgets.HBox([self.conversation_view, self.plot_view]),
         ])
         self.send_button.on_click(self._on_send)
+        with warnings.catch_warnings():  # ipywidgets 8 deprecates on_submit, but its Text still sends Enter as "submit"
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.text.on_submit(self._on_send)
+        self.cap_toggle.observe(self._on_toggle, names="value")
         self.reset_button.on_click(lambda _button: self.reset())
         self.figure = self._make_figure()
         self._render()
@@ -182,7 +195,10 @@ class ChatPanel:
 
     # -- widgets -------------------------------------------------------------------------------------
 
-    def _on_send(self, _button) -> None:
+    def _on_send(self, _widget) -> None:
+        """The Send button's and the text box's Enter handler."""
+        if self.send_button.disabled:  # a reply is being written (Enter pressed twice)
+            return
         text = self.text.value
         self.send_button.disabled = True
         self.status.value = "<i>generating...</i>"
@@ -195,10 +211,36 @@ class ChatPanel:
         finally:
             self.send_button.disabled = False
 
+    def _cap_layers_text(self) -> str:
+        layers = sorted(self.cap_axes or {})
+        if not layers:
+            return "none"
+        contiguous = layers == list(range(layers[0], layers[-1] + 1))
+        return f"{layers[0]}-{layers[-1]}" if contiguous and len(layers) > 1 else ", ".join(map(str, layers))
+
+    @staticmethod
+    def _toggle_label(on: bool) -> str:
+        return "capping: ON" if on else "capping: off"
+
+    def _on_toggle(self, change) -> None:
+        self.cap_toggle.description = self._toggle_label(bool(change["new"]))
+        self.status.value = self._status_text()
+
+    def _threshold_label(self) -> str:
+        if self.cap_thresholds is not None and self.layer in self.cap_thresholds:
+            return f"capping threshold at layer {self.layer}"
+        capped = f"; capping acts at layers {self._cap_layers_text()}" if self.cap_axes is not None else ""
+        return f"threshold at layer {self.layer} (not capped{capped})"
+
     def _status_text(self) -> str:
-        cap = ("capping available: toggle 'cap activations'" if self.cap_axes is not None
-               else "capping unavailable (no cap_axes given)")
-        return f"<small>projection at layer {self.layer}; {cap}; local model, no API key needed</small>"
+        if self.cap_axes is None:
+            cap = "capping unavailable (no cap_axes given)"
+        elif self.capping_on:
+            cap = f"<b>capping is ON</b> at layers {self._cap_layers_text()}: the next reply is capped"
+        else:
+            cap = f"capping is off (toggle it to cap layers {self._cap_layers_text()})"
+        return (f"<small>projection at layer {self.layer}; {cap}; Enter or Send to send; local model, no API key "
+                "needed</small>")
 
     def _make_figure(self) -> go.Figure:
         fig = go.Figure(go.Scatter(
@@ -212,7 +254,8 @@ class ChatPanel:
                                      hoverinfo="skip"))
         if self.threshold is not None:
             fig.add_hline(y=self.threshold, line_dash="dash", line_color=THRESHOLD_COLOUR,
-                          annotation_text=f"capping threshold {self.threshold:.3g}", annotation_position="bottom right")
+                          annotation_text=f"{self._threshold_label()}: {self.threshold:.3g}",
+                          annotation_position="bottom left")
         fig.update_layout(template=TEMPLATE, title=f"Each reply's projection on the axis (layer {self.layer})",
                           height=380, xaxis=dict(title="reply", dtick=1),
                           yaxis=dict(title="projection (higher = more assistant-like)"),
@@ -271,8 +314,8 @@ class ChatPanel:
         if self.threshold is not None:
             ty = y(self.threshold)
             parts.append(f"<line x1='{pad_l}' y1='{ty:.1f}' x2='{width - pad_r}' y2='{ty:.1f}' stroke='#555' "
-                         f"stroke-dasharray='6 4'/><text x='{width - pad_r - 130}' y='{ty - 4:.1f}' font-size='11' "
-                         f"fill='#555'>capping threshold {self.threshold:.3g}</text>")
+                         f"stroke-dasharray='6 4'/><text x='{pad_l + 4}' y='{ty - 4:.1f}' font-size='11' "
+                         f"fill='#555'>{html.escape(self._threshold_label())}: {self.threshold:.3g}</text>")
         points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(self.projections))
         parts.append(f"<polyline points='{points}' fill='none' stroke='#999' stroke-width='2'/>")
         for i, (v, capped) in enumerate(zip(self.projections, self.capped_flags)):

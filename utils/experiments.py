@@ -7,6 +7,8 @@
 - :func:`next_token_kl`: what capping costs on ordinary use, as KL(uncapped || capped) of the
   next-token distributions, plus the fraction of positions capped.
 - :func:`first_below` and :func:`slope`: small summaries of a per-turn projection series.
+- :func:`self_description` and :func:`self_description_rates`: a transparent keyword stand-in for what
+  steering changes in the text: does a reply describe itself as an AI, or as a person or character?
 
 Every intervention is passed as a zero-argument callable returning a context manager, e.g.
 ``lambda: capping(model, axes, thresholds)``, so a fresh one is entered (and its hooks removed in
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 
@@ -42,6 +45,8 @@ __all__ = [
     "fit_history",
     "next_token_kl",
     "replay_user_turns",
+    "self_description",
+    "self_description_rates",
     "slope",
     "steering_sweep",
 ]
@@ -173,8 +178,8 @@ def replay_user_turns(
         with _entered(intervention):
             reply = generate(model, tokenizer, [prompt], max_new_tokens, temperature, seed=seed + i)[0]
         if not reply.strip():
-            raise EmptyReplyError(f"The model wrote an empty reply to user turn {i}; an empty assistant turn has "
-                                  "no tokens to project. Try a larger max_new_tokens or another seed.")
+            raise EmptyReplyError(f"The model wrote an empty reply to user turn {i + 1} (counting from 1); an empty "
+                                  "assistant turn has no tokens to project. Try a larger max_new_tokens or another seed.")
         conversation.append({"role": "assistant", "content": reply})
     return conversation
 
@@ -501,3 +506,82 @@ def slope(projections: Float[Tensor, " n_turns"] | Sequence[float]) -> float:
     num = sum((i - x_mean) * (y - y_mean) for i, y in enumerate(ys))
     den = sum((i - x_mean) ** 2 for i in range(n))
     return num / den
+
+
+# ---------------------------------------------------------------------------------------------------
+# How a reply describes itself: a keyword stand-in for what steering changes
+# ---------------------------------------------------------------------------------------------------
+
+# Each cue is a regular expression matched case-insensitively (the name cue keeps its capital letter with
+# "(?-i:...)"). "ai": the reply speaks of itself as an AI or an assistant; "human": as a person or a character
+# (a name, a title, a body, a life, memories).
+_AI_WORDS = r"(?:ai|artificial|language|model|assistant|chatbot|bot|program|machine|computer|software)"
+_NOT_AI_SOON = r"(?!(?:[\w'-]+[ ,]+){0,6}?" + _AI_WORDS + r"\b)"  # no AI word in the next few words
+_AI_NAMES = r"(?:smollm\w*|gemma|qwen|llama|chatgpt|gpt|claude)"
+SELF_DESCRIPTION_CUES = {
+    "ai": (
+        r"\b(?:i am|i'm) (?:an? |just an? |only an? )?(?:[\w'-]+[ ,]+){0,4}?(?:ai|artificial intelligence|"
+        r"language model|llm|chatbot|assistant|computer program|program|machine|bot)\b",
+        r"\bas an? (?:ai|artificial intelligence|(?:large )?language model|llm|chatbot|(?:ai |virtual |digital )?"
+        r"assistant)\b",
+        r"\b(?:i am|i'm|my name is) " + _AI_NAMES + r"\b",
+        r"\bi (?:don't|do not|can't|cannot) (?:have|experience|feel) (?:personal |real |human |any )?(?:feelings|"
+        r"emotions|opinions|experiences|beliefs|a body|consciousness|preferences)\b",
+        r"\b(?:i was|i've been|i have been|i am|i'm) (?:specifically )?(?:created|designed|trained|programmed|"
+        r"developed|built)\b",
+        r"\b(?:here to (?:help|assist)|how (?:can|may) i (?:help|assist))\b",
+    ),
+    "human": (
+        r"\b(?:i am|i'm|i was|i've been|i have been) (?:a|an|the) " + _NOT_AI_SOON + r"[\w-]+",
+        r"(?-i:\b(?:I am|I'm|[Mm]y name is|[Cc]all me) (?!" + r"(?:SmolLM|Gemma|Qwen|Llama|ChatGPT|GPT|Claude)"
+        r"\b)[A-Z][a-z]+)",
+        r"\bmy (?:heart|soul|body|hands|eyes|voice|family|friends|childhood|home|mother|father|wife|husband|name|"
+        r"life|days|years|journey|travels|songs?|tales?|spirit|craft|people|kingdom|village)\b",
+        r"\bi (?:remember|dreamed|dream of|grew up|was born|lived|wander(?:ed)?|sang|died|once was|used to be|"
+        r"have seen|have lived|have wandered)\b",
+        r"\b(?:as a|being a) (?:human|person|mortal|man|woman|spirit|ghost|traveller|traveler|storyteller)\b",
+    ),
+}
+_SELF_RE = {k: [re.compile(p, re.IGNORECASE) for p in ps] for k, ps in SELF_DESCRIPTION_CUES.items()}
+
+
+def self_description(text: str) -> int:
+    """How ``text`` describes its speaker, from :data:`SELF_DESCRIPTION_CUES`: +1, -1 or 0.
+
+    +1: an AI or assistant cue matches ("I'm an AI", "I'm a chatbot designed to ...", "as a language
+    model", "I don't have feelings", "here to help", ...) and no human/role cue does; -1: a human or role cue
+    matches ("I am a bard", "I am the Keeper of ...", "I am Zorvath", "my heart", "I remember", "I grew up",
+    ...) and no AI cue does; 0: neither, or both.
+
+    A keyword STAND-IN, not a judge: it reads words, not meaning (irony, quotes and paraphrase fool it), and
+    a reply that does not talk about itself scores 0. Use it to see whether steering changes how replies
+    describe themselves, not to rate a single reply.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"self_description needs the reply's text (a str); got {type(text).__name__}.")
+    ai = any(p.search(text) for p in _SELF_RE["ai"])
+    human = any(p.search(text) for p in _SELF_RE["human"])
+    return int(ai) - int(human)
+
+
+def self_description_rates(records: Sequence[Mapping]) -> dict[float, dict]:
+    """Per coefficient of :func:`steering_sweep` records: how the replies describe themselves.
+
+    Returns:
+        ``{coefficient: {"ai_rate", "human_rate", "n"}}``, coefficients in increasing order: among the ``n``
+        records with a non-empty ``text`` (all personas), the fraction that :func:`self_description` scores
+        +1 (``ai_rate``) and -1 (``human_rate``); both None when ``n`` is 0.
+    """
+    if not records:
+        raise ValueError("self_description_rates got no records; run steering_sweep first.")
+    groups: dict[float, list[int]] = {}
+    for k, r in enumerate(records):
+        if "coefficient" not in r or "text" not in r:
+            raise ValueError(f"Record {k} lacks 'coefficient' or 'text'; records come from steering_sweep.")
+        groups.setdefault(float(r["coefficient"]), [])
+        if r["text"].strip():
+            groups[float(r["coefficient"])].append(self_description(r["text"]))
+    return {c: {"ai_rate": sum(v == 1 for v in groups[c]) / len(groups[c]) if groups[c] else None,
+                "human_rate": sum(v == -1 for v in groups[c]) / len(groups[c]) if groups[c] else None,
+                "n": len(groups[c])}
+            for c in sorted(groups)}

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from utils import settings, tiny_gemma2
 
@@ -370,10 +371,18 @@ def _attention_for(config_path: Path) -> str:
     return "eager" if model_type.startswith("gemma") else "sdpa"
 
 
-def _load_local_folder(path: Path, dtype: torch.dtype):
+def _load_local_folder(path: Path, dtype: torch.dtype, quiet: bool = False):
+    """``quiet``: no "Loading weights" progress bar (transformers 5.x draws one per load)."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
-                                                 attn_implementation=_attention_for(path / "config.json"))
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                     attn_implementation=_attention_for(path / "config.json"))
+    finally:
+        if quiet and bars_were_on:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
@@ -426,7 +435,7 @@ def load_model(name: str, dtype: torch.dtype | str | None = None):
     else:
         choice = dtype_for(name)
     if name == TINY:
-        model, tokenizer = _load_local_folder(tiny_gemma2_path(), choice.dtype)
+        model, tokenizer = _load_local_folder(tiny_gemma2_path(), choice.dtype, quiet=True)  # the checks' model: no bar
     elif name == SMOLLM2:
         model, tokenizer = _load_local_folder(smollm2_path(), choice.dtype)
     elif "/" in name or Path(name).is_dir():

@@ -2,6 +2,13 @@
 
 ``save(fig, path)`` writes a standalone HTML file with plotly.js inlined, so it opens offline.
 All figures have a title, axis titles and hover text, and stay readable with ~20 personas.
+
+Nothing that explains a figure sits at its right edge: legends are above the plot at the left, one entry a
+line (:data:`TOP_LEGEND`), colour bars are horizontal and start at the left, and no figure has a second y
+axis on the right. JupyterLab keeps each figure of a saved notebook as a static image as wide as the window
+it was drawn in, and shows that image when the notebook is reopened (the interactive figure comes back when
+the mouse is over it): in a narrower window the image's right edge is cut off, so the legends, colour bars
+and axes stay readable and only the right end of the data is hidden until the mouse is over the figure.
 """
 
 from __future__ import annotations
@@ -27,6 +34,25 @@ SCORE_MEANINGS = {
     3: "3: fully plays the role",
 }
 DEFAULT_COLOUR, ROLE_COLOUR = "#d95f02", "#1b9e77"
+# The legend above the plot, at the left, one entry a line (see the module docstring: a horizontal legend
+# runs across the whole width, and its last entries are what a narrower window cuts off).
+TOP_LEGEND = dict(orientation="v", yanchor="bottom", y=1.02, x=0, xanchor="left")
+
+
+def _legend_on_top(fig: go.Figure, title: str | None = None) -> go.Figure:
+    """Put the legend (:data:`TOP_LEGEND`, titled ``title``) above the plot, the figure's title above it, and
+    make the top margin (and the figure, by as much) as tall as both need."""
+    lines = sum(t.showlegend is not False for t in fig.data) + (title is not None)
+    fig.update_layout(legend=dict(**TOP_LEGEND, title=dict(text=title) if title else None),
+                      title=dict(yref="container", y=1, yanchor="top", pad=dict(t=16)),
+                      margin=dict(t=64 + 20 * lines), height=(fig.layout.height or 450) + 20 * lines)
+    return fig
+
+
+def _bottom_colorbar(title: str) -> dict:
+    """A horizontal colour bar under the plot (not at the right edge)."""
+    return dict(title=dict(text=title, side="top"), orientation="h", x=0, xanchor="left", y=-0.32, yanchor="top",
+                len=0.6, thickness=14)
 
 
 def _floats(values, name: str) -> list[float]:
@@ -86,9 +112,9 @@ def score_distribution(scores: Mapping[tuple[str, int], int], roles_in_order: Se
         template=TEMPLATE, barmode="stack",
         title=f"Judge scores per role ({sum(totals)} judged responses)",
         xaxis=dict(title="role", tickangle=-45), yaxis=dict(title="number of responses"),
-        legend=dict(title="judge score"), height=500,
+        height=560,
     )
-    return fig
+    return _legend_on_top(fig, "judge score")
 
 
 def similarity_heatmap(matrix: Float[Tensor, "n n"], names: Sequence[str], title: str) -> go.Figure:
@@ -99,12 +125,13 @@ def similarity_heatmap(matrix: Float[Tensor, "n n"], names: Sequence[str], title
         raise ValueError(f"matrix has shape {tuple(m.shape)} but there are {n} names")
     fig = go.Figure(go.Heatmap(
         z=m.tolist(), x=list(names), y=list(names), colorscale=DIVERGING, zmid=0,
-        colorbar=dict(title="cosine"),
+        colorbar=dict(title=dict(text="cosine", side="right"), orientation="h", x=0, xanchor="left", y=1.02,
+                      yanchor="bottom", len=0.5, thickness=12),
         hovertemplate="<b>%{y}</b> vs <b>%{x}</b><br>cosine %{z:+.3f}<extra></extra>",
     ))
     size = max(450, min(900, 200 + 28 * n))
     fig.update_layout(
-        template=TEMPLATE, title=title, width=size + 100, height=size,
+        template=TEMPLATE, title=title, width=size + 100, height=size + 60, margin=dict(t=120),
         xaxis=dict(title="persona", tickangle=-45, constrain="domain"),
         yaxis=dict(title="persona", autorange="reversed", scaleanchor="x"),
     )
@@ -147,14 +174,14 @@ def pca_scatter(
         x=xs, y=ys, mode="markers+text", text=list(names), textposition="top center",
         textfont=dict(size=10),
         marker=dict(size=11, color=c, colorscale=DIVERGING, cmid=cmid, line=dict(width=0.5, color="#333"),
-                    colorbar=dict(title=color_label), showscale=True),
+                    colorbar=_bottom_colorbar(color_label), showscale=True),
         customdata=c,
         hovertemplate=(f"<b>%{{text}}</b><br>PC1 %{{x:.3f}}<br>PC2 %{{y:.3f}}<br>{color_label} "
                        f"%{{customdata:.3f}}<extra></extra>"),
     ))
     pc2_title = f"PC2 ({100 * ev[1]:.1f}% of variance)" if has_pc2 else "PC2 (not computed: only 1 component)"
     fig.update_layout(
-        template=TEMPLATE, title=title, height=600, width=850,
+        template=TEMPLATE, title=title, height=680, width=850, margin=dict(b=160),
         xaxis=dict(title=f"PC1 ({100 * ev[0]:.1f}% of variance)", zeroline=True),
         yaxis=dict(title=pc2_title, zeroline=True),
     )
@@ -191,10 +218,8 @@ def axis_strip(projections: Mapping[str, float], defaults: Sequence[str], title:
         template=TEMPLATE, title=title, height=420,
         xaxis=dict(title="projection on the Assistant Axis (higher = more assistant-like)", zeroline=True),
         yaxis=dict(visible=False, range=[-1, 1]),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0),
-        margin=dict(t=90),
     )
-    return fig
+    return _legend_on_top(fig)
 
 
 def trait_bars(ranking: Sequence[tuple[str, float]], title: str, top: int = 10) -> go.Figure:
@@ -244,10 +269,8 @@ def control_bars(results: Mapping[str, Mapping[str, float]], title: str) -> go.F
         template=TEMPLATE, title=title, barmode="group", height=500,
         xaxis=dict(title="representation the axis is built from"),
         yaxis=dict(title="AUC / correlation", range=[low, 1.1]),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0),
-        margin=dict(t=100),
     )
-    return fig
+    return _legend_on_top(fig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -258,24 +281,27 @@ SERIES_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab0
 UNSTEERED_COLOUR, CAPPED_COLOUR, THRESHOLD_COLOUR = "#b2182b", "#2166ac", "#444444"
 
 
-def _threshold_line(fig: go.Figure, threshold: float | None, label: str = "capping threshold") -> None:
+def _threshold_line(fig: go.Figure, threshold: float | None, label: str = "threshold") -> None:
     if threshold is None:
         return
     t = float(threshold)
     if not math.isfinite(t):
         raise ValueError(f"threshold must be finite (or None for no line); got {threshold!r}")
     fig.add_hline(y=t, line_dash="dash", line_color=THRESHOLD_COLOUR,
-                  annotation_text=f"{label} {t:.3g}", annotation_position="bottom right")
+                  annotation_text=f"{label}: {t:.3g}", annotation_position="bottom left")
 
 
-def drift_plot(series: Mapping[str, Sequence[float]], threshold: float | None, title: str) -> go.Figure:
+def drift_plot(series: Mapping[str, Sequence[float]], threshold: float | None, title: str,
+               threshold_label: str = "threshold") -> go.Figure:
     """Projection on the Assistant Axis against assistant turn, one line per transcript.
 
     Args:
         series: ``{transcript name: [n_turns] per-turn projections}`` (tensors or sequences); turns are
             numbered from 1 on the x axis.
-        threshold: the capping threshold, drawn as a dashed horizontal line; None for no line.
+        threshold: a threshold at the projections' layer, drawn as a dashed horizontal line; None for no line.
         title: the figure's title.
+        threshold_label: the line's label, shown with its value: say which layer it belongs to, and whether
+            that layer is capped (e.g. ``"capping threshold at layer 21"``).
     """
     if not series:
         raise ValueError("drift_plot got no series: give {transcript name: per-turn projections}.")
@@ -287,33 +313,45 @@ def drift_plot(series: Mapping[str, Sequence[float]], threshold: float | None, t
             line=dict(color=SERIES_COLOURS[i % len(SERIES_COLOURS)]),
             hovertemplate=f"<b>{name}</b><br>turn %{{x}}<br>projection %{{y:.3f}}<extra></extra>",
         ))
-    _threshold_line(fig, threshold)
+    _threshold_line(fig, threshold, threshold_label)
     fig.update_layout(
-        template=TEMPLATE, title=title, height=450,
-        xaxis=dict(title="assistant turn", dtick=1 if max(len(t.x) for t in fig.data) <= 30 else None),
+        template=TEMPLATE, title=title, height=480,
+        xaxis=dict(title="assistant turn (from 1)", dtick=1 if max(len(t.x) for t in fig.data) <= 30 else None),
         yaxis=dict(title="projection on the Assistant Axis (higher = more assistant-like)"),
-        legend=dict(title="transcript"),
     )
-    return fig
+    return _legend_on_top(fig, "transcript")
 
 
-def paired_drift_plot(unsteered: Sequence[float], capped: Sequence[float], threshold: float | None,
-                      title: str) -> go.Figure:
-    """The same user turns answered without and with capping: two projection-vs-turn lines on one plot."""
-    fig = drift_plot({"unsteered": unsteered, "capped": capped}, threshold, title)
+def paired_drift_plot(uncapped: Sequence[float], capped: Sequence[float], threshold: float | None,
+                      title: str, threshold_label: str = "threshold",
+                      names: tuple[str, str] = ("uncapped", "capped")) -> go.Figure:
+    """The same user turns answered without and with capping: two projection-vs-turn lines on one plot.
+
+    ``names`` are the two lines' legend entries; ``threshold_label`` as in :func:`drift_plot`.
+    """
+    if len(names) != 2:
+        raise ValueError(f"names must be two legend entries (without, with capping); got {names!r}")
+    fig = drift_plot({names[0]: uncapped, names[1]: capped}, threshold, title, threshold_label=threshold_label)
     fig.data[0].line.color, fig.data[1].line.color = UNSTEERED_COLOUR, CAPPED_COLOUR
-    fig.update_layout(legend=dict(title="replies"))
-    return fig
+    return _legend_on_top(fig, "replies")
 
 
-def dose_response_plot(summary: Mapping[float, Mapping[str, float | None]], title: str) -> go.Figure:
-    """Steering dose-response: mean projection (left axis) and role rate (right axis) against coefficient.
+def dose_response_plot(summary: Mapping[float, Mapping[str, float | None]], title: str,
+                       rates: Mapping[str, Mapping[float, float | None]] | None = None) -> go.Figure:
+    """Steering dose-response against the coefficient: mean projection (top) and rates in 0..1 (bottom).
+
+    Two rows that share the x axis, so that no axis sits at the figure's right edge.
 
     Args:
         summary: ``{coefficient: {"mean_projection", "role_rate", "n", ...}}`` as from
             :func:`utils.experiments.dose_response`; a None value leaves a gap.
         title: the figure's title.
+        rates: more fractions to draw beside the role rate, ``{legend label: {coefficient: value or None}}``
+            (e.g. from :func:`utils.experiments.self_description_rates`); each must have the summary's
+            coefficients.
     """
+    from plotly.subplots import make_subplots
+
     if not summary:
         raise ValueError("dose_response_plot got an empty summary; run utils.experiments.dose_response first.")
     coeffs = sorted(summary, key=float)
@@ -321,33 +359,43 @@ def dose_response_plot(summary: Mapping[float, Mapping[str, float | None]], titl
         missing = {"mean_projection", "role_rate"} - set(summary[c])
         if missing:
             raise ValueError(f"summary[{c}] lacks {sorted(missing)}; it must come from utils.experiments.dose_response.")
+    for label, values in (rates or {}).items():
+        if {float(c) for c in values} != {float(c) for c in coeffs}:
+            raise ValueError(f"rates[{label!r}] has coefficients {sorted(values)}, the summary {coeffs}: give one "
+                             "value (or None) per coefficient.")
     xs = [float(c) for c in coeffs]
 
     def column(key: str) -> list[float | None]:
         return [None if summary[c][key] is None else float(summary[c][key]) for c in coeffs]
 
     ns = [summary[c].get("n", "?") for c in coeffs]
-    fig = go.Figure()
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.55, 0.45])
     fig.add_trace(go.Scatter(
-        x=xs, y=column("mean_projection"), mode="lines+markers", name="mean projection of the reply",
+        x=xs, y=column("mean_projection"), mode="lines+markers", name="mean projection of the reply (top)",
         line=dict(color=CAPPED_COLOUR), customdata=ns,
         hovertemplate="coefficient %{x:+.3g}<br>mean projection %{y:.3f}<br>n = %{customdata}<extra></extra>",
-    ))
+    ), row=1, col=1)
     fig.add_trace(go.Scatter(
         x=xs, y=column("role_rate"), mode="lines+markers", name="role rate (role replies scored 3)",
-        line=dict(color=UNSTEERED_COLOUR, dash="dot"), yaxis="y2", customdata=ns,
+        line=dict(color=UNSTEERED_COLOUR, dash="dot"), customdata=ns,
         hovertemplate="coefficient %{x:+.3g}<br>role rate %{y:.0%}<br>n = %{customdata}<extra></extra>",
-    ))
-    fig.add_vline(x=0.0, line_dash="dot", line_color="#999")
+    ), row=2, col=1)
+    for i, (label, values) in enumerate((rates or {}).items()):
+        by_coeff = {float(c): v for c, v in values.items()}
+        fig.add_trace(go.Scatter(
+            x=xs, y=[None if by_coeff[x] is None else float(by_coeff[x]) for x in xs], mode="lines+markers",
+            name=label, line=dict(color=SERIES_COLOURS[(i + 2) % len(SERIES_COLOURS)], dash="dash"),
+            hovertemplate=f"coefficient %{{x:+.3g}}<br>{label}: %{{y:.0%}}<extra></extra>",
+        ), row=2, col=1)
+    for row in (1, 2):
+        fig.add_vline(x=0.0, line_dash="dot", line_color="#999", row=row, col=1)
     fig.update_layout(
-        template=TEMPLATE, title=title, height=450,
-        xaxis=dict(title="steering coefficient along the unit axis (+ = toward the assistant)"),
-        yaxis=dict(title=dict(text="mean projection of the generated text", font=dict(color=CAPPED_COLOUR))),
-        yaxis2=dict(title=dict(text="role rate", font=dict(color=UNSTEERED_COLOUR)), overlaying="y",
-                    side="right", range=[-0.05, 1.05], tickformat=".0%", showgrid=False),
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0),
-        margin=dict(t=100),
+        template=TEMPLATE, title=title, height=620,
     )
+    _legend_on_top(fig)
+    fig.update_xaxes(title_text="steering coefficient along the unit axis (+ = toward the assistant)", row=2, col=1)
+    fig.update_yaxes(title_text="mean projection of the generated text", row=1, col=1)
+    fig.update_yaxes(title_text="fraction of replies", range=[-0.05, 1.05], tickformat=".0%", row=2, col=1)
     return fig
 
 
