@@ -68,9 +68,8 @@ def read_source(part: str) -> nbformat.NotebookNode:
 def _with_note(nb: nbformat.NotebookNode, part: str, kind: str) -> nbformat.NotebookNode:
     nb = copy.deepcopy(nb)
     note = nbformat.v4.new_markdown_cell(_generated_note(part, kind))
-    note.id = "generated-note"
-    note.metadata = nbformat.from_dict({"nbgrader": {"grade": False, "grade_id": "generated-note", "locked": True,
-                                                     "schema_version": 3, "solution": False, "task": False}})
+    note.id = "generated-note"  # not an nbgrader cell: the nbgrader source has no note cell, so its gradebook
+    # would not know this one (a submission made from the solutions then fails autograde)
     nb.cells.insert(0, note)
     return nb
 
