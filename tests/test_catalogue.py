@@ -189,8 +189,9 @@ def _rejections():
 
 @pytest.mark.parametrize("module", [checks, checks2], ids=["part1", "part2"])
 def test_every_check_lists_its_promises_and_starts_each_stage(module):
-    """Each check (hidden ones too) declares its promises; every label it declares is a `_stage(...)` in its body or
-    in the helpers it calls, and every stage it starts is declared (a typo fails the stage at run time)."""
+    """Each check (hidden ones too) declares its promises: distinct, short labels. (That each one is a stage the check
+    reaches is the test above: each rejects a catalogued mistake. A stage a check starts without declaring it fails
+    at run time.)"""
     names = {name for name in dir(module) if name.startswith(("test_", "hidden_test_"))
              and callable(getattr(module, name))}
     assert set(module.PROMISES.labels) == names
