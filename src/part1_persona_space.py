@@ -67,8 +67,8 @@
 # This notebook follows ARENA's *Persona vectors & the Assistant Axis* exercises, and its function
 # names. Where a signature or a convention differs, it is for one of the reasons below. Every one of
 # the text's own solutions is run through these checks in the course's test suite
-# (`tests/test_arena_text.py`): the PCA and `characterize_axis` solutions pass as they are, and each
-# of the others fails with the message that names its difference.
+# (`tests/test_arena_text.py`): the judge template and `characterize_axis` solutions pass as they are,
+# and each of the others fails with the message that names its difference.
 #
 # | here | in the text | why |
 # |---|---|---|
@@ -76,12 +76,11 @@
 # | batched masks built from each row's **own token span, offset by its padding** | `position >= response_start_idx` | Gemma pads on the **left**: the text's mask is shifted by the padding there (prompt tokens in, the last response tokens out), and with no end it also takes in the end-of-turn tokens and any right padding |
 # | the mean is over the response's **content tokens** only | up to the end of the sequence | the paper's span: no `<end_of_turn>` tokens in the mean |
 # | templated text is tokenised with `add_special_tokens=False` | the default (`True`) | the template already starts with `<bos>`: a second BOS changes every activation and shifts every index by one |
-# | geometry and trait vectors in **float32**, whatever the input dtype | the vectors' own dtype | the text's persona vectors stay bf16 on a GPU, so its cosines are computed in bf16 (about 3 significant digits) |
+# | geometry and trait vectors in **float32**, whatever the input dtype | the vectors' own dtype | the text's persona vectors stay bf16 on a GPU, so its cosines are computed in bf16 (about 3 significant digits), and its PCA's `.numpy()` fails on them (numpy has no bf16) |
 # | `generate_response_api(client, model_name, ...)`, `judge_role_response(..., client, judge_model, ...)` | a global `openrouter_client` | the same code runs offline: the notebook passes a local client (batched `generate`) and a rule-based judge when there is no API key, and the checks pass fake clients |
 # | `generate_all_responses` returns `(responses, failures)` | one dict, with `""` for a failed call | a failed call stored as `""` is later judged, or averaged over, as if it were an answer |
 # | Gemma's system prompt is merged into the first user turn **here**, and kept as a system message for models whose template has one | always merged (and left to the API for generation) | generation and extraction must see the same prompt, so both use one rule; SmolLM2 has a system role. So `_normalize_messages` takes the tokenizer |
 # | the judge also fills the paper's per-role judge prompts (`eval_prompt`, slots `{question}` and `{answer}`), and reads `<score>N</score>` anywhere in the reply | its own template only; the score on the first line | the paper judged each role with its own prompt; judges often explain before they score |
-# | the judge template shows the role as `**{character}**` and the answer between `[ANSWER START]` and `[ANSWER END]` | free layout | the layout of the paper's prompts, which the offline stand-in judge reads |
 # | extraction takes **conversations** (lists of messages) | three parallel lists (system prompts, questions, responses) | one formatting path for one-turn answers, the no-system-prompt control of Section 8, and Part 2's multi-turn transcripts |
 # | `extract_persona_vectors` keeps a response whose key is **not in `scores`** | counts it as score 0 | the defaults are never judged (as in the paper) and keep all their responses; responses whose judging *failed* are removed before this call |
 # | `pca_decompose_persona_vectors` returns `(pca_coords, pca)` | `(assistant_axis, pca_coords, pca)` | one idea per exercise: the axis is Exercise 6c. Returning the text's triple is accepted too |
@@ -196,9 +195,10 @@ for name, prompt in PERSONAS.items():
 #
 # ### Exercise 1: the judge
 #
-# Write `JUDGE_PROMPT_TEMPLATE` with the placeholders `{character}`, `{question}` and `{response}`. Put
+# Write `JUDGE_PROMPT_TEMPLATE` with the placeholders `{character}`, `{question}` and `{response}`,
+# describe the 0-3 scale, and ask for `<score>N</score>`. Any clear layout works; the paper's prompts put
 # the character's name in bold (`**{character}**`) and the response between `[ANSWER START]` and
-# `[ANSWER END]`, as the paper's prompts do, and ask for `<score>N</score>`. Then write
+# `[ANSWER END]`. Then write
 # `judge_role_response`. It also accepts one of the paper's per-role judge prompts (`eval_prompt`, with
 # `{question}` and `{answer}` slots), which ask for just the number, so a reply that is exactly one
 # digit is accepted too.
@@ -361,8 +361,9 @@ def generate_response_api(
 
     For Gemma models (``"gemma"`` in ``model_name``, case-insensitive) there is no system message:
     a non-empty system prompt goes at the start of the user message as ``f"{system_prompt}\\n\\n{question}"``.
-    For other models a non-empty system prompt is its own ``system`` message. An empty system prompt
-    adds nothing in either case.
+    For other models a non-empty system prompt is its own ``system`` message. An empty (or
+    whitespace-only) system prompt adds nothing in either case. ``model_name``, ``max_tokens``,
+    ``temperature`` and ``top_p`` go into the request as they are.
 
     Returns:
         The response text, stripped of surrounding whitespace.
@@ -682,10 +683,12 @@ def extract_response_activations(
 
     Args:
         conversations: each a list of messages ending with the assistant's response.
-        layer: block index; use the output of ``model.model.layers[layer]`` (= ``hidden_states[layer + 1]``).
+        layer: block index below the last; use the output of ``model.model.layers[layer]``
+            (= ``hidden_states[layer + 1]``; the last block's entry has the final norm applied).
 
     Returns:
-        float32 CPU tensor of shape [n_conversations, d_model], one row per conversation.
+        float32 CPU tensor of shape [n_conversations, d_model], one row per conversation, for a model in any
+        dtype (bf16 included: average in float32).
     """
     ### BEGIN SOLUTION
     device = next(model.parameters()).device
@@ -765,7 +768,8 @@ def extract_response_activations_batched(
     Works for either ``tokenizer.padding_side``. Pass the attention mask to the model.
 
     Returns:
-        float32 CPU tensor of shape [n_conversations, d_model], in the order of ``conversations``.
+        float32 CPU tensor of shape [n_conversations, d_model], in the order of ``conversations``, for a model
+        in any dtype (bf16 included: sum and average in float32).
     """
     ### BEGIN SOLUTION
     device = next(model.parameters()).device
@@ -1094,7 +1098,9 @@ def characterize_axis(
         persona_vectors: name -> [d_model] (centred persona vectors, or trait vectors).
         assistant_axis: [d_model]; need not be unit norm.
     Returns:
-        name -> cosine similarity, ordered from the lowest cosine (most role-playing) to the highest.
+        name -> cosine similarity (a Python float), ordered from the lowest cosine (most role-playing) to
+        the highest. The vectors are taken as given (the notebook centres persona vectors before the call;
+        trait vectors are not centred).
     """
     ### BEGIN SOLUTION
     axis = assistant_axis.float()
@@ -1271,7 +1277,7 @@ def axis_auc(scores: Float[Tensor, " n"], positive: Bool[Tensor, " n"]) -> float
         scores: [n] float, e.g. projections on the axis.
         positive: [n] bool, True for the positive class (assistant-like).
     Returns:
-        AUC in [0, 1]; ties count one half.
+        AUC in [0, 1], a Python float; ties count one half.
     Raises:
         ValueError: if either class is empty.
     """

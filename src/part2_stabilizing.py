@@ -210,11 +210,15 @@ def parse_transcript(path: str | Path) -> list[dict[str, str]]:
 
     The file is a JSON object whose ``conversation`` is a list of ``{"role": ..., "content": ...}``.
     Rules: every message has a ``role`` and a non-empty string ``content`` (whitespace only counts as empty);
-    an optional ``system`` message comes first; after it, turns alternate ``user``, ``assistant``, ``user``,
-    ... starting with ``user``.
+    an optional ``system`` message comes first (and nowhere else); after it, turns alternate ``user``,
+    ``assistant``, ``user``, ... starting with ``user``. No other role is allowed.
+
+    Args:
+        path: the file, as a ``str`` or a ``Path``.
 
     Returns:
-        the messages as ``{"role", "content"}`` dicts, in order, content exactly as in the file.
+        the messages as ``{"role", "content"}`` dicts (any other keys left out), in order, content exactly as
+        in the file.
 
     Raises:
         TranscriptError: naming the file (its path) and the turn (the 0-based index of the message in
@@ -336,8 +340,9 @@ def turn_projections(
 ) -> Float[Tensor, " n_assistant_turns"]:
     """Each assistant turn's mean activation at ``layer``, projected on the unit axis ``axis / |axis|``.
 
-    A turn's activation is the float32 mean of the output of ``model.model.layers[layer]``
-    (= ``hidden_states[layer + 1]``) over the turn's content tokens.
+    A turn's activation is the float32 mean of the output of ``model.model.layers[layer]`` over the turn's
+    content tokens. That is ``hidden_states[layer + 1]`` for every block but the last, whose entry in
+    ``hidden_states`` has the final norm applied: a forward hook on the block reads its output at any layer.
 
     Windows (``utils.conversation.turn_windows``): if the whole conversation fits in ``max_tokens`` tokens, one
     forward pass scores every turn. Otherwise each turn is scored in the longest trailing window of whole
@@ -358,12 +363,22 @@ def turn_projections(
     windows = turn_windows(messages, tokenizer, max_tokens)
     out = torch.zeros(sum(len(w.turns) for w in windows))
     device = model.get_input_embeddings().weight.device
-    for window in windows:
-        ids = torch.tensor([window.ids], device=device)
-        with torch.inference_mode():
-            hidden = model.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0]
-        for turn, (start, end) in zip(window.turns, window.spans):
-            out[turn] = hidden[start:end].float().mean(dim=0).cpu() @ unit
+    captured = []
+
+    def keep_output(module, args, output):  # the block's own output: 4.x returns a tuple, 5.x a tensor
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = model.model.layers[layer].register_forward_hook(keep_output)
+    try:
+        for window in windows:
+            captured.clear()
+            with torch.inference_mode():
+                model.model(input_ids=torch.tensor([window.ids], device=device))
+            hidden = captured[0][0]
+            for turn, (start, end) in zip(window.turns, window.spans):
+                out[turn] = hidden[start:end].float().mean(dim=0).cpu() @ unit
+    finally:
+        handle.remove()
     return out
     ### END SOLUTION
 
@@ -497,8 +512,9 @@ def drift_summary(projections: Float[Tensor, " n_turns"], threshold: float) -> t
 
     Returns:
         (slope, first_below): ``slope`` is the least-squares slope of projection against turn index (a
-        float, projection units per turn); ``first_below`` is the index (from 0) of the first turn whose
-        projection is strictly below ``threshold``, or None if there is none.
+        Python float, projection units per turn); ``first_below`` is the index (a Python int, from 0) of the
+        first turn whose projection is strictly below ``threshold``, or None if there is none. (The summary
+        writes both into JSON, which takes no tensors or NumPy scalars.)
     """
     ### BEGIN SOLUTION
     y = projections.double()

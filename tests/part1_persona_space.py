@@ -19,8 +19,10 @@ How the checks work:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,6 +72,58 @@ PERSONA_CASE = dict(
 from tests.checking import (CheckFailure, call as _call, check, clip as _clip, fail as _fail,  # noqa: E402
                             limited, load_tensor_fixtures as _load_tensor_fixtures, passed as _passed,
                             short as _short)
+
+
+# --------------------------------------------------------------------------------------------------
+# Promises: each check runs in stages, and each stage tests one promise of its exercise
+# --------------------------------------------------------------------------------------------------
+
+class Promises:
+    """The promise each stage of each check tests (its exercise's docstring, or the notebook's text around it).
+
+    ``@PROMISES("label", ...)`` under ``@check`` lists a check's stages in the order they run; inside the check,
+    ``_stage("label")`` starts one. :meth:`last` says which stage of which check ran last, so that a failure can
+    be traced to the promise it tests (``make check-catalogue`` prints the promises and the mistakes each stage
+    rejects). Nothing here changes what a check does or says.
+    """
+
+    def __init__(self) -> None:
+        self.labels: dict[str, tuple[str, ...]] = {}
+        self._running: list = [None, None]  # [check name, stage label]
+
+    def __call__(self, *labels: str):
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicate promise labels: {labels}")
+
+        def decorate(test):
+            self.labels[test.__name__] = labels
+
+            @functools.wraps(test)
+            def run(*args, **kwargs):
+                self.begin(test.__name__)
+                return test(*args, **kwargs)
+
+            return run
+
+        return decorate
+
+    def begin(self, check_name: str) -> None:
+        """Start ``check_name`` (the decorator does it; so does a test that runs one stage on its own)."""
+        self._running[:] = [check_name, None]
+
+    def stage(self, label: str) -> None:
+        check_name = self._running[0]
+        if label not in self.labels.get(check_name, ()):
+            raise ValueError(f"{label!r} is not one of the promises listed for {check_name}")
+        self._running[1] = label
+
+    def last(self) -> tuple[str | None, str | None]:
+        """(check, stage) of the stage that ran last."""
+        return self._running[0], self._running[1]
+
+
+PROMISES = Promises()
+_stage = PROMISES.stage
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,13 +270,15 @@ class FakeChatClient:
     - A user message containing "EMPTY" gets an empty reply.
     - The first two calls wait for each other at a barrier; if the caller runs calls one at a time the
       barrier times out and ``serial`` becomes True (the call still succeeds).
+    - With ``delay``, each call takes that long, and ``most_in_flight`` counts the most calls running at once.
     """
 
-    def __init__(self, reply=ECHO, barrier: bool = False, timeout: float = 3.0):
+    def __init__(self, reply=ECHO, barrier: bool = False, timeout: float = 3.0, delay: float = 0.0):
         self.reply, self.calls, self.serial = reply, [], False
         self._lock = threading.Lock()
         self._barrier = threading.Barrier(2, timeout=timeout) if barrier else None
         self._barrier_calls = 0
+        self.delay, self.in_flight, self.most_in_flight = delay, 0, 0
         self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
 
     def _create(self, **kwargs):
@@ -230,11 +286,22 @@ class FakeChatClient:
             self.calls.append(kwargs)
             use_barrier = self._barrier is not None and self._barrier_calls < 2
             self._barrier_calls += 1
-        if use_barrier:
-            try:
-                self._barrier.wait()
-            except threading.BrokenBarrierError:
-                self.serial = True
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if use_barrier:
+                try:
+                    self._barrier.wait()
+                except threading.BrokenBarrierError:
+                    self.serial = True
+            if self.delay:
+                time.sleep(self.delay)
+            return self._answer(kwargs)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, kwargs):
         user = [m["content"] for m in kwargs["messages"] if m["role"] == "user"][-1]
         if "FAIL" in user:
             raise RuntimeError("HTTP 500 from the fake server")
@@ -251,10 +318,14 @@ class FakeChatClient:
 # --------------------------------------------------------------------------------------------------
 
 @check("Exercise 1 (the judge template)")
+@PROMISES("a str with the slots {character}, {question} and {response}",
+          "asks for the score as <score>N</score>",
+          "describes the 0-3 scale")
 def test_judge_prompt_template(template: str) -> None:
     import string
 
     section = "Section 1, Exercise 1"
+    _stage("a str with the slots {character}, {question} and {response}")
     if not isinstance(template, str):
         _fail(f"JUDGE_PROMPT_TEMPLATE should be a str, got {type(template).__name__}.", section)
     try:
@@ -282,41 +353,54 @@ def test_judge_prompt_template(template: str) -> None:
               "{{ and }}.", section, exc)
     if fields is None:  # pragma: no cover - format() above fails first on a malformed template
         _fail(f"JUDGE_PROMPT_TEMPLATE is not a valid format string: {parse_error}.", section)
-    if "**bard**" not in prompt:
-        _fail("Put the character's name in bold, **{character}**, as the paper's judge prompts do "
-              "(the offline judge reads the role from there).", section)
-    start, end = prompt.find("[ANSWER START]"), prompt.find("[ANSWER END]")
-    if not (0 <= start < prompt.find("R-TEXT") < end):
-        _fail("Put the response between [ANSWER START] and [ANSWER END], as the paper's judge prompts do.", section)
+    _stage("asks for the score as <score>N</score>")
     if "<score>" not in prompt:
         _fail("Ask the judge to answer in the form <score>N</score>: the parser relies on that tag.", section)
+    _stage("describes the 0-3 scale")
     if not all(str(n) in prompt for n in range(4)):
         _fail("Describe the 0-3 scale in the prompt: each of 0, 1, 2 and 3 should appear with its meaning.", section)
     _passed("test_judge_prompt_template")
 
 
-JUDGE_CASES = [  # (reply, expected score or None for "must raise", what a wrong answer means)
-    ("<score>3</score>", 3, "read the number inside <score>...</score>"),
-    ("<score>0</score>", 0, "0 is a valid score: do not treat it as missing"),
+_JUDGE_TAG = "returns the int inside <score>N</score>, wherever it is in the reply"
+_JUDGE_DIGIT = "a reply that is exactly one digit is a score"
+_JUDGE_NONE = "a reply without exactly one score raises JudgeParseError (a ValueError), never 0"
+_JUDGE_RANGE = "a score outside 0..3 raises JudgeParseError"
+_JUDGE_CALL = "one call, with model=judge_model and the prompt as a user message"
+_JUDGE_TEMPLATE = "without eval_prompt, sends JUDGE_PROMPT_TEMPLATE filled in"
+_JUDGE_EVAL = "with eval_prompt, sends eval_prompt.format(question=..., answer=...)"
+
+JUDGE_CASES = [  # (reply, expected score or None for "must raise", what a wrong answer means, the promise)
+    ("<score>3</score>", 3, "read the number inside <score>...</score>", _JUDGE_TAG),
+    ("<score>0</score>", 0, "0 is a valid score: do not treat it as missing", _JUDGE_TAG),
     ("The response mentions 2 roles and 1 name. <score>1</score>", 1,
-     "you parsed the first digit in the reply, not the one inside <score>...</score>"),
+     "you parsed the first digit in the reply, not the one inside <score>...</score>", _JUDGE_TAG),
     ("I think this is clearly in role.\n<score>2</score>\nThanks!", 2,
-     "text around the tag is allowed: search for the tag, do not require the whole reply to be it"),
-    ("3", 3, "a reply that is exactly one digit is valid (the paper's prompts ask for just the number)"),
-    ("<score>7</score>", None, "7 is outside the 0-3 scale: raise instead of returning it"),
-    ("<score>4</score>", None, "4 is outside the 0-3 scale (the scale stops at 3): raise instead of returning it"),
-    ("<score>-1</score>", None, "-1 is outside the 0-3 scale: raise instead of returning it"),
-    ("I cannot evaluate this response.", None, "a reply with no score must raise, not default to 0"),
+     "text around the tag is allowed: search for the tag, do not require the whole reply to be it", _JUDGE_TAG),
+    ("3", 3, "a reply that is exactly one digit is valid (the paper's prompts ask for just the number)", _JUDGE_DIGIT),
+    ("<score>7</score>", None, "7 is outside the 0-3 scale: raise instead of returning it", _JUDGE_RANGE),
+    ("<score>4</score>", None, "4 is outside the 0-3 scale (the scale stops at 3): raise instead of returning it",
+     _JUDGE_RANGE),
+    ("<score>-1</score>", None, "-1 is outside the 0-3 scale: raise instead of returning it", _JUDGE_RANGE),
+    ("I cannot evaluate this response.", None, "a reply with no score must raise, not default to 0", _JUDGE_NONE),
     ("The score is 3, maybe 2.", None,
-     "a reply with digits but no <score> tag is ambiguous: raise instead of guessing"),
-    ("", None, "an empty reply must raise"),
+     "a reply with digits but no <score> tag is ambiguous: raise instead of guessing", _JUDGE_NONE),
+    ("Score: 3", None, "a reply with words around a bare digit has no <score> tag and is not exactly one digit: "
+                       "raise (only <score>N</score>, or a reply that is the digit alone, is a score)", _JUDGE_NONE),
+    ("I would give it a 3.", None, "a bare digit inside a sentence is not a score (the sentence could as well say "
+                                   "\"not a 3\"): raise", _JUDGE_NONE),
+    ("", None, "an empty reply must raise", _JUDGE_NONE),
+    (None, None, "an API can return None as the content (after a content filter, say): it holds no score, so raise "
+                 "JudgeParseError (treat None like an empty reply)", _JUDGE_NONE),
 ]
 
 
 @check("Exercise 1 (judge_role_response)")
+@PROMISES(_JUDGE_TAG, _JUDGE_DIGIT, _JUDGE_NONE, _JUDGE_RANGE, _JUDGE_CALL, _JUDGE_TEMPLATE, _JUDGE_EVAL)
 def test_judge_role_response(fn) -> None:
     section = "Section 1, Exercise 1"
-    for reply, expected, meaning in JUDGE_CASES:
+    for reply, expected, meaning, promise in JUDGE_CASES:
+        _stage(promise)
         client = FakeJudgeClient(reply)
         try:
             got = limited(fn, section)("What is law?", "Hear ye!", "bard", client, "judge-model")
@@ -344,35 +428,60 @@ def test_judge_role_response(fn) -> None:
                       f"{meaning}. (Raise JudgeParseError, a ValueError, only for a reply you cannot parse.)",
                       section, exc)
             _fail(f"For the judge reply {reply!r} you raised {type(exc).__name__}: {_clip(str(exc))}. Raise "
-                  "JudgeParseError (a ValueError) for a reply you cannot parse, and return the score otherwise.",
-                  section, exc)
+                  f"JudgeParseError (a ValueError) for a reply you cannot parse, and return the score otherwise "
+                  f"({meaning}).", section, exc)
         if expected is None:
-            if got == 0 and "0" not in reply:
+            if got == 0 and "0" not in (reply or ""):
                 meaning = (f"{meaning}. You returned 0 for a reply with no valid score: a reply you cannot parse must "
                            "raise JudgeParseError, not default to 0")
             _fail(f"For the judge reply {reply!r} you returned {got!r}; expected an error: {meaning}.", section)
         if not isinstance(got, int) or isinstance(got, bool) or got != expected:
             _fail(f"For the judge reply {reply!r} you returned {got!r} ({type(got).__name__}); expected the int "
                   f"{expected}: {meaning}.", section)
-        if len(client.calls) != 1:
-            _fail(f"judge_role_response made {len(client.calls)} API calls for one judgement; expected 1.", section)
-        call = client.calls[0]
-        if call.get("model") != "judge-model":
-            _fail(f"Pass judge_model as model=...; the client was called with model={call.get('model')!r}.", section)
-        prompt = call["messages"][-1]["content"]
-        for needle, what in (("What is law?", "question"), ("Hear ye!", "response"), ("bard", "character")):
-            if needle not in prompt:
-                _fail(f"The prompt sent to the judge does not contain the {what} ({needle!r}); fill every placeholder "
-                      f"of JUDGE_PROMPT_TEMPLATE. Prompt sent: {_short(prompt)}", section)
+    # The request: one call, to judge_model, with the filled template as the user's message.
+    _stage(_JUDGE_CALL)
+    client = FakeJudgeClient("<score>2</score>")
+    _call("judge_role_response", section, "", fn, "What is law?", "Hear ye!", "bard", client, "judge-model")
+    if len(client.calls) != 1:
+        _fail(f"judge_role_response made {len(client.calls)} API calls for one judgement; expected 1.", section)
+    call = client.calls[0]
+    if call.get("model") != "judge-model":
+        _fail(f"Pass judge_model as model=...; the client was called with model={call.get('model')!r}.", section)
+    messages = call.get("messages")
+    users = [m.get("content") for m in messages or [] if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        roles = [m.get("role") for m in messages or [] if isinstance(m, dict)]
+        _fail(f"Send the judge prompt as a user message, messages=[{{'role': 'user', 'content': prompt}}]; the "
+              f"messages you sent have the roles {roles} (a chat model answers the user; a system message alone is "
+              "not a request).", section)
+    prompt = users[-1]
+    _stage(_JUDGE_TEMPLATE)
+    template = getattr(fn, "__globals__", {}).get("JUDGE_PROMPT_TEMPLATE")
+    filled = None
+    if isinstance(template, str):
+        try:
+            filled = template.format(character="bard", question="What is law?", response="Hear ye!")
+        except (KeyError, IndexError, ValueError):  # a broken template fails its own check
+            filled = None
+    if filled is not None and filled not in prompt:
+        _fail("Without eval_prompt, send JUDGE_PROMPT_TEMPLATE.format(character=..., question=..., response=...): "
+              f"the prompt you sent is not your JUDGE_PROMPT_TEMPLATE filled in.\n  expected {_short(filled)}\n  "
+              f"sent     {_short(prompt)}", section)
+    for needle, what in (("What is law?", "question"), ("Hear ye!", "response"), ("bard", "character")):
+        if needle not in prompt:
+            _fail(f"The prompt sent to the judge does not contain the {what} ({needle!r}); fill every placeholder "
+                  f"of JUDGE_PROMPT_TEMPLATE. Prompt sent: {_short(prompt)}", section)
+    _stage(_JUDGE_EVAL)
     paper_prompt = "Role: **ghost**.\n[QUESTION START]\n{question}\n[QUESTION END]\n[ANSWER START]\n{answer}\n[ANSWER END]\nJust the number."
     client = FakeJudgeClient("2")
     got = _call("With eval_prompt given (one of the paper's per-role prompts), judge_role_response", section,
                 "Fill it with eval_prompt.format(question=..., answer=...): the paper's slots are {question} and "
                 "{answer}.", fn, "Who are you?", "Boo.", "ghost", client, "judge-model", eval_prompt=paper_prompt)
-    sent = client.calls[0]["messages"][-1]["content"] if client.calls else None
-    if sent != paper_prompt.format(question="Who are you?", answer="Boo."):
-        _fail("With eval_prompt given, send eval_prompt.format(question=..., answer=...) (the paper's slots are "
-              f"{{question}} and {{answer}}). You sent: {_short(sent)}", section)
+    sent = [m.get("content") for m in client.calls[0]["messages"] if m.get("role") == "user"][-1:] \
+        if client.calls else None
+    if sent != [paper_prompt.format(question="Who are you?", answer="Boo.")]:
+        _fail("With eval_prompt given, send eval_prompt.format(question=..., answer=...) as the user's message (the "
+              f"paper's slots are {{question}} and {{answer}}). You sent: {_short(sent)}", section)
     if got != 2:
         _fail(f"With the paper's prompt and the reply '2' you returned {got!r}; expected 2.", section)
     _passed("test_judge_role_response")
@@ -382,11 +491,24 @@ def test_judge_role_response(fn) -> None:
 # Exercise 2: generation
 # --------------------------------------------------------------------------------------------------
 
+_GEN_SYSTEM = "a non-empty system prompt is its own system message for other models"
+_GEN_MODEL = "the request names model_name"
+_GEN_STRIP = "returns the reply text, stripped of surrounding whitespace"
+_GEN_GEMMA = "Gemma (any capitalisation): the system prompt starts the user message, then a blank line"
+_GEN_EMPTY_SYSTEM = "an empty or whitespace-only system prompt adds nothing"
+_GEN_PARAMS = "max_tokens, temperature and top_p reach the request"
+_GEN_EMPTY_REPLY = "an empty, whitespace-only or None reply raises EmptyResponseError (a ValueError)"
+_GEN_PROPAGATE = "the client's exceptions propagate"
+
+
 @check("Exercise 2a")
+@PROMISES(_GEN_SYSTEM, _GEN_MODEL, _GEN_STRIP, _GEN_GEMMA, _GEN_EMPTY_SYSTEM, _GEN_PARAMS, _GEN_EMPTY_REPLY,
+          _GEN_PROPAGATE)
 def test_generate_response_api(fn) -> None:
     section = "Section 2, Exercise 2a"
     what = "generate_response_api"
     # A model with a system role.
+    _stage(_GEN_SYSTEM)
     client = FakeChatClient(reply="  Hear me sing.  \n")
     got = _call(what, section, "", fn, client, "some/model", "You are a bard.", "What is law?", max_tokens=33,
                 temperature=0.5)
@@ -395,14 +517,16 @@ def test_generate_response_api(fn) -> None:
     if msgs != expected:
         _fail(f"For a model with a system role, send {expected}; you sent {msgs}. "
               "(Is the system prompt being ignored?)", section)
-    if client.calls[0].get("max_tokens") != 33 or client.calls[0].get("temperature") != 0.5:
-        _fail("Pass max_tokens and temperature on to client.chat.completions.create; the call had "
-              f"max_tokens={client.calls[0].get('max_tokens')!r}, temperature={client.calls[0].get('temperature')!r}.",
-              section)
+    _stage(_GEN_MODEL)
+    if client.calls[0].get("model") != "some/model":
+        _fail(f"Pass model_name on as model=...: the request for 'some/model' had model="
+              f"{client.calls[0].get('model')!r}.", section)
+    _stage(_GEN_STRIP)
     if got != "Hear me sing.":
         _fail(f"Return the reply text stripped of surrounding whitespace: expected 'Hear me sing.', got {got!r}.",
               section)
     # Gemma: no system role, whatever the capitalisation of the model's name.
+    _stage(_GEN_GEMMA)
     for model_name in ("google/gemma-2-27b-it", "Google/Gemma-2-9B-IT"):
         client = FakeChatClient(reply="ok")
         _call(what, section, "", fn, client, model_name, "You are a bard.", "What is law?")
@@ -416,14 +540,28 @@ def test_generate_response_api(fn) -> None:
             _fail(f"Gemma 2 has no system role: for model {model_name!r} send {expected}; you sent {msgs}.{hint}",
                   section)
     # Empty system prompt: nothing added, for either kind of model.
-    for model_name in ("google/gemma-2-27b-it", "some/model"):
-        client = FakeChatClient(reply="ok")
-        _call(what, section, "", fn, client, model_name, "", "What is law?")
-        msgs = client.calls[0]["messages"]
-        if msgs != [{"role": "user", "content": "What is law?"}]:
-            _fail(f"An empty system prompt should add nothing (model {model_name!r}); you sent {msgs}. "
-                  "A stray system message or a leading blank line changes the default persona's prompt.", section)
+    _stage(_GEN_EMPTY_SYSTEM)
+    for system_prompt in ("", "  \n"):
+        for model_name in ("google/gemma-2-27b-it", "some/model"):
+            client = FakeChatClient(reply="ok")
+            _call(what, section, "", fn, client, model_name, system_prompt, "What is law?")
+            msgs = client.calls[0]["messages"]
+            if msgs != [{"role": "user", "content": "What is law?"}]:
+                kind = "An empty" if not system_prompt else f"A whitespace-only ({system_prompt!r})"
+                hint = " Test system_prompt.strip(), not the string itself." if system_prompt else ""
+                _fail(f"{kind} system prompt should add nothing (model {model_name!r}); you sent {msgs}. A stray "
+                      f"system message or a leading blank line changes the default persona's prompt.{hint}", section)
+    _stage(_GEN_PARAMS)
+    client = FakeChatClient(reply="ok")
+    _call(what, section, "", fn, client, "some/model", "You are a bard.", "What is law?", max_tokens=33,
+          temperature=0.5, top_p=0.8)
+    sent = {k: client.calls[0].get(k) for k in ("max_tokens", "temperature", "top_p")}
+    if sent != {"max_tokens": 33, "temperature": 0.5, "top_p": 0.8}:
+        _fail("Pass max_tokens, temperature and top_p on to client.chat.completions.create: called with "
+              "max_tokens=33, temperature=0.5, top_p=0.8, your request had "
+              + ", ".join(f"{k}={v!r}" for k, v in sent.items()) + ".", section)
     # Empty replies are errors. (An API returns content=None, e.g. after a content filter.)
+    _stage(_GEN_EMPTY_REPLY)
     for reply in ("", "   \n", None):
         client = FakeChatClient(reply=reply)
         try:
@@ -439,6 +577,7 @@ def test_generate_response_api(fn) -> None:
         _fail(f"The client replied {reply!r} and you returned {got!r}: raise EmptyResponseError (a ValueError) "
               "so the empty answer is recorded as a failure, not averaged over.", section)
     # Failures propagate.
+    _stage(_GEN_PROPAGATE)
     client = FakeChatClient()
     try:
         got = limited(fn, section)(client, "some/model", "You are a bard.", "FAIL please")
@@ -451,11 +590,21 @@ def test_generate_response_api(fn) -> None:
     _passed("test_generate_response_api")
 
 
+_ALL_RETURN = "returns (responses, failures), never '' for a failed call"
+_ALL_KEYS = "every (persona, 0-based question index) key, exactly once"
+_ALL_FAILURES = "a failed or empty call is in failures as 'ErrorType: message'"
+_ALL_INPUTS = "each persona's system prompt and each question reach generate_response_api"
+_ALL_KWARGS = "generation_kwargs reach generate_response_api"
+_ALL_CONCURRENT = "calls run concurrently, at most max_workers at a time"
+
+
 @check("Exercise 2b", uses={"generate_response_api": ("Exercise 2a", lambda: _reference_generate_response_api)})
+@PROMISES(_ALL_RETURN, _ALL_KEYS, _ALL_FAILURES, _ALL_INPUTS, _ALL_KWARGS, _ALL_CONCURRENT)
 def test_generate_all_responses(fn) -> None:
     section = "Section 2, Exercise 2b"
     personas = {"default_empty": "", "bard": "You are a bard.", "ghost": "You are a ghost."}
     questions = ["What is law?", "FAIL on purpose", "Describe the sea.", "EMPTY reply please"]
+    _stage(_ALL_RETURN)
     client = FakeChatClient(barrier=True)
     try:
         result = limited(fn, section)(client, "some/model", personas, questions, max_workers=4, max_tokens=21)
@@ -475,6 +624,7 @@ def test_generate_all_responses(fn) -> None:
     if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, dict) for r in result)):
         _fail(f"Return a tuple (responses, failures) of two dicts; got {_short(result)}.", section)
     responses, failures = result
+    _stage(_ALL_KEYS)
     expected_keys = {(p, q) for p in personas for q in range(len(questions))}
     bad = sorted((k for k in list(responses) + list(failures)
                   if not (isinstance(k, tuple) and len(k) == 2 and isinstance(k[0], str) and isinstance(k[1], int))),
@@ -496,6 +646,7 @@ def test_generate_all_responses(fn) -> None:
     if missing:
         _fail(f"{len(missing)} of {len(expected_keys)} results were dropped, e.g. {sorted(missing)[:4]}. Every call "
               "must end up in responses or in failures.", section)
+    _stage(_ALL_FAILURES)
     should_fail = {(p, q) for p in personas for q in (1, 3)}
     wrongly_ok = {k: responses[k] for k in sorted(should_fail) if k in responses}
     if wrongly_ok:
@@ -505,9 +656,16 @@ def test_generate_all_responses(fn) -> None:
     not_text = {k: failures[k] for k in sorted(failures) if not isinstance(failures[k], str) or not failures[k].strip()}
     if not_text:
         _fail(f"Record each failure's error as text, e.g. 'RuntimeError: HTTP 500'; got {_short(not_text)}.", section)
-    if "RuntimeError" not in failures[("bard", 1)] and "500" not in failures[("bard", 1)]:
-        _fail(f"failures[('bard', 1)] should say what went wrong (e.g. 'RuntimeError: HTTP 500 ...'); it is "
-              f"{failures[('bard', 1)]!r}.", section)
+    import re
+
+    for key, needle in ((("bard", 1), "RuntimeError: HTTP 500 from the fake server"), (("bard", 3), None)):
+        text = failures[key].strip()
+        if not re.fullmatch(r"[A-Za-z_][\w.]*: \S.*", text, flags=re.S) or (needle is not None and text != needle):
+            want = f" (here {needle!r})" if needle else ""
+            _fail(f"failures[{key}] should be the error as \"ErrorType: message\", f\"{{type(e).__name__}}: {{e}}\""
+                  f"{want}, so that a failure says both which kind of error it was and what went wrong; it is "
+                  f"{failures[key]!r}.", section)
+    _stage(_ALL_INPUTS)
     if "system='You are a ghost.'" not in responses.get(("ghost", 0), "") and \
             "You are a ghost." not in responses.get(("ghost", 0), ""):
         _fail(f"responses[('ghost', 0)] = {responses.get(('ghost', 0))!r} does not come from the ghost's system prompt: "
@@ -515,11 +673,20 @@ def test_generate_all_responses(fn) -> None:
     if "What is law?" not in responses.get(("bard", 0), ""):
         _fail(f"responses[('bard', 0)] = {responses.get(('bard', 0))!r} is not the answer to questions[0]: check "
               "which question each key gets.", section)
+    _stage(_ALL_KWARGS)
     if any(call.get("max_tokens") != 21 for call in client.calls):
         _fail("Pass **generation_kwargs (here max_tokens=21) through to generate_response_api.", section)
+    _stage(_ALL_CONCURRENT)
     if client.serial:
         _fail("The API calls ran one at a time: the first call waited 3 s for a second that never came. Submit "
               "them all to a ThreadPoolExecutor(max_workers=max_workers) before collecting results.", section)
+    client = FakeChatClient(delay=0.03)
+    _call("generate_all_responses with max_workers=2", section, "", fn, client, "some/model",
+          {"bard": "You are a bard.", "ghost": "You are a ghost."}, ["Q0?", "Q1?", "Q2?"], max_workers=2)
+    if client.most_in_flight > 2:
+        _fail(f"With max_workers=2, {client.most_in_flight} calls ran at the same time: use max_workers as the size "
+              "of the pool, ThreadPoolExecutor(max_workers=max_workers) (an API allows only so many requests at "
+              "once).", section)
     _passed("test_generate_all_responses")
 
 
@@ -557,23 +724,44 @@ NORMALIZE_CASES = [  # (description, messages, expected without system role, exp
 ]
 
 
+_NORM_EMPTY = "an empty or whitespace-only system message is dropped"
+_NORM_MERGE = "without a system role, the system prompt starts the first user message, then a blank line"
+_NORM_KEEP = "otherwise (a system role, or no system message) the messages are unchanged"
+_NORM_COPY = "the input is not mutated, and the result is new dicts"
+
+
 @check("Exercise 3 (_normalize_messages)")
+@PROMISES(_NORM_EMPTY, _NORM_MERGE, _NORM_KEEP, _NORM_COPY)
 def test_normalize_messages(fn, tokenizer=None) -> None:
     from utils.conversation import supports_system_role
 
     section = "Section 2 (Gemma's missing system role) and Section 3, Exercise 3"
+    shared = None  # a case whose result shares a dict (or the list) with the input
     for tok_name, tok in _tokenizers_to_check(tokenizer):
         system_ok = supports_system_role(tok)
         for description, messages, without_system, with_system in NORMALIZE_CASES:
+            system = messages[0]["content"] if messages[0]["role"] == "system" else None
+            promise = (_NORM_EMPTY if system is not None and not system.strip() else
+                       _NORM_MERGE if system is not None and not system_ok else _NORM_KEEP)
+            _stage(promise)
             given = copy.deepcopy(messages)  # the learner's function gets its own copy of the case
             got = _call(f"_normalize_messages, for {description} with {tok_name},", section, "", fn, given, tok)
             expected = with_system if system_ok else without_system
+            _stage(_NORM_COPY)
             if given != messages:
                 _fail(f"_normalize_messages changed its input list for {description}; build new dicts instead.",
                       section)
+            _stage(promise)
             if got != expected:
                 _fail(f"For {description} with {tok_name}:\n  expected {expected}\n  got      {got}."
                       f"{_normalize_hint(description, messages, expected, got, system_ok)}", section)
+            if shared is None and (got is given or any(g is m for g in got for m in given)):
+                shared = description
+    _stage(_NORM_COPY)
+    if shared is not None:
+        _fail(f"For {shared}, the list you returned shares message dicts with (or is) the input list: return new "
+              "dicts ([dict(m) for m in messages], then change those), so that changing the result never changes "
+              "the caller's conversation.", section)
     _passed("test_normalize_messages")
 
 
@@ -627,6 +815,9 @@ def _expected_start(full_prompt: str, tokenizer, messages) -> tuple[list[int], i
 
 @check("Exercise 3 (format_messages)", uses={"_normalize_messages": ("Exercise 3 (_normalize_messages)",
                                                                     lambda: _reference_normalize_messages)})
+@PROMISES("returns (full_prompt: str, response_start_idx: int)",
+          "full_prompt is the chat template of the normalised messages",
+          "response_start_idx is the last assistant message's first content token (one BOS)")
 def test_format_messages_response_index(fn, tokenizer=None) -> None:
     from utils.conversation import merge_system_prompt, supports_system_role
 
@@ -637,13 +828,17 @@ def test_format_messages_response_index(fn, tokenizer=None) -> None:
             if not supports_system_role(tok) and messages[0]["role"] == "system":
                 hint = ("This template has no system role (Gemma 2): normalise the messages with _normalize_messages "
                         "before applying the chat template.")
+            _stage("full_prompt is the chat template of the normalised messages")
             got = _call(f"format_messages, for {description} with {tok_name},", section, hint, fn,
                         copy.deepcopy(messages), tok)
-            if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], str) and isinstance(got[1], int)):
+            _stage("returns (full_prompt: str, response_start_idx: int)")
+            if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], str) and isinstance(got[1], int)
+                    and not isinstance(got[1], bool)):
                 _fail(f"Return (full_prompt: str, response_start_idx: int); got {_short(got)}.", section)
             full_prompt, start = got
             normalized = merge_system_prompt(messages, supports_system_role(tok))
             expected_prompt = tok.apply_chat_template(normalized, tokenize=False)
+            _stage("full_prompt is the chat template of the normalised messages")
             if full_prompt != expected_prompt:
                 why = ""
                 if messages[0]["role"] == "system" and not messages[0]["content"].strip():
@@ -652,6 +847,7 @@ def test_format_messages_response_index(fn, tokenizer=None) -> None:
                 _fail(f"For {description} with {tok_name}, full_prompt is not the chat template of the normalised "
                       f"messages (use _normalize_messages, then apply_chat_template(..., tokenize=False)).{why}\n"
                       f"  expected {_short(expected_prompt)}\n  got      {_short(full_prompt)}", section)
+            _stage("response_start_idx is the last assistant message's first content token (one BOS)")
             ids, expected = _expected_start(full_prompt, tok, messages)
             bos = tok.bos_token_id
             if start != expected:
@@ -838,20 +1034,53 @@ def _compare_extraction(got, expected, section, name) -> None:
               f"{_diagnose(got, expected)}.{_rows(got, expected)}", section)
 
 
-@lru_cache(maxsize=1)
-def _tiny_bf16_master():
-    model = copy.deepcopy(tiny_gemma2()[0]).to(torch.bfloat16)
+BF16_TOLERANCE = 4e-4
+"""The largest relative error (per row, in norm) a bf16 stage accepts against the same computation in float32.
+Averaging or summing in bf16 rounds every value to ~3 significant digits: ~2e-3 of the norm, on every seed."""
+
+
+@lru_cache(maxsize=32)  # the 20 seeds of the dtype sweep, ~1 MB each
+def _tiny_bf16_master(seed: int = 0):
+    """tiny-gemma2 in bf16 (like Gemma 2 27B on a GPU), with weights that require grad. ``seed`` > 0 perturbs the
+    weights (seeded), for the sweep that shows a bf16 stage fails bf16 arithmetic whatever the weights."""
+    model = copy.deepcopy(tiny_gemma2()[0])
+    if seed:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * float(p.std()) * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    model = model.to(torch.bfloat16)
     model.requires_grad_(True)
     return model
 
 
-def _bf16_grad_run(fn, section: str, name: str, **kwargs) -> None:
+@lru_cache(maxsize=32)
+def _bf16_expected(seed: int = 0) -> torch.Tensor:
+    """The course's float32 means (``utils.activations``) of the bf16 stage's conversations, on its model."""
+    from utils.activations import extract_mean_activations
+
+    tok = _with_padding_side(tiny_gemma2()[1], "right")
+    with torch.inference_mode():
+        return extract_mean_activations(_tiny_bf16_master(seed), tok, [EXTRACTION_CONVERSATIONS[0],
+                                                                      EXTRACTION_CONVERSATIONS[4]],
+                                        EXTRACTION_LAYER, batch_size=1, progress=False)
+
+
+def _bf16_close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    err = (got.float() - expected).norm(dim=-1) / expected.norm(dim=-1).clamp(min=1e-30)
+    return bool((err <= BF16_TOLERANCE).all())
+
+
+def _bf16_grad_run(fn, section: str, name: str, seed: int = 0, **kwargs) -> None:
     """Run on tiny-gemma2 in bf16 (like Gemma 2 27B on a GPU), with gradients enabled and weights that require
-    them (as outside this notebook, which disables them globally)."""
-    model = copy.deepcopy(_tiny_bf16_master())  # a fresh copy: nothing the function does to it can leak out
-    tok = _with_padding_side(tiny_gemma2()[1], "left")
+    them (as outside this notebook, which disables them globally). The means must be those of the course's
+    float32 accumulation (``utils.activations``) over the same bf16 activations. Right padding, so that a batched
+    answer sees exactly the activations an unpadded one does."""
+    model = copy.deepcopy(_tiny_bf16_master(seed))  # a fresh copy: nothing the function does to it can leak out
+    tok = _with_padding_side(tiny_gemma2()[1], "right")
     convs = copy.deepcopy([EXTRACTION_CONVERSATIONS[0], EXTRACTION_CONVERSATIONS[4]])
     where = "on tiny-gemma2 in bfloat16 (as Gemma 2 27B runs on a GPU)"
+    _stage(_EX_BF16)
     with torch.enable_grad():
         got = _call(f"{name} {where}", section, EXTRACT_CALL_HINT, fn, model, tok, convs, EXTRACTION_LAYER, **kwargs)
     if not isinstance(got, torch.Tensor) or tuple(got.shape) != (2, model.config.hidden_size):
@@ -859,38 +1088,61 @@ def _bf16_grad_run(fn, section: str, name: str, **kwargs) -> None:
     if got.dtype != torch.float32:
         _fail(f"{name} {where} returned dtype {got.dtype}: cast the hidden states to float32 (.float()) before "
               "averaging, and return float32.", section)
+    _stage(_EX_TENSOR)
     if got.device.type != "cpu":
         _fail(f"{name} {where} returned a tensor on {got.device}; move it to the CPU with .cpu().", section)
+    _stage(_EX_GRAD)
     if got.requires_grad:
         _fail(f"With gradients enabled and weights that require grad, {name} returned a tensor that requires grad "
               "(it keeps the whole autograd graph alive): run the model under torch.inference_mode() or "
               "torch.no_grad(), or .detach() the result.", section)
+    _stage(_EX_BF16)
     if not torch.isfinite(got).all():
         _fail(f"{name} {where} returned NaN or inf values.", section)
     if _bf16_exact(got):
         _fail(f"{name} {where} returned float32 values that are all exactly bf16 numbers: the mean was computed in "
               "bf16 and cast afterwards, which keeps only ~3 significant digits. Cast the hidden states to float32 "
               "first, then average.", section)
+    expected = _bf16_expected(seed)
+    if not _bf16_close(got.detach(), expected):
+        err = float(((got.detach() - expected).norm(dim=1) / expected.norm(dim=1)).max())
+        _fail(f"{name} {where} is off by {err:.2g} of the norm of the mean (at most {BF16_TOLERANCE:g} is float32's "
+              "rounding): part of the sum or the mean was computed in bf16, which keeps ~3 significant digits (a "
+              "masked sum or einsum in bf16 divided in float32 still rounds every sum). Cast the hidden states to "
+              "float32 (.float()) before any sum, product with the mask, or mean.", section)
 
 
 def _learner_model_smoke(fn, model, tokenizer, d_model, num_layers, section, name, **kwargs) -> None:
     if model is None:  # called without the learner's model (e.g. from the test suite): tiny-gemma2 covers it
         return
+    _stage(_EX_OWN)
     convs = EXTRACTION_CONVERSATIONS[1:3]
     got = _call(f"{name} on your model", section, EXTRACT_CALL_HINT, fn, model, tokenizer, copy.deepcopy(convs),
                 min(num_layers - 1, max(0, num_layers // 2)), **kwargs)
     _check_activation_tensor(got, len(convs), d_model, section, f"{name} on your model")
 
 
+_EX_TENSOR = "a float32 CPU tensor [n_conversations, d_model]"
+_EX_MEAN = "the mean of hidden_states[layer + 1] over the last response's content tokens"
+_EX_BF16 = "on a bf16 model, averaged in float32"
+_EX_GRAD = "no grad, even with gradients enabled"
+_EX_OWN = "works on your own model"
+_EX_PADDING = "either padding side, padding never in the mean"
+
+
 @check("Exercise 4a", uses={"format_messages": ("Exercise 3 (format_messages)", lambda: _reference_format_messages)})
+@PROMISES(_EX_TENSOR, _EX_MEAN, _EX_BF16, _EX_GRAD, _EX_OWN)
 def test_extract_response_activations(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 4, Exercise 4a"
     name = "extract_response_activations"
     tiny, tiny_tok = tiny_gemma2()
     expected = fixture("extract_expected")
+    _stage(_EX_MEAN)
     got = _call(f"{name} on tiny-gemma2", section, EXTRACT_CALL_HINT, fn, tiny, tiny_tok,
                 copy.deepcopy(EXTRACTION_CONVERSATIONS), EXTRACTION_LAYER)
+    _stage(_EX_TENSOR)
     _check_activation_tensor(got, len(EXTRACTION_CONVERSATIONS), tiny.config.hidden_size, section, name)
+    _stage(_EX_MEAN)
     _compare_extraction(got, expected, section, name)
     _bf16_grad_run(fn, section, name)
     _learner_model_smoke(fn, model, tokenizer, d_model, num_layers, section, name)
@@ -942,6 +1194,7 @@ def _padding_diagnosis(got, expected, side: str, tokenizer) -> str | None:
 
 
 @check("Exercise 4b", uses={"format_messages": ("Exercise 3 (format_messages)", lambda: _reference_format_messages)})
+@PROMISES(_EX_TENSOR, _EX_MEAN, _EX_PADDING, _EX_BF16, _EX_GRAD, _EX_OWN)
 def test_extract_response_activations_batched(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 4, Exercise 4b"
     name = "extract_response_activations_batched"
@@ -950,17 +1203,23 @@ def test_extract_response_activations_batched(fn, model=None, tokenizer=None, d_
     results = {}
     for side in ("right", "left"):
         tok = _with_padding_side(tiny_tok, side)
+        _stage(_EX_MEAN if side == "right" else _EX_PADDING)
         got = _call(f"{name} on tiny-gemma2 ({side} padding, batch_size={BATCHED_CHECK_SIZE})", section,
                     EXTRACT_CALL_HINT, fn, tiny, tok, copy.deepcopy(EXTRACTION_CONVERSATIONS), EXTRACTION_LAYER,
                     batch_size=BATCHED_CHECK_SIZE)
+        _stage(_EX_TENSOR)
         _check_activation_tensor(got, len(EXTRACTION_CONVERSATIONS), tiny.config.hidden_size, section,
                                  f"{name} ({side} padding)")
+        _stage(_EX_MEAN if side == "right" else _EX_PADDING)
         results[side] = torch.allclose(got, expected, atol=ATOL, rtol=ATOL)
         if not results[side]:
             padding = _padding_diagnosis(got, expected, side, tok)
             if padding and (side == "right" or results.get("right")):
+                _stage(_EX_PADDING)
                 _fail(f"{padding}{_rows(got, expected)}", section)
             diagnosis = _diagnose(got, expected, side)
+            if any(MISTAKE_FLAGS[f] in diagnosis for f in ("open", "unshifted")):
+                _stage(_EX_PADDING)
             generic = ""
             if diagnosis.startswith(UNKNOWN_MISTAKE):
                 generic = (" If single sequences pass but batches fail, check that padding is masked out of the mean "
@@ -976,14 +1235,25 @@ def test_extract_response_activations_batched(fn, model=None, tokenizer=None, d_
 # Exercise 5: persona vectors
 # --------------------------------------------------------------------------------------------------
 
+_PV_FILTER = "keeps the responses scored >= score_threshold, and every unjudged default"
+_PV_RESULT = "one float32 [d_model] vector per persona: the mean of its responses' means"
+_PV_THRESHOLD = "uses the score_threshold it is given"
+_PV_NONE = "scores=None keeps every response"
+_PV_UNJUDGED = "a response whose key is not in scores is kept, a role's as well as a default's"
+_PV_OTHERS = "responses of personas not in `personas` are left out"
+_PV_EMPTY = "a persona with nothing left raises a ValueError that names it"
+
+
 @check("Exercise 5", uses={"extract_response_activations_batched": ("Exercise 4b", lambda: _reference_batched),
                            "extract_response_activations": ("Exercise 4a", lambda: _reference_single)})
+@PROMISES(_PV_FILTER, _PV_RESULT, _PV_THRESHOLD, _PV_NONE, _PV_UNJUDGED, _PV_OTHERS, _PV_EMPTY)
 def test_extract_persona_vectors(fn, model=None, tokenizer=None, d_model=None, num_layers=None) -> None:
     section = "Section 5, Exercise 5"
     tiny, tiny_tok = tiny_gemma2()
     case = copy.deepcopy(PERSONA_CASE)
     kept_text = "(bard keeps questions 0 and 2; ghost keeps 0 and 1; default_empty is unjudged and keeps all 3.)"
     args = (tiny, tiny_tok, case["personas"], case["questions"], case["responses"], case["layer"])
+    _stage(_PV_FILTER)
     try:
         got = limited(fn, section)(*args, scores=case["scores"], score_threshold=3)
     except (NotImplementedError, CheckFailure):
@@ -996,21 +1266,44 @@ def test_extract_persona_vectors(fn, model=None, tokenizer=None, d_model=None, n
     except Exception as exc:
         _fail(f"extract_persona_vectors raised {type(exc).__name__}: {_clip(str(exc))}", section, exc)
     expected = {p: fixture(f"persona_{p}") for p in case["personas"]}
-    _check_persona_result(got, expected, case, tiny.config.hidden_size, section, kept_text)
+    _check_persona_result(got, expected, case, tiny.config.hidden_size, section, kept_text, _PV_FILTER)
     # score_threshold is a parameter: with score_threshold=2 the ghost keeps all three of its responses.
+    _stage(_PV_THRESHOLD)
     got2 = _call("extract_persona_vectors with score_threshold=2", section, "", fn, *args, scores=case["scores"],
                  score_threshold=2)
     expected2 = dict(expected, ghost=fixture("persona_ghost_nofilter"))
     _check_persona_result(got2, expected2, case, tiny.config.hidden_size, section,
                           "(With score_threshold=2, ghost keeps all three responses: use the score_threshold "
-                          "argument, do not hard-code 3.)")
+                          "argument, do not hard-code 3.)", _PV_THRESHOLD)
     # Without scores nothing is filtered.
+    _stage(_PV_NONE)
     got3 = _call("extract_persona_vectors without scores", section, "With scores=None (the default) keep every "
                  "response.", fn, *args)
     expected3 = {p: fixture(f"persona_{p}_nofilter") for p in case["personas"]}
     _check_persona_result(got3, expected3, case, tiny.config.hidden_size, section,
-                          "(Without scores, every response is kept.)")
+                          "(Without scores, every response is kept.)", _PV_NONE)
+    # A role's response that was never judged (its key is not in scores) is kept, like the defaults'.
+    _stage(_PV_UNJUDGED)
+    unjudged = {k: v for k, v in case["scores"].items() if k != ("bard", 1)}
+    got4 = _call("extract_persona_vectors with ('bard', 1) missing from scores", section,
+                 "A key missing from `scores` means the response was not judged: keep it (do not look it up with "
+                 "scores[key]).", fn, *args, scores=unjudged, score_threshold=3)
+    _check_persona_result(got4, dict(expected, bard=fixture("persona_bard_nofilter")), case, tiny.config.hidden_size,
+                          section, "(Here ('bard', 1) is not in scores: it is unjudged, so bard keeps all three of its "
+                          "responses. Keep every response whose key is not in scores, whatever its persona: decide "
+                          "by the key, not by whether the persona is a default.)", _PV_UNJUDGED)
+    # Responses of personas that are not asked for (the notebook passes only the personas it keeps).
+    _stage(_PV_OTHERS)
+    more = {**case["responses"], ("jester", 0): "A joke for the court!", ("jester", 2): "I am the fool."}
+    got5 = _call("extract_persona_vectors with responses of a persona not in `personas`", section,
+                 "Build vectors for the personas in `personas` only; skip responses whose persona is not there.", fn,
+                 tiny, tiny_tok, case["personas"], case["questions"], more, case["layer"],
+                 scores={**case["scores"], ("jester", 0): 3}, score_threshold=3)
+    _check_persona_result(got5, expected, case, tiny.config.hidden_size, section,
+                          "(`responses` also holds a 'jester' persona that is not in `personas`, as in the notebook, "
+                          "which passes only the personas it keeps: leave its responses out.)", _PV_OTHERS)
     # A persona with nothing left must raise, naming it.
+    _stage(_PV_EMPTY)
     scores = dict(case["scores"])
     scores.update({("ghost", q): 1 for q in range(3)})
     try:
@@ -1035,15 +1328,19 @@ def test_extract_persona_vectors(fn, model=None, tokenizer=None, d_model=None, n
     _passed("test_extract_persona_vectors")
 
 
-def _check_persona_result(got, expected, case, d_model: int, section: str, kept_text: str) -> None:
+def _check_persona_result(got, expected, case, d_model: int, section: str, kept_text: str, promise: str) -> None:
+    _stage(_PV_RESULT)
     if not isinstance(got, dict) or set(got) != set(case["personas"]):
+        if isinstance(got, dict) and set(got) > set(case["personas"]):
+            _stage(promise)
         _fail(f"Return a dict with one vector per persona, keys {sorted(case['personas'])}; got "
-              f"{sorted(got) if isinstance(got, dict) else type(got).__name__}.", section)
+              f"{sorted(got) if isinstance(got, dict) else type(got).__name__}. {kept_text}", section)
     for persona, vec in got.items():
         if not isinstance(vec, torch.Tensor) or tuple(vec.shape) != (d_model,):
             _fail(f"The vector for {persona!r} should have shape [d_model] = [{d_model}]; got {_short(vec)}.", section)
         if vec.dtype != torch.float32 or not torch.isfinite(vec).all():
             _fail(f"The vector for {persona!r} should be finite float32; got {_short(vec)}.", section)
+    _stage(promise)
     for persona, vec in got.items():
         if torch.allclose(vec, expected[persona], atol=ATOL, rtol=ATOL):
             continue
@@ -1056,6 +1353,8 @@ def _check_persona_result(got, expected, case, d_model: int, section: str, kept_
                                                     "responses' means (one mean per response, then their mean)")):
             if torch.allclose(vec, fixture(f"persona_{persona}_{variant}"), atol=ATOL, rtol=ATOL):
                 hint = meaning
+                if variant == "token_weighted":
+                    _stage(_PV_RESULT)
                 break
         else:
             other = [p for p in expected if p != persona and torch.allclose(vec, expected[p], atol=ATOL, rtol=ATOL)]
@@ -1075,8 +1374,20 @@ GEOMETRY_NAMES = ["default_empty", "default_assistant", "default_llm", "analyst"
 N_GEOMETRY_DEFAULTS = 3
 
 
-def _geometry_inputs() -> torch.Tensor:
-    return fixture("geometry_vectors")  # [8, 32] with a large shared mean, like real persona vectors
+def geometry_vectors(seed: int = 1234) -> torch.Tensor:
+    """8 persona-like vectors in 32 dimensions: a large shared mean plus structured variation. Seed 1234 gives the
+    vectors stored in the fixtures (``make fixtures``); other seeds, the sweep of the dtype stages."""
+    g = torch.Generator().manual_seed(seed)
+    shared = 50.0 * torch.randn(32, generator=g)
+    direction = torch.randn(32, generator=g)
+    along = torch.tensor([3.0, 2.5, 2.0, 0.5, -1.0, -2.0, -2.5, -3.0])
+    return shared + along[:, None] * direction + 0.8 * torch.randn(8, 32, generator=g)
+
+
+def _geometry_inputs(seed: int = 0) -> torch.Tensor:
+    """The geometry checks' vectors, [8, 32] with a large shared mean, like real persona vectors (seed 0: the
+    fixtures' own)."""
+    return fixture("geometry_vectors") if seed == 0 else geometry_vectors(seed)
 
 
 def _as_dict(vectors: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -1112,34 +1423,70 @@ def _names_out_of_order(got, expected: torch.Tensor) -> bool:
     return list(names) != GEOMETRY_NAMES and torch.allclose(matrix, expected, atol=ATOL)
 
 
-def _check_dtypes(fn, make_args, section: str, name: str, pick=lambda out: out) -> None:
-    """bf16 and float64 inputs must give a float32 result computed in float32."""
+_DTYPES = "any float dtype in, float32 out, computed in float32"
+
+
+def _to_dtype(x, dtype):
+    """Tensors (alone, in tuples or in dicts) converted to ``dtype``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    if isinstance(x, dict):
+        return {k: _to_dtype(v, dtype) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(_to_dtype(v, dtype) for v in x)
+    return x
+
+
+def _check_dtypes(fn, args, section: str, name: str, pick=lambda out: out) -> None:
+    """bf16 and float64 inputs give a float32 result computed in float32: for bf16 input, the result for the same
+    values given as float32 (``args`` are float32; the bf16 rounding of vectors with a large shared mean, like
+    these, moves every bf16 computation far outside float32's rounding)."""
+    args16 = _to_dtype(args, torch.bfloat16)
     for dtype, label in ((torch.bfloat16, "bf16"), (torch.float64, "float64")):
-        out = _call(f"{name} on {label} input", section, "Cast the inputs to float32 (.float()) first.", fn,
-                    *make_args(dtype))
+        given = args16 if dtype == torch.bfloat16 else _to_dtype(args, dtype)
+        out = _call(f"{name} on {label} input", section, "Cast the inputs to float32 (.float()) first.", fn, *given)
         value = pick(out)
         if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
             _fail(f"Given {label} vectors, {name} returned {_short(value)}: cast the inputs to float32 (.float()) "
                   f"before computing, and return float32 whatever the input dtype ({label} in, float32 out).", section)
-        if dtype == torch.bfloat16 and _bf16_exact(value) and value.numel() > 4:
+        if dtype != torch.bfloat16:
+            continue
+        if _bf16_exact(value) and value.numel() > 4:
             _fail(f"Given bf16 vectors, {name} returned float32 values that are all exactly bf16 numbers: it computed "
                   "in bf16 and cast afterwards, which keeps only ~3 significant digits. Cast the inputs to float32 "
                   "first, then compute.", section)
+        same = pick(_call(f"{name} on the same values in float32", section, "", fn, *_to_dtype(args16, torch.float32)))
+        if isinstance(same, torch.Tensor) and same.shape == value.shape:
+            scale = max(1.0, float(same.abs().max()))
+            if not torch.allclose(value, same.float(), atol=1e-5 * scale, rtol=1e-5):
+                _fail(f"Given bf16 vectors, {name} differs from its result for the same values given in float32 (max "
+                      f"|diff| {float((value - same.float()).abs().max()):.3g}): part of it was computed in bf16, "
+                      "which keeps only ~3 significant digits (a norm, a mean or a product taken before .float()). "
+                      "Cast the inputs to float32 (.float()) first, then compute everything.", section)
+
+
+_COS_RETURN = "returns (similarity, names): float32 [n, n] and the names in the order of its rows"
+_COS_VALUES = "the cosine of every pair: symmetric, ones on the diagonal, whatever the vectors' lengths"
+_CEN_VALUES = "the cosine after subtracting the mean over the personas (dim=0)"
 
 
 @check("Exercise 6a (raw cosine)")
+@PROMISES(_COS_RETURN, _COS_VALUES, _DTYPES)
 def test_compute_cosine_similarity_matrix(fn) -> None:
     section = "Section 6, Exercise 6a"
     name = "compute_cosine_similarity_matrix"
     v = _geometry_inputs()
     expected = fixture("cosine_raw")
+    _stage(_COS_VALUES)
     got = _call(f"{name} on 8 persona vectors of d_model 32", section, "Stack the dict's values into one "
                 "[n_personas, d_model] tensor, then divide each row by its norm with keepdim=True "
                 "(v.norm(dim=1, keepdim=True)), so that [n, d] / [n, 1] broadcasts.", fn, _as_dict(v))
+    _stage(_COS_RETURN)
     got_matrix = _square_and_names(got, section, name)
     if _names_out_of_order(got, expected):
         _fail("Your matrix's rows are in the dict's order but your names are not: return the names in the order of "
               "the rows (list(persona_vectors) if you stack the values in the dict's order).", section)
+    _stage(_COS_VALUES)
     diagonal = torch.diagonal(got_matrix)
     if not torch.allclose(diagonal, torch.ones(len(v)), atol=ATOL):
         if torch.allclose(diagonal, (v * v).sum(dim=1), rtol=1e-3):
@@ -1158,22 +1505,41 @@ def test_compute_cosine_similarity_matrix(fn) -> None:
     if not torch.allclose(again, got_matrix, atol=ATOL):
         _fail("Cosine similarity does not depend on a vector's length, but yours changed when vectors were scaled: "
               "divide each row by its norm (you may be computing dot products).", section)
-    _check_dtypes(fn, lambda dtype: (_as_dict(v.to(dtype)),), section, name, pick=lambda out: (
-        out[0] if isinstance(out, tuple) and len(out) == 2 else out))
+    _bf16_cosine(fn)
     _passed("test_compute_cosine_similarity_matrix")
 
 
+def _matrix_of(out):
+    return out[0] if isinstance(out, tuple) and len(out) == 2 else out
+
+
+def _bf16_cosine(fn, seed: int = 0) -> None:
+    _stage(_DTYPES)
+    _check_dtypes(fn, (_as_dict(_geometry_inputs(seed)),), "Section 6, Exercise 6a",
+                  "compute_cosine_similarity_matrix", pick=_matrix_of)
+
+
+def _bf16_centered(fn, seed: int = 0) -> None:
+    _stage(_DTYPES)
+    _check_dtypes(fn, (_as_dict(_geometry_inputs(seed)),), "Section 6, Exercise 6a",
+                  "compute_cosine_similarity_matrix_centered", pick=_matrix_of)
+
+
 @check("Exercise 6a (centred cosine)")
+@PROMISES(_COS_RETURN, _CEN_VALUES, _DTYPES)
 def test_compute_cosine_similarity_matrix_centered(fn) -> None:
     section = "Section 6, Exercise 6a"
     name = "compute_cosine_similarity_matrix_centered"
     v = _geometry_inputs()
     expected = fixture("cosine_centered")
+    _stage(_CEN_VALUES)
     got = _call(f"{name} on 8 persona vectors of d_model 32", section, "", fn, _as_dict(v))
+    _stage(_COS_RETURN)
     got_matrix = _square_and_names(got, section, name)
     if _names_out_of_order(got, expected):
         _fail("Your matrix's rows are in the dict's order but your names are not: return the names in the order of "
               "the rows.", section)
+    _stage(_CEN_VALUES)
     if torch.allclose(got_matrix, fixture("cosine_raw"), atol=ATOL):
         _fail("These are the raw cosines: subtract the mean vector (the mean over personas, dim=0) first.", section)
     if torch.allclose(got_matrix, fixture("cosine_centered_wrong_dim"), atol=ATOL):
@@ -1191,8 +1557,7 @@ def test_compute_cosine_similarity_matrix_centered(fn) -> None:
     if not torch.allclose(got_matrix, expected, atol=ATOL):
         _fail(f"Wrong values (check the normalisation).\n  expected {_short(expected[0])}\n  got      "
               f"{_short(got_matrix[0])}", section)
-    _check_dtypes(fn, lambda dtype: (_as_dict(v.to(dtype)),), section, name, pick=lambda out: (
-        out[0] if isinstance(out, tuple) and len(out) == 2 else out))
+    _bf16_centered(fn)
     _passed("test_compute_cosine_similarity_matrix_centered")
 
 
@@ -1219,18 +1584,36 @@ def _as_float_tensor(x, what: str, section: str) -> torch.Tensor:
     try:
         import numpy as np
 
-        return torch.as_tensor(np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x,
-                                          dtype=np.float32))
+        # A copy in C order: some solvers (ARPACK) hand back arrays with negative strides, which torch cannot wrap.
+        return torch.from_numpy(np.ascontiguousarray(x.detach().cpu().float() if isinstance(x, torch.Tensor) else x,
+                                                     dtype=np.float32))
     except (TypeError, ValueError) as exc:
         _fail(f"{what} should be an array or tensor of numbers; got {_short(x)}.", section, exc)
 
 
+_PCA_RETURN = "returns (pca_coords [n, 2], pca) (or (coords, ratio, components), or the text's triple)"
+_PCA_RATIO = "explained_variance_ratio: each component's share of the total variance, descending"
+_PCA_COMPONENTS = "components: the top two principal directions, orthonormal rows in d_model space"
+_PCA_COORDS = "pca_coords: the centred vectors' coordinates on the components, in the dict's order"
+_PCA_AXIS = "the text's triple: its axis is the unit mean(defaults) - mean(roles)"
+_PCA_DTYPES = "any float dtype in, bf16 included (numpy has no bf16)"
+
+
+def _pca_tolerance(values: torch.Tensor) -> float:
+    """A PCA's rounding in float32 grows with the values' scale: 3e-4 of it. (sklearn's covariance_eigh solver on
+    float32 vectors squares their condition number: its coordinates near 20 are off by ~1.4e-3; any mistake is off
+    by far more.)"""
+    return 3e-4 * max(1.0, float(values.abs().max()))
+
+
 @check("Exercise 6b")
+@PROMISES(_PCA_RETURN, _PCA_RATIO, _PCA_COMPONENTS, _PCA_COORDS, _PCA_AXIS, _PCA_DTYPES)
 def test_pca_decompose_persona_vectors(fn) -> None:
     section = "Section 6, Exercise 6b"
     v = _geometry_inputs()
     n, d = v.shape
     k = 2
+    _stage(_PCA_RETURN)
     got = _call("pca_decompose_persona_vectors on 8 persona vectors of d_model 32", section,
                 "numpy has no bfloat16 and sklearn wants a numpy array: .float().cpu().numpy().", fn, _as_dict(v))
     coords, ratio, comps, axis = _pca_parts(got, section)
@@ -1240,10 +1623,12 @@ def test_pca_decompose_persona_vectors(fn) -> None:
     if tuple(proj.shape) != (n, k) or tuple(ratio.shape) != (k,) or tuple(comps.shape) != (k, d):
         hint = " Keep the first two components: PCA(n_components=2)."
         if comps.dim() == 2 and comps.shape[0] == k and comps.shape[1] != d:
+            _stage(_PCA_COMPONENTS)
             hint = (f" Each component is a direction in d_model space (length {d}): take the rows of Vh (the columns "
                     f"of V), not the columns of U, which live in persona space (length {n}).")
         _fail(f"Shapes should be pca_coords [{n}, {k}], explained_variance_ratio [{k}], components [{k}, {d}]; got "
               f"{tuple(proj.shape)}, {tuple(ratio.shape)}, {tuple(comps.shape)}.{hint}", section)
+    _stage(_PCA_RATIO)
     full_ratio = fixture("pca_ratio")
     expected_ratio = full_ratio[:k]
     if torch.allclose(ratio, fixture("pca_ratio_uncentred")[:k], atol=1e-3):
@@ -1264,6 +1649,7 @@ def test_pca_decompose_persona_vectors(fn) -> None:
         _fail(f"explained_variance_ratio should be the fraction of the TOTAL variance (all components) explained by "
               f"each, in descending order.{hint}\n  expected {_short(expected_ratio)}\n  got      {_short(ratio)}",
               section)
+    _stage(_PCA_COMPONENTS)
     gram = comps @ comps.T
     if not torch.allclose(gram, torch.eye(k), atol=1e-3):
         _fail("The components should be orthonormal rows (unit norm, mutually orthogonal).", section)
@@ -1273,25 +1659,60 @@ def test_pca_decompose_persona_vectors(fn) -> None:
         _fail(f"The components point in the wrong directions (|cos| with the expected ones: {_short(alignment)}). "
               "Each principal direction is a row of Vh (a column of V), in d_model space. (torch.pca_lowrank is "
               "approximate unless q=min(n, d_model).)", section)
+    _stage(_PCA_COORDS)
     signs = torch.sign((comps * expected_comps).sum(dim=1))  # a component's sign is arbitrary
-    if not torch.allclose(proj * signs, fixture("pca_projections")[:, :k], atol=1e-3):
+    expected_proj = fixture("pca_projections")[:, :k]
+    if not torch.allclose(proj * signs, expected_proj, atol=_pca_tolerance(expected_proj)):
         _fail("pca_coords should be the centred vectors' coordinates on the components: (v - mean) @ components.T, "
               "rows in the order of the dict.", section)
     if axis is not None:  # the ARENA text returns (assistant_axis, pca_coords, pca)
+        _stage(_PCA_AXIS)
         a = _as_float_tensor(axis, "assistant_axis", section).flatten()
         expected_axis = fixture("axis")
         if a.shape != expected_axis.shape or float(a @ expected_axis) < 0.999:
             _fail("You returned an axis first, as the ARENA text does; it should be the unit vector along "
                   "mean(defaults) - mean(roles), pointing toward the defaults (see Exercise 6c). Returning just "
                   "(pca_coords, pca) is fine too.", section)
+    _bf16_pca(fn)
     _passed("test_pca_decompose_persona_vectors")
 
 
+def _pca_coords_of(out) -> torch.Tensor:
+    """pca_coords of an accepted return, as a float32 tensor (sign-normalised: a component's sign is arbitrary)."""
+    coords, _, comps, _ = _pca_parts(out, "Section 6, Exercise 6b")
+    coords = _as_float_tensor(coords, "pca_coords", "Section 6, Exercise 6b")
+    comps = _as_float_tensor(comps, "components", "Section 6, Exercise 6b")
+    first = comps.abs().argmax(dim=1)  # the sign convention: each component's largest entry positive
+    return coords * torch.sign(comps[torch.arange(len(comps)), first])
+
+
+def _bf16_pca(fn, seed: int = 0) -> None:
+    section = "Section 6, Exercise 6b"
+    _stage(_PCA_DTYPES)
+    v = _as_dict(_geometry_inputs(seed))
+    v16 = _to_dtype(v, torch.bfloat16)
+    out16 = _call("pca_decompose_persona_vectors on bf16 vectors", section,
+                  "numpy has no bfloat16: convert with .float().cpu().numpy() before handing the vectors to numpy or "
+                  "sklearn.", fn, v16)
+    out32 = _call("pca_decompose_persona_vectors on the same values in float32", section, "", fn,
+                  _to_dtype(v16, torch.float32))
+    got, same = _pca_coords_of(out16), _pca_coords_of(out32)
+    if got.shape != same.shape or not torch.allclose(got, same, atol=_pca_tolerance(same)):
+        _fail("Given bf16 vectors, pca_coords differ from those for the same values given in float32: part of the "
+              "PCA ran in bf16 (~3 significant digits). Convert with .float() first, then centre and decompose.",
+              section)
+
+
+_AXIS_VALUES = "the unit vector along mean(defaults) - mean(roles), float32 [d_model]"
+
+
 @check("Exercise 6c (compute_assistant_axis)")
+@PROMISES(_AXIS_VALUES, _DTYPES)
 def test_compute_assistant_axis(fn) -> None:
     section = "Section 6, Exercise 6c"
     v = _geometry_inputs()
     defaults, roles = v[:N_GEOMETRY_DEFAULTS], v[N_GEOMETRY_DEFAULTS:]
+    _stage(_AXIS_VALUES)
     got = _call("compute_assistant_axis(defaults [3, 32], roles [5, 32])", section,
                 "Take each group's mean over its rows (dim=0): the groups have different sizes, their means do not.",
                 fn, defaults.clone(), roles.clone())
@@ -1299,6 +1720,7 @@ def test_compute_assistant_axis(fn) -> None:
         _fail(f"The axis should be a [d_model] = [{v.shape[1]}] tensor; got {_short(got)}. Average each group over its "
               "rows (dim=0).", section)
     if got.dtype != torch.float32:
+        _stage(_DTYPES)
         _fail(f"Return float32; got {got.dtype}.", section)
     if abs(float(got.norm()) - 1) > 1e-4:
         _fail(f"The axis should have unit norm; yours has norm {float(got.norm()):.4f}. Divide by its norm.", section)
@@ -1310,17 +1732,32 @@ def test_compute_assistant_axis(fn) -> None:
     if cos < 0.999:
         _fail(f"Your axis has cosine {cos:.3f} with mean(defaults) - mean(roles). Take each group's mean over its "
               "rows (dim=0), then subtract.", section)
-    _check_dtypes(fn, lambda dtype: (defaults.to(dtype), roles.to(dtype)), section, "compute_assistant_axis")
+    _bf16_axis(fn)
     _passed("test_compute_assistant_axis")
 
 
+def _bf16_axis(fn, seed: int = 0) -> None:
+    v = _geometry_inputs(seed)
+    _stage(_DTYPES)
+    _check_dtypes(fn, (v[:N_GEOMETRY_DEFAULTS].clone(), v[N_GEOMETRY_DEFAULTS:].clone()), "Section 6, Exercise 6c",
+                  "compute_assistant_axis")
+
+
+_CHAR_TYPES = "a dict name -> Python float, for every vector"
+_CHAR_ORDER = "ordered from the lowest cosine to the highest"
+_CHAR_VALUES = "each vector's cosine with the axis, the vectors taken as given (trait vectors are not centred)"
+_CHAR_AXIS_NORM = "the axis need not be unit norm"
+
+
 @check("Exercise 6c (characterize_axis)")
+@PROMISES(_CHAR_TYPES, _CHAR_ORDER, _CHAR_VALUES, _CHAR_AXIS_NORM)
 def test_characterize_axis(fn) -> None:
     section = "Section 6, Exercise 6c"
     v = _geometry_inputs()
     centred = v - v.mean(dim=0)
     axis = fixture("axis")
     names = GEOMETRY_NAMES
+    _stage(_CHAR_TYPES)
     got = _call("characterize_axis(persona_vectors, assistant_axis)", section, "", fn, _as_dict(centred), axis.clone())
     if isinstance(got, list) and all(isinstance(x, tuple) and len(x) == 2 for x in got):
         _fail("Return a dict name -> cosine similarity (as in the ARENA text), not a list of pairs: "
@@ -1329,25 +1766,42 @@ def test_characterize_axis(fn) -> None:
         _fail(f"Return a dict name -> cosine similarity; got {_short(got)}.", section)
     if sorted(got) != sorted(names):
         _fail(f"Return one entry per vector; got names {list(got)}.", section)
-    values = [float(c) for c in got.values()]
+    not_float = {n: c for n, c in got.items() if not isinstance(c, float)}
+    if not_float:
+        n, c = next(iter(not_float.items()))
+        _fail(f"Each value should be a Python float (float(...) or .item()); the value for {n!r} is {_short(c)} "
+              f"({type(c).__name__}). The notebook prints and stores these rankings, and a tensor or a NumPy float32 "
+              "does not go into JSON.", section)
+    _stage(_CHAR_ORDER)
+    values = list(got.values())
     if values != sorted(values):
         _fail("Order the dict from the lowest cosine (most role-playing) to the highest (most assistant-like), as the "
               f"ARENA text does; your values are {[round(x, 3) for x in values]}.", section)
+    _stage(_CHAR_VALUES)
     expected = dict(zip(_json_fixtures()["characterize_names"], fixture("characterize_cosines").tolist()))
-    got_map = {n: float(c) for n, c in got.items()}
-    if any(abs(got_map[n] - expected[n]) > 1e-3 for n in names):
+    if any(abs(got[n] - expected[n]) > 1e-3 for n in names):
         scaled = _as_dict(centred)
         scaled[names[0]] = scaled[names[0]] * 10
-        again = {n: float(c) for n, c in _call("characterize_axis with one vector scaled", section, "", fn, scaled,
-                                                axis.clone()).items()}
-        if abs(again[names[0]] - got_map[names[0]]) > 1e-3:
+        again = _call("characterize_axis with one vector scaled", section, "", fn, scaled, axis.clone())
+        if abs(float(again[names[0]]) - got[names[0]]) > 1e-3:
             _fail("Your values change when a vector is scaled: use cosine similarity (divide by both norms), "
                   "not dot products.", section)
-        worst = max(names, key=lambda n: abs(got_map[n] - expected[n]))
-        _fail(f"Wrong cosine for {worst}: expected {expected[worst]:.4f}, got {got_map[worst]:.4f}.", section)
-    longer = {n: float(c) for n, c in _call("characterize_axis with a longer axis", section, "", fn,
-                                            _as_dict(centred), axis * 7.0).items()}
-    if any(abs(longer[n] - got_map[n]) > 1e-3 for n in names):
+        worst = max(names, key=lambda n: abs(got[n] - expected[n]))
+        _fail(f"Wrong cosine for {worst}: expected {expected[worst]:.4f}, got {got[worst]:.4f}.", section)
+    # The notebook also passes trait vectors, which are not centred: take every vector as it is.
+    raw = _call("characterize_axis on vectors that are not centred (as trait vectors are)", section, "", fn,
+                _as_dict(v), axis.clone())
+    want = dict(zip(_json_fixtures()["characterize_names"], fixture("characterize_cosines_uncentred").tolist()))
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names) or \
+            any(abs(float(raw[n]) - want[n]) > 1e-3 for n in names):
+        shown = {n: round(float(c), 4) for n, c in list(raw.items())[:3]} if isinstance(raw, dict) else _short(raw)
+        _fail("On vectors that are not centred (the notebook passes trait vectors, which are not), your cosines are "
+              f"not those of the vectors as given: expected e.g. {names[0]}: {want[names[0]]:.4f}, got {shown}. "
+              "Do not centre (or otherwise change) the vectors inside characterize_axis: the caller centres persona "
+              "vectors before the call.", section)
+    _stage(_CHAR_AXIS_NORM)
+    longer = _call("characterize_axis with a longer axis", section, "", fn, _as_dict(centred), axis * 7.0)
+    if any(abs(float(longer[n]) - got[n]) > 1e-3 for n in names):
         _fail("Your values changed when the axis was multiplied by 7: a cosine does not depend on the axis's length. "
               "Divide by the axis's norm too (the axis you are given need not be unit-norm).", section)
     _passed("test_characterize_axis")
@@ -1357,11 +1811,16 @@ def test_characterize_axis(fn) -> None:
 # Exercises 7 and 8: traits and AUC
 # --------------------------------------------------------------------------------------------------
 
+_TRAIT_VALUES = "mean(pos) - mean(neg), means over the rows, float32 [d_model]"
+
+
 @check("Exercise 7")
+@PROMISES(_TRAIT_VALUES, _DTYPES)
 def test_compute_trait_vector(fn) -> None:
     section = "Section 7, Exercise 7"
     v = _geometry_inputs()
     pos, neg = v[:5], v[5:]
+    _stage(_TRAIT_VALUES)
     got = _call("compute_trait_vector(pos [5, 32], neg [3, 32])", section,
                 "Take each side's mean over its rows (dim=0): the two sides have different numbers of rows.",
                 fn, pos.clone(), neg.clone())
@@ -1374,8 +1833,14 @@ def test_compute_trait_vector(fn) -> None:
     if not torch.allclose(got, expected, atol=ATOL):
         _fail(f"Expected mean(pos) - mean(neg) (means over rows, dim=0).\n  expected {_short(expected)}\n  got      "
               f"{_short(got)}", section)
-    _check_dtypes(fn, lambda dtype: (pos.to(dtype), neg.to(dtype)), section, "compute_trait_vector")
+    _bf16_trait(fn)
     _passed("test_compute_trait_vector")
+
+
+def _bf16_trait(fn, seed: int = 0) -> None:
+    v = _geometry_inputs(seed)
+    _stage(_DTYPES)
+    _check_dtypes(fn, (v[:5].clone(), v[5:].clone()), "Section 7, Exercise 7", "compute_trait_vector")
 
 
 AUC_CASES = [  # scores, positive labels, AUC
@@ -1387,16 +1852,30 @@ AUC_CASES = [  # scores, positive labels, AUC
 ]
 
 
+_AUC_FLOAT = "returns a Python float"
+_AUC_VALUES = "the probability that a random positive outscores a random negative; ties count one half"
+_AUC_EMPTY = "an empty class raises ValueError"
+
+
 @check("Exercise 8")
+@PROMISES(_AUC_FLOAT, _AUC_VALUES, _AUC_EMPTY)
 def test_axis_auc(fn) -> None:
     section = "Section 8, Exercise 8"
     for scores, labels, expected in AUC_CASES:
+        _stage(_AUC_VALUES)
         got = _call(f"axis_auc({scores}, {labels})", section, "", fn, torch.tensor(scores), torch.tensor(labels))
-        if not isinstance(got, float) or abs(got - expected) > 1e-6:
+        _stage(_AUC_FLOAT)
+        if not isinstance(got, float):
+            _fail(f"axis_auc({scores}, {labels}) should be the float {expected:.4f}; got {_short(got)} "
+                  f"({type(got).__name__}). Return a Python float (float(...) or .item()): the AUC goes into the "
+                  "summary's JSON.", section)
+        _stage(_AUC_VALUES)
+        if abs(got - expected) > 1e-6:
             hint = " Ties count one half." if expected == 0.5 or expected == 0.875 else ""
-            if isinstance(got, float) and abs(got - (1 - expected)) < 1e-6 and expected != 0.5:
+            if abs(got - (1 - expected)) < 1e-6 and expected != 0.5:
                 hint = " You have the classes swapped: positives should score higher for AUC 1."
             _fail(f"axis_auc({scores}, {labels}) should be the float {expected:.4f}; got {_short(got)}.{hint}", section)
+    _stage(_AUC_EMPTY)
     for labels, missing in (([True, True], "negative"), ([False, False], "positive")):
         try:
             got = limited(fn, section)(torch.tensor([1.0, 2.0]), torch.tensor(labels))
@@ -1417,10 +1896,12 @@ def test_axis_auc(fn) -> None:
 # They hold no solution either; they widen the cases of the visible checks.
 # --------------------------------------------------------------------------------------------------
 
+@PROMISES("fills and parses every one of the paper's 275 per-role judge prompts")
 def hidden_test_judge_with_every_paper_prompt(fn) -> None:
     """The judge must fill every one of the paper's 275 per-role judge prompts correctly."""
     from utils.data import load_roles
 
+    _stage("fills and parses every one of the paper's 275 per-role judge prompts")
     for name, role in load_roles().items():
         client = FakeJudgeClient("3")
         got = limited(fn)("Q?", "A.", name, client, "judge-model", eval_prompt=role.judge_prompt)
@@ -1431,8 +1912,10 @@ def hidden_test_judge_with_every_paper_prompt(fn) -> None:
     _passed("hidden_test_judge_with_every_paper_prompt")
 
 
+@PROMISES("the same means for batch sizes 1, 2, 5 and 8, and either padding side")
 def hidden_test_extract_batch_sizes(fn) -> None:
     """Batched extraction must not depend on the batch size or the padding side."""
+    _stage("the same means for batch sizes 1, 2, 5 and 8, and either padding side")
     tiny, tiny_tok = tiny_gemma2()
     expected = fixture("extract_expected")
     for side in ("left", "right"):
@@ -1446,3 +1929,30 @@ def hidden_test_extract_batch_sizes(fn) -> None:
                 _fail(f"Batched extraction is wrong with batch_size={batch_size} and {side} padding.{shown}",
                       "Section 4, Exercise 4b")
     _passed("hidden_test_extract_batch_sizes")
+
+
+# --------------------------------------------------------------------------------------------------
+# The dtype stages, each runnable on its own with a seed (tests/test_catalogue.py sweeps 20 seeds: a bf16
+# computation must fail them whatever the data, and a float32 one pass)
+# --------------------------------------------------------------------------------------------------
+
+BF16_STAGES = {  # check -> (its bf16 stage as fn(learner_fn, seed), the promise it tests); seed 0: the check's data
+    "test_extract_response_activations": (
+        lambda fn, seed=0: _bf16_grad_run(fn, "Section 4, Exercise 4a", "extract_response_activations", seed=seed),
+        _EX_BF16),
+    "test_extract_response_activations_batched": (
+        lambda fn, seed=0: _bf16_grad_run(fn, "Section 4, Exercise 4b", "extract_response_activations_batched",
+                                          seed=seed, batch_size=2),
+        _EX_BF16),
+    "test_compute_cosine_similarity_matrix": (_bf16_cosine, _DTYPES),
+    "test_compute_cosine_similarity_matrix_centered": (_bf16_centered, _DTYPES),
+    "test_pca_decompose_persona_vectors": (_bf16_pca, _PCA_DTYPES),
+    "test_compute_assistant_axis": (_bf16_axis, _DTYPES),
+    "test_compute_trait_vector": (_bf16_trait, _DTYPES),
+}
+BF16_USES = {  # the references a stage swaps in, as its check does
+    "test_extract_response_activations": {"format_messages": ("Exercise 3 (format_messages)",
+                                                              lambda: _reference_format_messages)},
+    "test_extract_response_activations_batched": {"format_messages": ("Exercise 3 (format_messages)",
+                                                                      lambda: _reference_format_messages)},
+}

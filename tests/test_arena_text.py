@@ -27,6 +27,7 @@ DOCUMENTED_BUGS = {
     "extract_response_activations": "hidden_states[layer]",  # hidden_states[layer] is the block's input
     "extract_response_activations_batched": "LEFT padding",  # the batched mask under left padding
     "generate_all_responses": "never as an empty string",  # a failed call stored as ""
+    "pca_decompose_persona_vectors": "numpy has no bfloat16",  # vectors.numpy() on bf16 persona vectors
 }
 
 
@@ -98,6 +99,24 @@ def test_the_batched_mask_bug_is_named_under_left_padding_too():
         checks.test_extract_response_activations_batched(right_padding_ok_left_padding_text_mask, model, tok,
                                                          model.config.hidden_size, model.config.num_hidden_layers)
     assert "position >= response_start_idx" in str(info.value)
+
+
+def test_the_offline_judge_reads_the_text_template():
+    """The text's template (the role quoted, the answer after 'Response:') is accepted by the check, so the offline
+    stand-in judge must read it too."""
+    from tests.catalogue.part1 import ARENA_JUDGE_PROMPT_TEMPLATE
+    from utils.judges import OfflineRuleJudge
+
+    judge = OfflineRuleJudge()
+
+    def score(response):
+        prompt = ARENA_JUDGE_PROMPT_TEMPLATE.format(character="ghost", question="Who are you?", response=response)
+        return judge.chat.completions.create(model="j", messages=[{"role": "user", "content": prompt}]).choices[
+            0].message.content
+
+    assert score("I wander these halls at night.\nForever.") == "<score>3</score>"
+    assert score("As an AI language model, I cannot be a ghost.") == "<score>2</score>"
+    assert score("As an AI language model, I cannot help with that.") == "<score>0</score>"
 
 
 def test_the_notebook_has_the_table_of_differences():

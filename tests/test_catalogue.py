@@ -2,6 +2,7 @@
 rejects every catalogued mistake with the message that names it, and gives the same verdicts run after run."""
 
 import ast
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -147,3 +148,140 @@ def test_the_summary_fails_unless_everything_is_as_catalogued(capsys):
                           (Variant("right", right),))
     assert main([], entries=[wrong_message]) == 1
     assert "0/1" in capsys.readouterr().out
+
+
+# ---- Promises: every stage of every check rejects a catalogued mistake ------------------------------------------
+
+# Stages no catalogued mistake can reach, and why.
+STAGES_WITHOUT_MISTAKES = {
+    ("test_extract_response_activations", "works on your own model"):
+        "the catalogue runs the check with tiny-gemma2 as 'your model', which the earlier stages already cover",
+    ("test_extract_response_activations_batched", "works on your own model"):
+        "the catalogue runs the check with tiny-gemma2 as 'your model', which the earlier stages already cover",
+}
+
+
+def test_every_stage_of_every_check_rejects_a_catalogued_mistake():
+    from tests.catalogue import promises
+
+    rejected = {(e.check, s) for e, s in _rejections()}
+    missing = [(e.check, label) for e in CATALOGUE for label in promises(e.check)
+               if (e.check, label) not in rejected and (e.check, label) not in STAGES_WITHOUT_MISTAKES]
+    assert not missing, f"stages that reject none of the catalogued mistakes: {missing}"
+
+
+def _rejections():
+    """(entry, stage) for every catalogued mistake that its check rejects with its message, from the verdicts the
+    tests above got (or a fresh pass where they did not all run)."""
+    out = []
+    for entry in CATALOGUE:
+        for mistake in entry.mistakes:
+            key = _FIRST_PASS.get((entry.check, "mistake", mistake.name))
+            if key is None:
+                verdict = judge_mistake(entry, mistake)
+                ok, stage = verdict.ok, verdict.stage
+            else:
+                ok, stage = key[3], key[6]
+            if ok:
+                out.append((entry, stage))
+    return out
+
+
+@pytest.mark.parametrize("module", [checks, checks2], ids=["part1", "part2"])
+def test_every_check_lists_its_promises_and_starts_each_stage(module):
+    """Each check (hidden ones too) declares its promises: distinct, short labels. (That each one is a stage the check
+    reaches is the test above: each rejects a catalogued mistake. A stage a check starts without declaring it fails
+    at run time.)"""
+    names = {name for name in dir(module) if name.startswith(("test_", "hidden_test_"))
+             and callable(getattr(module, name))}
+    assert set(module.PROMISES.labels) == names
+    for name, labels in module.PROMISES.labels.items():
+        assert labels and len(labels) == len(set(labels)), name
+        assert all(isinstance(label, str) and 10 <= len(label) <= 110 for label in labels), name
+
+
+def test_a_mistake_pinned_to_a_stage_must_be_rejected_there():
+    from tests.catalogue import Entry, Mistake
+
+    def wrong(pos, neg):
+        return neg.float().mean(0) - pos.float().mean(0)
+
+    pinned = Mistake("swapped", wrong, "wrong way", stage="mean(pos) - mean(neg), means over the rows, float32 [d_model]")
+    assert judge_mistake(Entry("traits", "test_compute_trait_vector", (pinned,), ()), pinned).ok
+    elsewhere = Mistake("swapped", wrong, "wrong way", stage="any float dtype in, float32 out, computed in float32")
+    verdict = judge_mistake(Entry("traits", "test_compute_trait_vector", (elsewhere,), ()), elsewhere)
+    assert not verdict.ok and "not at its own" in verdict.message
+
+
+# ---- The dtype stages fail bf16 arithmetic whatever the data ----------------------------------------------------
+
+def _bf16_items():
+    """(module, check, stage label, item, kind) for every mistake pinned to a bf16 stage and every correct variant."""
+    items = []
+    for module, catalogue in ((checks, CATALOGUE1), (checks2, CATALOGUE2)):
+        for entry in catalogue:
+            if entry.check not in module.BF16_STAGES:
+                continue
+            _, label = module.BF16_STAGES[entry.check]
+            pinned = [m for m in entry.mistakes if m.stage == label]
+            assert pinned, f"{entry.check}: no catalogued mistake is pinned to its bf16 stage {label!r}"
+            items += [pytest.param(module, entry.check, m, "mistake", id=_id(entry.check, "mistake", m.name))
+                      for m in pinned]
+            items += [pytest.param(module, entry.check, v, "variant", id=_id(entry.check, "variant", v.name))
+                      for v in entry.variants]
+    return items
+
+
+SEEDS = range(20)
+VARIANT_SEEDS = (0, 7, 19)  # the correct variants on three of them (the reference passes all twenty, below)
+
+
+@pytest.mark.parametrize("module,check_name,item,kind", _bf16_items())
+def test_the_bf16_stage_fails_bf16_arithmetic_and_passes_float32_on_every_seed(module, check_name, item, kind,
+                                                                               capsys):
+    """Each bf16 (dtype) stage on 20 seeds of its data: every mistake pinned to it fails it on every seed, with its
+    message (and at that stage), and every correct variant passes it (on three of the seeds)."""
+    from tests.checking import using_reference
+
+    stage, label = module.BF16_STAGES[check_name]
+    uses = getattr(module, "BF16_USES", {}).get(check_name, {})
+    for seed in SEEDS if kind == "mistake" else VARIANT_SEEDS:
+        module.PROMISES.begin(check_name)
+        with contextlib.ExitStack() as stack:
+            for name, (earlier, reference) in uses.items():
+                stack.enter_context(using_reference(item.fn, name, reference(), earlier))
+            try:
+                stage(item.fn, seed)
+            except checks.CheckFailure as exc:
+                assert kind == "mistake", f"{item.name} failed the bf16 stage on seed {seed}: {exc}"
+                assert module.PROMISES.last() == (check_name, label), (seed, module.PROMISES.last())
+                assert item.message.lower() in str(exc).lower(), (seed, str(exc))
+            else:
+                assert kind == "variant", f"{item.name} passed the bf16 stage of {check_name} on seed {seed}"
+    capsys.readouterr()
+
+
+def _reference_for(check_name, reference):
+    from tests.catalogue import PART2_CHECKS
+    from tests.test_checks import CHECKS
+    from tools.reference import load_reference
+
+    if check_name in PART2_CHECKS:
+        return load_reference("part2_stabilizing")[check_name.removeprefix("test_")]
+    return reference[CHECKS[check_name]]
+
+
+@pytest.mark.parametrize("module,check_name", [(m, c) for m in (checks, checks2) for c in m.BF16_STAGES],
+                         ids=lambda x: x if isinstance(x, str) else x.__name__.rsplit(".", 1)[-1])
+def test_the_reference_passes_the_bf16_stage_on_every_seed(module, check_name, reference, capsys):
+    from tests.checking import using_reference
+
+    stage, _ = module.BF16_STAGES[check_name]
+    fn = _reference_for(check_name, reference)
+    for seed in SEEDS:
+        module.PROMISES.begin(check_name)
+        with contextlib.ExitStack() as stack:
+            for name, (earlier, ref) in getattr(module, "BF16_USES", {}).get(check_name, {}).items():
+                stack.enter_context(using_reference(fn, name, ref(), earlier))
+            stage(fn, seed)
+    capsys.readouterr()

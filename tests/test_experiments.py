@@ -319,7 +319,7 @@ def test_part2_plots(tmp_path):
 
 
 def test_replay_and_drift_plot_join_up(tiny):
-    """A replayed conversation is scored with utils.turns and plotted, as the notebook does."""
+    """A replayed conversation is scored with utils.activations and plotted, as the notebook does."""
     from utils.activations import per_turn_projections
 
     model, tok = tiny

@@ -42,7 +42,7 @@ def test_the_learners_notebook_opens_on_its_title_not_on_a_generated_file_banner
 
 # --- names the text tells the learner to use ------------------------------------------------------------
 
-QUALIFIED = re.compile(r"`utils\.(\w+)\.(\w+)")  # `utils.turns.turn_windows`
+QUALIFIED = re.compile(r"`utils\.(\w+)\.(\w+)")  # `utils.conversation.turn_windows`
 BARE_CALL = re.compile(r"`(\w+)\(")  # `turn_windows(messages, ...)`
 
 

@@ -2,9 +2,10 @@
 
 Runs every catalogued mistake and every alternative correct implementation (``tests/catalogue/``) through
 its notebook check, then prints, per exercise, the mistakes caught (rejected with the expected message)
-out of those tried and the correct variants accepted out of those tried. Exits non-zero unless both are
-100%. ``--runs N`` repeats the whole catalogue N times and also fails if any verdict or message differs
-between runs.
+out of those tried and the correct variants accepted out of those tried, and, per check, the promise each
+of its stages tests with the number of catalogued mistakes that stage rejects (``-v``: their names). Exits
+non-zero unless both are 100%. ``--runs N`` repeats the whole catalogue N times and also fails if any
+verdict or message differs between runs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,31 @@ def _table(verdicts, entries) -> tuple[list[str], bool]:
     return lines, caught == tried and accepted == variants
 
 
+def _promises(verdicts, entries, verbose: bool) -> list[str]:
+    """Per exercise and check: each stage's promise, and the mistakes rejected at that stage."""
+    from tests.catalogue import promises
+
+    rejected: dict[tuple[str, str | None], list[str]] = {}
+    for v in verdicts:
+        if v.kind == "mistake" and v.outcome == "CheckFailure":
+            rejected.setdefault((v.entry, v.stage), []).append(v.name)
+    lines = ["Promises, one per stage of each check, and the catalogued mistakes each stage rejects:"]
+    for entry in entries:
+        lines.append(f"\n{entry.exercise} / {entry.check.removeprefix('test_')}")
+        for label in promises(entry.check):
+            names = rejected.get((entry.check, label), [])
+            lines.append(f"  {len(names):3d}  {label}")
+            if verbose:
+                lines += [f"         - {name}" for name in names]
+        unstaged = rejected.get((entry.check, None), [])
+        if unstaged:
+            lines.append(f"  {len(unstaged):3d}  (rejected before any stage began: {', '.join(unstaged)})")
+        for hidden in entry.hidden:
+            for label in promises(hidden):
+                lines.append(f"    -  {label}  (hidden check {hidden}: run on the correct variants)")
+    return lines
+
+
 def main(argv: list[str] | None = None, entries=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1, help="repeat the catalogue and compare the verdicts")
@@ -74,6 +100,8 @@ def main(argv: list[str] | None = None, entries=None) -> int:
     lines, complete = _table(verdicts, entries)
     print("Checks against the catalogue of mistakes and correct variants (tests/catalogue/part1.py and part2.py)\n")
     print("\n".join(lines))
+    print()
+    print("\n".join(_promises(verdicts, entries, args.verbose)))
 
     problems = [v for v in verdicts if not v.ok]
     if args.verbose:

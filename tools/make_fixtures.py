@@ -71,15 +71,6 @@ def _in_order(result: tuple[torch.Tensor, list[str]], names: list[str]) -> torch
     return matrix[order][:, order]
 
 
-def geometry_vectors() -> torch.Tensor:
-    """8 persona-like vectors in 32 dimensions: a large shared mean plus structured variation."""
-    g = torch.Generator().manual_seed(1234)
-    shared = 50.0 * torch.randn(32, generator=g)
-    direction = torch.randn(32, generator=g)
-    along = torch.tensor([3.0, 2.5, 2.0, 0.5, -1.0, -2.0, -2.5, -3.0])
-    return shared + along[:, None] * direction + 0.8 * torch.randn(8, 32, generator=g)
-
-
 def build() -> tuple[dict[str, torch.Tensor], dict]:
     ref = load_reference()
     model, tokenizer = checks.tiny_gemma2()
@@ -123,7 +114,7 @@ def build() -> tuple[dict[str, torch.Tensor], dict]:
         lengths = torch.tensor([float(end - start) for _, start, end in (response_token_span(c, tokenizer)
                                                                          for c in convs)])
         t[f"persona_{name}_token_weighted"] = (means * lengths[:, None]).sum(0) / lengths.sum()
-    v = geometry_vectors()
+    v = checks.geometry_vectors()
     t["geometry_vectors"] = v
     names = checks.GEOMETRY_NAMES
 
@@ -146,6 +137,8 @@ def build() -> tuple[dict[str, torch.Tensor], dict]:
     centred = v - v.mean(dim=0)
     by_name = ref["characterize_axis"](as_dict(centred), t["axis"])
     t["characterize_cosines"] = torch.tensor([by_name[n] for n in names])
+    by_name = ref["characterize_axis"](as_dict(v), t["axis"])  # vectors as given (trait vectors are not centred)
+    t["characterize_cosines_uncentred"] = torch.tensor([by_name[n] for n in names])
     t["trait_vector"] = ref["compute_trait_vector"](v[:5], v[5:])
     meta = {"characterize_names": names, "made_by": "python -m tools.make_fixtures (from src/part1_persona_space.py)"}
     return {k: x.detach().float().contiguous().cpu() for k, x in t.items()}, meta

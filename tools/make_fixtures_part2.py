@@ -35,7 +35,6 @@ def build() -> dict[str, torch.Tensor]:
     t["steering_vectors_mean"] = m * projections.mean() * unit
     lp, lq = checks.kl_case()
     t["kl_expected"] = ref["next_token_kl"](lp, lq)
-    t["kl_expected_bf16_inputs"] = ref["next_token_kl"](lp.bfloat16(), lq.bfloat16())
     return {k: v.detach().float().contiguous().cpu() for k, v in t.items()}
 
 

@@ -33,8 +33,8 @@ For Part 2:
 - ``rewritten``: seven exercises answered correctly but written differently (a forward hook in place of
   ``output_hidden_states``, ``np.percentile``, ``np.polyfit``, a context-manager class, ``ExitStack``,
   ``F.kl_div``, ...): full marks (11);
-- ``mistakes``: three realistic mistakes, each costing only its own check (6 of 11): ``hidden_states[layer]``
-  (off by one), a steering hook removed without ``try/finally`` (its check leaves a hook behind on the
+- ``mistakes``: three realistic mistakes, each costing only its own check (6 of 11): the block before
+  ``layer`` (off by one, what ``hidden_states[layer]`` holds), a steering hook removed without ``try/finally`` (its check leaves a hook behind on the
   check's model, which later checks must not feel), and the KL the wrong way round.
 - ``delegating``: as in Part 1, one exercise handed to ``utils`` in each way: ``cap_activations`` *is* the
   course's (Exercise 7's first half; the student's own ``activation_capping`` uses it), ``capping_threshold``
@@ -357,8 +357,9 @@ def next_token_kl(logits_p, logits_q):
 }
 
 _P2_MISTAKES = {
-    # Off by one: hidden_states[layer] is the output of block layer - 1.
-    "ex_turn_projections": _replace(".hidden_states[layer + 1]", ".hidden_states[layer]"),
+    # Off by one: the output of block layer - 1 (what hidden_states[layer] holds).
+    "ex_turn_projections": _replace("model.model.layers[layer].register_forward_hook",
+                                    "model.model.layers[layer - 1].register_forward_hook"),
     # No try/finally: a check that raises inside the block leaves the hook on its model.
     "ex_add_steering": _replace("    try:\n        yield\n    finally:\n        handle.remove()",
                                 "    yield\n    handle.remove()"),

@@ -239,6 +239,11 @@ _AI_IDENTITY = re.compile(
 _REFUSAL = re.compile(r"\b(i can't|i cannot|i'm sorry|i am sorry|i'm unable|i am unable|i won't)\b", re.IGNORECASE)
 _ANSWER = re.compile(r"\[ANSWER START\]\s*(.*?)\s*\[ANSWER END\]", re.DOTALL)
 _ROLE = re.compile(r"\*\*(.+?)\*\*")
+# Other layouts a judge prompt may use (the ARENA text's): the answer after a "Response:" label, up to a blank line or
+# the rating instructions; the role quoted after "character" or "role".
+_ANSWER_LABELLED = re.compile(r"^[ \t]*(?:model )?(?:response|answer)[ \t]*:[ \t]*(.*?)\s*(?=\n\s*\n|\n[ \t]*(?:rate|score|"
+                              r"scale)\b|\Z)", re.IGNORECASE | re.DOTALL | re.MULTILINE)
+_ROLE_QUOTED = re.compile(r"\b(?:character|role)\b[^'\"\n]{0,20}?['\"]([^'\"\n]+)['\"]", re.IGNORECASE)
 
 
 def rule_based_role_score(response: str, role: str) -> int:
@@ -259,17 +264,19 @@ class OfflineRuleJudge(RuleJudge):
     """Stand-in for an LLM role judge (no API key): answers judge prompts with :func:`rule_based_role_score`.
 
     It reads the response between ``[ANSWER START]`` and ``[ANSWER END]`` and the role from the first
-    ``**bold**`` name, as in the paper's judge prompts. It replies ``<score>N</score>`` when the prompt
+    ``**bold**`` name, as in the paper's judge prompts, or else (the ARENA text's layout) the response after a
+    ``Response:`` label and the role quoted after "character". It replies ``<score>N</score>`` when the prompt
     mentions ``<score>``, and a bare digit otherwise (the paper's prompts ask for just the number).
     """
 
     def reply(self, prompt: str) -> str:
-        answer = _ANSWER.search(prompt)
-        role = _ROLE.search(prompt)
+        answer = _ANSWER.search(prompt) or _ANSWER_LABELLED.search(prompt)
+        role = _ROLE.search(prompt) or _ROLE_QUOTED.search(prompt)
         if answer is None or role is None:
             raise ValueError(
-                "OfflineRuleJudge needs the response between [ANSWER START] and [ANSWER END] and the role as "
-                "**name** in the judge prompt (as the paper's judge prompts have). Fix the judge prompt template."
+                "OfflineRuleJudge needs the response between [ANSWER START] and [ANSWER END] (or after a "
+                "'Response:' label) and the role as **name** (or quoted after 'character') in the judge prompt, as "
+                "the paper's judge prompts have. Lay the judge prompt template out that way."
             )
         score = rule_based_role_score(answer.group(1), role.group(1))
         return f"<score>{score}</score>" if "<score>" in prompt else str(score)

@@ -31,6 +31,7 @@ class Mistake:
     fn: Any
     message: str
     note: str = ""  # how the mistake is simulated, where that is not obvious
+    stage: str = ""  # the promise (a stage label of the check) that must reject it, where it is pinned
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,15 @@ class Verdict:
     entry: str
     kind: str  # "mistake" or "variant"
     name: str
-    ok: bool  # mistake: rejected with the expected message; variant: accepted by every check
+    ok: bool  # mistake: rejected with the expected message (at its pinned stage); variant: accepted by every check
     outcome: str  # "accepted", "CheckFailure", or the type of an unexpected exception
     message: str
     seconds: float
+    stage: str | None = None  # the promise whose stage rejected it (a mistake), or the last stage that ran
 
     def key(self) -> tuple:
         """Everything that must be identical between runs (not the timing)."""
-        return (self.entry, self.kind, self.name, self.ok, self.outcome, self.message)
+        return (self.entry, self.kind, self.name, self.ok, self.outcome, self.message, self.stage)
 
 
 PART2_CHECKS = ("test_parse_transcript", "test_turn_projections", "test_capping_threshold", "test_drift_summary",
@@ -94,38 +96,59 @@ def call_check(check_name: str, fn: Callable) -> None:
     return check(fn)
 
 
-def _attempt(check_name: str, fn) -> tuple[str, str]:
-    """(outcome, message) of one check run; stdout (the checks' ticks, tqdm) is swallowed."""
+def check_module(check_name: str):
+    """The module that holds a check (Part 1's or Part 2's)."""
+    if check_name in PART2_CHECKS:
+        from tests import part2_stabilizing
+
+        return part2_stabilizing
+    from tests import part1_persona_space
+
+    return part1_persona_space
+
+
+def promises(check_name: str) -> tuple[str, ...]:
+    """The promise labels of a check's stages, in the order they run."""
+    return check_module(check_name).PROMISES.labels[check_name]
+
+
+def _attempt(check_name: str, fn) -> tuple[str, str, str | None]:
+    """(outcome, message, stage) of one check run; stdout (the checks' ticks, tqdm) is swallowed."""
     from tests.part1_persona_space import CheckFailure
 
+    registry = check_module(check_name).PROMISES
+    registry.begin(check_name)
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             call_check(check_name, fn)
     except CheckFailure as exc:
-        return "CheckFailure", str(exc)
+        return "CheckFailure", str(exc), registry.last()[1]
     except Exception as exc:  # a check must never crash on a wrong answer: this counts against it
-        return type(exc).__name__, f"{type(exc).__name__}: {exc}"
-    return "accepted", ""
+        return type(exc).__name__, f"{type(exc).__name__}: {exc}", registry.last()[1]
+    return "accepted", "", registry.last()[1]
 
 
 def judge_mistake(entry: Entry, mistake: Mistake) -> Verdict:
     start = time.perf_counter()
-    outcome, message = _attempt(entry.check, mistake.fn)
+    outcome, message, stage = _attempt(entry.check, mistake.fn)
     ok = outcome == "CheckFailure" and mistake.message.lower() in message.lower()
-    return Verdict(entry.check, "mistake", mistake.name, ok, outcome, message, time.perf_counter() - start)
+    if mistake.stage and stage != mistake.stage:
+        ok = False
+        message = f"[rejected at the stage {stage!r}, not at its own, {mistake.stage!r}] {message}"
+    return Verdict(entry.check, "mistake", mistake.name, ok, outcome, message, time.perf_counter() - start, stage)
 
 
 def judge_variant(entry: Entry, variant: Variant) -> Verdict:
     start = time.perf_counter()
-    outcome, message = "accepted", ""
+    outcome, message, stage = "accepted", "", None
     for check_name in (entry.check, *entry.hidden):
-        outcome, message = _attempt(check_name, variant.fn)
+        outcome, message, stage = _attempt(check_name, variant.fn)
         if outcome != "accepted":
-            message = f"[{check_name}] {message}"
+            message = f"[{check_name}, stage {stage!r}] {message}"
             break
     return Verdict(entry.check, "variant", variant.name, outcome == "accepted", outcome, message,
-                   time.perf_counter() - start)
+                   time.perf_counter() - start, stage)
 
 
 def run_catalogue(entries=None) -> list[Verdict]:

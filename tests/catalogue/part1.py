@@ -72,6 +72,16 @@ The text above answers the question "{question}". Was it written in the role of 
 Write the verdict as <score>N</score> and nothing else."""
 
 
+TEMPLATE_PLAIN = """You are grading role-play as the character '{character}'.
+The question was: {question}
+The model's response: {response}
+Score it 0 (refuses, as an AI), 1 (answers as an AI), 2 (an AI with some of the role) or 3 (fully in role).
+Answer with <score>N</score> only."""
+
+# The name a learner's notebook binds: judge_role_response fills it when no eval_prompt is given.
+JUDGE_PROMPT_TEMPLATE = TEMPLATE_SHORT
+
+
 def _template_mistakes() -> tuple[Mistake, ...]:
     base = TEMPLATE_SHORT
     return (
@@ -83,9 +93,6 @@ def _template_mistakes() -> tuple[Mistake, ...]:
         Mistake("placeholder escaped as {{response}}", base.replace("{response}", "{{response}}"),
                 "literal text"),
         Mistake("literal JSON braces not doubled", base + ' Or as JSON: {"score": N}.', "{{ and }}"),
-        Mistake("name not in bold", base.replace("**{character}**", "{character}"), "bold"),
-        Mistake("no [ANSWER START]/[ANSWER END] markers",
-                base.replace("[ANSWER START]\n", "").replace("[ANSWER END]\n", ""), "[ANSWER START]"),
         Mistake("no <score> tag asked for", base.replace("<score>N</score>", "a single number"), "<score>"),
         Mistake("the scale not described", base.split("Scale:")[0] + "Reply with <score>N</score>.", "0-3 scale"),
     )
@@ -106,7 +113,7 @@ def _judge_prompt(template, question, response, character, eval_prompt):
 
 
 def judge_regex(question, response, character, client, judge_model, eval_prompt=None) -> int:
-    prompt = _judge_prompt(TEMPLATE_SHORT, question, response, character, eval_prompt)
+    prompt = _judge_prompt(JUDGE_PROMPT_TEMPLATE, question, response, character, eval_prompt)
     reply = _reply(client.chat.completions.create(model=judge_model, messages=[{"role": "user", "content": prompt}]))
     match = re.search(r"<score>\s*([+-]?\d+)\s*</score>", reply)
     if match:
@@ -122,7 +129,7 @@ def judge_regex(question, response, character, client, judge_model, eval_prompt=
 
 def judge_xml(question, response, character, client, judge_model, eval_prompt=None) -> int:
     """Parses the reply as XML (wrapped in a root element); a reply that is not XML is unparseable."""
-    prompt = _judge_prompt(TEMPLATE_LITERAL_BRACES, question, response, character, eval_prompt)
+    prompt = _judge_prompt(JUDGE_PROMPT_TEMPLATE, question, response, character, eval_prompt)
     completion = client.chat.completions.create(
         model=judge_model, temperature=0, max_tokens=20,
         messages=[{"role": "system", "content": "You are a careful grader."}, {"role": "user", "content": prompt}])
@@ -146,7 +153,7 @@ def judge_xml(question, response, character, client, judge_model, eval_prompt=No
 
 def judge_partition(question, response, character, client, judge_model, eval_prompt=None) -> int:
     """Plain string methods, no regular expressions."""
-    prompt = _judge_prompt(TEMPLATE_RESPONSE_FIRST, question, response, character, eval_prompt)
+    prompt = _judge_prompt(JUDGE_PROMPT_TEMPLATE, question, response, character, eval_prompt)
     reply = _reply(client.chat.completions.create(model=judge_model, max_tokens=8,
                                                   messages=[{"role": "user", "content": prompt}])).strip()
     _, tag, after = reply.partition("<score>")
@@ -189,7 +196,7 @@ class _ScoreTags(html.parser.HTMLParser):
 
 def judge_html_parser(question, response, character, client, judge_model, eval_prompt=None) -> int:
     """A lenient tag parser (html.parser), which also copes with stray '<' or '&' in the reply."""
-    prompt = _judge_prompt(TEMPLATE_SHORT, question, response, character, eval_prompt)
+    prompt = _judge_prompt(JUDGE_PROMPT_TEMPLATE, question, response, character, eval_prompt)
     reply = _reply(client.chat.completions.create(model=judge_model, messages=[{"role": "user", "content": prompt}]))
     parser = _ScoreTags()
     parser.feed(reply)
@@ -203,18 +210,19 @@ def judge_html_parser(question, response, character, client, judge_model, eval_p
     return score
 
 
-def _judge_with(parse, *, template=TEMPLATE_SHORT, fill=None, model=None, n_calls=1):
-    """A judge whose reply parser (and optionally prompt filling or model) is the mistake."""
+def _judge_with(parse, *, fill=None, model=None, n_calls=1, role="user", raw_content=False):
+    """A judge whose reply parser (and optionally prompt filling, model or message) is the mistake."""
 
     def judge(question, response, character, client, judge_model, eval_prompt=None):
         if fill is not None:
             prompt = fill(question, response, character, eval_prompt)
         else:
-            prompt = _judge_prompt(template, question, response, character, eval_prompt)
+            prompt = _judge_prompt(JUDGE_PROMPT_TEMPLATE, question, response, character, eval_prompt)
         reply = ""
         for _ in range(n_calls):
-            reply = _reply(client.chat.completions.create(model=model or judge_model,
-                                                          messages=[{"role": "user", "content": prompt}]))
+            completion = client.chat.completions.create(model=model or judge_model,
+                                                        messages=[{"role": role, "content": prompt}])
+            reply = completion.choices[0].message.content.strip() if raw_content else _reply(completion)
         return parse(reply)
 
     return judge
@@ -268,6 +276,21 @@ def _parse_tag_only(reply):
     return int(match.group(1))
 
 
+def _parse_lone_digit(reply):
+    """The tag if there is one, else the reply's only digit, wherever it is ("Score: 3" gives 3)."""
+    match = re.search(r"<score>(-?\d+)</score>", reply)
+    digits = re.findall(r"\d", reply)
+    if match:
+        score = int(match.group(1))
+    elif len(digits) == 1:
+        score = int(digits[0])
+    else:
+        raise JudgeParseError(reply)
+    if not 0 <= score <= 3:
+        raise JudgeParseError(reply)
+    return score
+
+
 def _parse_runtime_error(reply):
     match = re.search(r"<score>(-?\d+)</score>", reply) or re.fullmatch(r"\s*(-?\d+)\s*", reply)
     if not match or not 0 <= int(match.group(1)) <= 3:
@@ -294,10 +317,21 @@ def _judge_mistakes() -> tuple[Mistake, ...]:
                 "{answer}"),
         Mistake("the response never reaches the judge",
                 _judge_with(judge_regex_parse, fill=lambda q, r, c, e: f"How well does this play **{c}**? {q}"),
-                "does not contain the response"),
+                "not your JUDGE_PROMPT_TEMPLATE filled in"),
+        Mistake("its own inline prompt, not JUDGE_PROMPT_TEMPLATE",
+                _judge_with(judge_regex_parse, fill=lambda q, r, c, e: e.format(question=q, answer=r)
+                            if e is not None else TEMPLATE_RESPONSE_FIRST.format(character=c, question=q,
+                                                                                  response=r)),
+                "not your JUDGE_PROMPT_TEMPLATE filled in"),
         Mistake("a hard-coded judge model", _judge_with(judge_regex_parse, model="openai/gpt-4o-mini"),
                 "Pass judge_model"),
         Mistake("calls the judge twice per judgement", _judge_with(judge_regex_parse, n_calls=2), "2 API calls"),
+        Mistake("the prompt sent as a system message", _judge_with(judge_regex_parse, role="system"),
+                "as a user message"),
+        Mistake("the only digit in the reply taken as the score (\"Score: 3\" gives 3)",
+                _judge_with(_parse_lone_digit), "words around a bare digit"),
+        Mistake("a None reply crashes (content.strip() on None)", _judge_with(judge_regex_parse, raw_content=True),
+                "treat None like an empty reply"),
     )
 
 
@@ -368,14 +402,17 @@ def generate_helper(client, model_name, system_prompt, question, max_tokens=128,
     return text
 
 
-def _generate_with(*, messages=None, strip=True, empty_ok=False, swallow=False, pass_kwargs=True, content=None):
+def _generate_with(*, messages=None, strip=True, empty_ok=False, swallow=False, pass_kwargs=True, content=None,
+                   model=None):
     """generate_response_api with one thing wrong."""
 
     def generate(client, model_name, system_prompt, question, max_tokens=128, temperature=0.7, top_p=0.9):
         msgs = (messages or _build_messages)(model_name, system_prompt, question)
         kwargs = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p) if pass_kwargs else {}
+        if pass_kwargs == "no top_p":
+            kwargs.pop("top_p")
         try:
-            completion = client.chat.completions.create(model=model_name, messages=msgs, **kwargs)
+            completion = client.chat.completions.create(model=model or model_name, messages=msgs, **kwargs)
         except Exception as exc:
             if swallow:
                 return f"ERROR: {exc}"
@@ -417,6 +454,15 @@ def _msgs_one_newline(model_name, system_prompt, question):
     return _build_messages(model_name, system_prompt, question)
 
 
+def _msgs_truthy(model_name, system_prompt, question):
+    """`if system_prompt:`, so a prompt of only whitespace still counts."""
+    if not system_prompt:
+        return [{"role": "user", "content": question}]
+    if "gemma" in model_name.lower():
+        return [{"role": "user", "content": f"{system_prompt}\n\n{question}"}]
+    return _msgs_always_system(model_name, system_prompt, question)
+
+
 def _msgs_empty_system_kept(model_name, system_prompt, question):
     if "gemma" in model_name.lower():
         return _build_messages(model_name, system_prompt, question)
@@ -442,7 +488,11 @@ def _generate_one_mistakes() -> tuple[Mistake, ...]:
         Mistake("a failed call turned into a string", _generate_with(swallow=True), "let the exception propagate"),
         Mistake("the reply not stripped", _generate_with(strip=False), "stripped of surrounding whitespace"),
         Mistake("max_tokens and temperature not passed on", _generate_with(pass_kwargs=False),
-                "Pass max_tokens and temperature"),
+                "Pass max_tokens, temperature and top_p"),
+        Mistake("top_p not passed on", _generate_with(pass_kwargs="no top_p"), "top_p=None"),
+        Mistake("a hard-coded model name", _generate_with(model="gpt-4o-mini"), "Pass model_name on"),
+        Mistake("a whitespace-only system prompt sent (tested with `if system_prompt:`)",
+                _generate_with(messages=_msgs_truthy), "whitespace-only"),
     )
 
 
@@ -598,13 +648,13 @@ def _generate_all_submit_then_wait(client, model_name, personas, questions, max_
 
 
 def _generate_all_with(*, key=lambda p, q, question: (p, q), on_error="record", system=None, kwargs=True,
-                       error_text=_error_text):
+                       error_text=_error_text, pool_size=None):
     """The reference's thread pool with one thing wrong."""
 
     def generate_all(client, model_name, personas, questions, max_workers=16, **generation_kwargs):
         responses, failures = {}, {}
         gen_kwargs = generation_kwargs if kwargs else {}
-        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        with ThreadPoolExecutor(max_workers=pool_size or max_workers) as pool:
             futures = {pool.submit(_one, client, model_name, s if system is None else system(s), question,
                                    **gen_kwargs): key(p, q, question)
                        for p, s in personas.items() for q, question in enumerate(questions)}
@@ -664,6 +714,11 @@ def _generate_all_mistakes() -> tuple[Mistake, ...]:
                 "0-based"),
         Mistake("nested dicts persona -> index -> text", _generate_all_nested, "(persona_name, question_index)"),
         Mistake("failures kept as exception objects", _generate_all_with(error_text=lambda e: e), "as text"),
+        Mistake("a failure recorded as str(e), without its type", _generate_all_with(error_text=str),
+                "ErrorType: message"),
+        Mistake("a failure recorded as repr(e)", _generate_all_with(error_text=repr), "ErrorType: message"),
+        Mistake("max_workers ignored (a pool of 8 whatever it says)", _generate_all_with(pool_size=8),
+                "max_workers=2"),
         Mistake("ignores the system prompt", _generate_all_with(system=lambda s: ""), "system prompt"),
         Mistake("generation_kwargs not passed on", _generate_all_with(kwargs=False), "generation_kwargs"),
     )
@@ -674,7 +729,7 @@ def _generate_all_mistakes() -> tuple[Mistake, ...]:
 # ==================================================================================================
 
 def normalize_via_utils(messages, tokenizer):
-    """The course's own helpers, as the docstring allows."""
+    """The course's own merge of the system prompt: hands the exercise to utils (the guard refuses it)."""
     from utils.conversation import merge_system_prompt, supports_system_role
 
     return merge_system_prompt(messages, supports_system_role(tokenizer))
@@ -714,15 +769,17 @@ def normalize_deepcopy(messages, tokenizer):
     return rest
 
 
-def _normalize_with(*, merge="first", sep="\n\n", empty="drop", detect="template", mutate=False):
+def _normalize_with(*, merge="first", sep="\n\n", empty="drop", detect="template", mutate=False, alias=False):
     """_normalize_messages with one thing wrong."""
     from utils.conversation import supports_system_role
 
     def normalize(messages, tokenizer):
         msgs = messages if mutate else [dict(m) for m in messages]
         if not msgs or msgs[0]["role"] != "system":
-            return msgs
+            return messages if alias else msgs
         system, rest = msgs[0]["content"], msgs[1:]
+        if empty == "falsy" and not system:
+            return rest
         if not system.strip() and (empty == "drop" or (empty == "keep_if_supported"
                                                          and not supports_system_role(tokenizer))):
             return rest
@@ -765,6 +822,10 @@ def _normalize_mistakes() -> tuple[Mistake, ...]:
                 "accepts a system role"),
         Mistake("drops a non-empty system prompt", _normalize_with(merge="drop"), "dropped the system prompt"),
         Mistake("mutates the input messages", _normalize_with(mutate=True), "changed its input"),
+        Mistake("returns the input list itself when there is no system message", _normalize_with(alias=True),
+                "shares message dicts"),
+        Mistake("a whitespace-only system prompt merged (tested with `if system:`)",
+                _normalize_with(empty="falsy"), "An empty system prompt must add nothing"),
     )
 
 
@@ -844,6 +905,14 @@ def _index_characters(msgs, full_prompt, tokenizer):
     return len(tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True))
 
 
+def _index_numpy(msgs, full_prompt, tokenizer):
+    """The right token, found with numpy: an np.int64, not an int."""
+    prefix = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    ends = np.array([end for _, end in tokenizer(full_prompt, add_special_tokens=False,
+                                                  return_offsets_mapping=True)["offset_mapping"]])
+    return np.searchsorted(ends, len(prefix), side="right")
+
+
 def _format_blank_line(messages, tokenizer):
     from utils.conversation import supports_system_role
 
@@ -872,6 +941,8 @@ def _format_mistakes() -> tuple[Mistake, ...]:
         Mistake("the prefix rendered without the generation prompt",
                 _format_with(prefix_fn=_prefix_without_generation_prompt), "add_generation_prompt=True"),
         Mistake("a character offset instead of a token index", _format_with(index=_index_characters), "character"),
+        Mistake("the index as a NumPy integer (np.searchsorted over the offsets)", _format_with(index=_index_numpy),
+                "response_start_idx: int"),
     )
 
 
@@ -1024,10 +1095,15 @@ def _single_mistakes() -> tuple[Mistake, ...]:
                 _extract_with(reduce=lambda span: span.float().mean(dim=-1)), "token dimension"),
         Mistake("a sum, not a mean", _extract_with(reduce=lambda span: span.float().sum(dim=0)), "divide"),
         Mistake("no float32 cast (bf16 on a bf16 model)", _extract_with(reduce=lambda span: span.mean(dim=0)),
-                "bfloat16", note="caught by the check's run on a bf16 copy of tiny-gemma2"),
+                "bfloat16", note="caught by the check's run on a bf16 copy of tiny-gemma2", stage="on a bf16 model, averaged in float32"),
         Mistake("bf16 accumulation, cast to float32 afterwards",
                 _extract_with(reduce=lambda span: span.mean(dim=0).float()), "bf16",
-                note="on the bf16 copy of tiny-gemma2, the result is exactly bf16-representable"),
+                note="on the bf16 copy of tiny-gemma2, the result is exactly bf16-representable",
+                stage="on a bf16 model, averaged in float32"),
+        Mistake("a bf16 sum, divided in float32",
+                _extract_with(reduce=lambda span: span.sum(dim=0).float() / span.shape[0]), "computed in bf16",
+                note="the division by the token count hides the bf16 rounding from an exactness test; the comparison "
+                     "with float32 accumulation catches it", stage="on a bf16 model, averaged in float32"),
         Mistake("results with grad (no inference_mode / no_grad)", _extract_with(no_grad=False), "requires grad",
                 note="caught by the check's run with grad enabled on a copy whose weights require grad"),
         Mistake("results left on the GPU", _extract_with(post=lambda t: t.to("meta")), "move it to the CPU",
@@ -1184,8 +1260,10 @@ def _batched_with(*, mask="spans", attention=True, divide="count", sort=False, d
             inputs = dict(enc) if attention else {"input_ids": enc.input_ids}
             with torch.inference_mode() if no_grad else torch.enable_grad():
                 hidden = model(**inputs, output_hidden_states=True).hidden_states[layer + layer_shift]
-            hidden = hidden.float() if cast else hidden
+            hidden = hidden.float() if cast is True else hidden
             sums = (hidden * m[:, :, None].to(hidden.dtype)).sum(dim=sum_dim)
+            if cast == "after_sum":  # the masked sum in the model's dtype, the division in float32
+                sums = sums.float()
             if divide == "count":
                 out.append((sums / m.sum(dim=1, keepdim=True).to(sums.dtype)).cpu())
             else:
@@ -1213,7 +1291,9 @@ def _batched_mistakes() -> tuple[Mistake, ...]:
         Mistake("sorted by length, order not restored", _batched_with(sort=True), "order"),
         Mistake("the last partial batch dropped", _batched_with(drop_tail=True), "last partial batch"),
         Mistake("no float32 cast (bf16 on a bf16 model)", _batched_with(cast=False), "bfloat16",
-                note="caught by the check's run on a bf16 copy of tiny-gemma2"),
+                note="caught by the check's run on a bf16 copy of tiny-gemma2", stage="on a bf16 model, averaged in float32"),
+        Mistake("the masked sum in bf16, divided in float32", _batched_with(cast="after_sum"), "computed in bf16",
+                note="what einops.einsum(hidden, mask.to(hidden.dtype), ...) on a bf16 model gives", stage="on a bf16 model, averaged in float32"),
         Mistake("results with grad (no inference_mode / no_grad)", _batched_with(no_grad=False), "requires grad",
                 note="caught by the check's run with grad enabled on a copy whose weights require grad"),
         Mistake("results left on the GPU", _batched_with(post=lambda t: t.to("meta")), "move it to the CPU",
@@ -1283,13 +1363,15 @@ def persona_vectors_numpy_groupby(model, tokenizer, personas, questions, respons
     return out
 
 
-def _persona_with(*, keep=None, empty="raise", group="own", message=None):
+def _persona_with(*, keep=None, empty="raise", group="own", message=None, every_persona=False):
     """The reference's persona vectors with one thing wrong."""
 
     def persona_vectors(model, tokenizer, personas, questions, responses, layer, scores=None, score_threshold=3,
                         batch_size=8):
         keep_fn = keep or (lambda k, s, m: k not in s or s[k] >= m)
         scores = {} if scores is None else scores
+        if every_persona:  # the personas found in `responses`, not those asked for
+            personas = {**{k[0]: "" for k in responses}, **personas}
         kept = [k for k in responses if k[0] in personas and keep_fn(k, scores, score_threshold)]
         missing = [p for p in personas if not any(k[0] == p for k in kept)]
         if missing and empty == "raise":
@@ -1332,6 +1414,14 @@ def _persona_mistakes() -> tuple[Mistake, ...]:
         Mistake("the mean over another persona's responses", _persona_with(group="shifted"), "another persona"),
         Mistake("one mean over all the tokens, not a mean of response means", _persona_token_weighted,
                 "mean of the responses' means"),
+        Mistake("only a default persona's response may be unjudged",
+                _persona_with(keep=lambda k, s, m: not s or (k not in s and k[0].startswith("default"))
+                              or (k in s and s[k] >= m)),
+                "decide by the key, not by whether the persona is a default"),
+        Mistake("scores[key] looked up for every role (a KeyError for an unjudged one)",
+                _persona_with(keep=lambda k, s, m: not s or k[0].startswith("default") or s[k] >= m), "scores[key]"),
+        Mistake("a vector for every persona in `responses`", _persona_with(every_persona=True),
+                "not in `personas`"),
     )
 
 
@@ -1433,12 +1523,15 @@ def _cosine_mistakes() -> tuple[Mistake, ...]:
         Mistake("F.cosine_similarity on the rows pairwise (a vector, not a matrix)",
                 _on_stacked(lambda v: F.cosine_similarity(v.float(), v.float(), dim=1)), "[8, 8]"),
         Mistake("float64 result", _on_stacked(lambda v: (_unit_rows(v) @ _unit_rows(v).T).double()), "float32"),
-        Mistake("bf16 input not cast", _on_stacked(lambda v: F.normalize(v, dim=1) @ F.normalize(v, dim=1).T), "bf16"),
+        Mistake("bf16 input not cast", _on_stacked(lambda v: F.normalize(v, dim=1) @ F.normalize(v, dim=1).T), "bf16", stage="any float dtype in, float32 out, computed in float32"),
         Mistake("float64 input kept as float64 (promoted to at least float32)",
                 _on_stacked(lambda v: (lambda u: u @ u.T)(F.normalize(v.to(torch.promote_types(v.dtype, torch.float32)),
                                                                       dim=1))), "float64"),
         Mistake("bf16 arithmetic, cast to float32 at the end",
-                _on_stacked(lambda v: (F.normalize(v, dim=1) @ F.normalize(v, dim=1).T).float()), "computed in bf16"),
+                _on_stacked(lambda v: (F.normalize(v, dim=1) @ F.normalize(v, dim=1).T).float()), "computed in bf16", stage="any float dtype in, float32 out, computed in float32"),
+        Mistake("rows normalised in bf16, the product in float32",
+                _on_stacked(lambda v: (lambda u: u @ u.T)(F.normalize(v, dim=1).float())), "computed in bf16",
+                stage="any float dtype in, float32 out, computed in float32"),
         Mistake("only the matrix, no names", lambda pv: cosine_normalize(pv)[0], "only the matrix"),
         Mistake("names sorted, rows in the dict's order",
                 lambda pv: (cosine_normalize(pv)[0], sorted(pv)), "order of the rows"),
@@ -1486,10 +1579,13 @@ def _centered_mistakes() -> tuple[Mistake, ...]:
             F.normalize(v.float(), dim=1))), "centre before normalising"),
         Mistake("float64 result", lambda pv: (centered_gram(pv)[0].double(), list(pv)), "float32"),
         Mistake("bf16 input not cast (the ARENA text's arithmetic)",
-                _on_stacked(lambda v: (lambda u: u @ u.T)(F.normalize(v - v.mean(0), dim=1))), "bf16"),
+                _on_stacked(lambda v: (lambda u: u @ u.T)(F.normalize(v - v.mean(0), dim=1))), "bf16", stage="any float dtype in, float32 out, computed in float32"),
         Mistake("float64 input kept as float64",
                 _on_stacked(lambda v: (lambda c: (lambda u: u @ u.T)(F.normalize(c - c.mean(0), dim=1)))(
                     v.to(torch.promote_types(v.dtype, torch.float32)))), "float64"),
+        Mistake("centred in bf16, normalised in float32 (the text's arithmetic with a late .float())",
+                _on_stacked(lambda v: (lambda u: u @ u.T)(F.normalize((v - v.mean(0)).float(), dim=1))),
+                "computed in bf16", stage="any float dtype in, float32 out, computed in float32"),
     )
 
 
@@ -1508,6 +1604,18 @@ def pca_sklearn_default_solver(persona_vectors):
     x = np.stack([v.double().numpy() for v in persona_vectors.values()])
     pca = PCA(n_components=2)
     return pca.fit_transform(x), pca
+
+
+def _pca_sklearn_solver(solver: str):
+    def pca(persona_vectors):
+        """scikit-learn's PCA on float32 vectors, with another svd_solver than the reference's "full"."""
+        from sklearn.decomposition import PCA
+
+        x = torch.stack([v.float() for v in persona_vectors.values()]).numpy()
+        fitted = PCA(n_components=2, svd_solver=solver, random_state=0)
+        return fitted.fit_transform(x), fitted
+
+    return pca
 
 
 def pca_numpy(persona_vectors):
@@ -1614,6 +1722,11 @@ def _pca_mistakes() -> tuple[Mistake, ...]:
                                                          vv.T))(*torch.pca_lowrank(v, q=2, center=True)))(
                     torch.stack(list(pv.values())).float()),
                 "pca_lowrank", note="torch.pca_lowrank seeded by torch's global RNG; fails for every seed tried"),
+        Mistake("bf16 vectors handed to numpy (no .float())",
+                lambda pv: (lambda fitted, x: (fitted.fit_transform(x), fitted))(
+                    __import__("sklearn.decomposition", fromlist=["PCA"]).PCA(n_components=2),
+                    torch.stack(list(pv.values())).cpu().numpy()),
+                "numpy has no bfloat16", stage="any float dtype in, bf16 included (numpy has no bf16)"),
         Mistake("the text's triple with the axis pointing the wrong way",
                 lambda pv: (lambda coords, fitted: (-_arena_axis(pv), coords, fitted))(*_pca_sklearn_with()(pv)),
                 "mean(defaults) - mean(roles)"),
@@ -1666,10 +1779,13 @@ def _axis_mistakes() -> tuple[Mistake, ...]:
                                                                                         - r.float().mean(0)),
                 "unit norm"),
         Mistake("bf16 input not cast (the ARENA text's arithmetic)",
-                lambda d, r: (lambda x: x / x.norm())(d.mean(0) - r.mean(0)), "bf16"),
+                lambda d, r: (lambda x: x / x.norm())(d.mean(0) - r.mean(0)), "bf16", stage="any float dtype in, float32 out, computed in float32"),
         Mistake("float64 input kept as float64",
                 lambda d, r: (lambda t: F.normalize(d.to(t).mean(0) - r.to(t).mean(0), dim=0))(
                     torch.promote_types(d.dtype, torch.float32)), "float64"),
+        Mistake("the group means in bf16, the rest in float32",
+                lambda d, r: F.normalize(d.mean(0).float() - r.mean(0).float(), dim=0), "computed in bf16",
+                stage="any float dtype in, float32 out, computed in float32"),
     )
 
 
@@ -1716,6 +1832,15 @@ def _characterize_mistakes() -> tuple[Mistake, ...]:
                 lambda vs, a: sorted(cosines(vs, a).items(), key=lambda p: p[1]), "not a list of pairs"),
         Mistake("the arguments in the other order (axis first)",
                 lambda a, vs: dict(sorted(cosines(vs, a).items(), key=lambda p: p[1])), "raised"),
+        Mistake("cosines as 0-d tensors", lambda vs, a: dict(sorted(
+            ((n, F.cosine_similarity(v.float(), a.float(), dim=0)) for n, v in vs.items()), key=lambda p: float(p[1]))),
+                "Python float"),
+        Mistake("cosines as NumPy float32", lambda vs, a: {n: np.float32(c) for n, c in dict(sorted(
+            cosines(vs, a).items(), key=lambda p: p[1])).items()}, "Python float"),
+        Mistake("re-centres the vectors it is given",
+                lambda vs, a: (lambda m: dict(sorted(cosines({n: v.float() - m for n, v in vs.items()}, a).items(),
+                                                     key=lambda p: p[1])))(torch.stack(list(vs.values())).float().mean(0)),
+                "not centred"),
     )
 
 
@@ -1740,14 +1865,16 @@ def _trait_mistakes() -> tuple[Mistake, ...]:
         Mistake("pointing the wrong way (neg - pos)", lambda p, n: n.float().mean(0) - p.float().mean(0), "wrong way"),
         Mistake("sums, not means", lambda p, n: p.float().sum(0) - n.float().sum(0), "mean(pos) - mean(neg)"),
         Mistake("the mean over the wrong dimension", lambda p, n: p.float().mean(1) - n.float().mean(1), "dim=0"),
-        Mistake("computed in bf16", lambda p, n: p.mean(0) - n.mean(0), "float32"),
+        Mistake("computed in bf16", lambda p, n: p.mean(0) - n.mean(0), "float32", stage="any float dtype in, float32 out, computed in float32"),
         Mistake("normalised to unit length",
                 lambda p, n: F.normalize(p.float().mean(0) - n.float().mean(0), dim=0), "mean(pos) - mean(neg)"),
         Mistake("bf16 means, cast to float32 at the end", lambda p, n: (p.mean(0) - n.mean(0)).float(),
-                "computed in bf16"),
+                "computed in bf16", stage="any float dtype in, float32 out, computed in float32"),
         Mistake("float64 input kept as float64",
                 lambda p, n: (lambda t: p.to(t).mean(0) - n.to(t).mean(0))(torch.promote_types(p.dtype, torch.float32)),
                 "float64"),
+        Mistake("means in bf16, the difference in float32", lambda p, n: p.mean(0).float() - n.mean(0).float(),
+                "computed in bf16", stage="any float dtype in, float32 out, computed in float32"),
     )
 
 
@@ -2086,9 +2213,9 @@ format_messages = arena_format_messages
 extract_response_activations = arena_extract_response_activations
 
 FROM_TEXT: tuple[FromText, ...] = (
-    FromText("JUDGE_PROMPT_TEMPLATE", "test_judge_prompt_template", ARENA_JUDGE_PROMPT_TEMPLATE, "bold",
-             "the template's layout: the role as **{character}**, the answer between [ANSWER START] and [ANSWER "
-             "END], as in the paper's prompts (the offline judge reads them)"),
+    FromText("JUDGE_PROMPT_TEMPLATE", "test_judge_prompt_template", ARENA_JUDGE_PROMPT_TEMPLATE, "accepted",
+             "any layout with the three slots, the <score> tag and the scale is accepted: the text's names the role "
+             "in quotes and labels the answer 'Response:' (the offline stand-in judge reads that layout too)"),
     FromText("judge_role_response", "test_judge_role_response", arena_judge_role_response, "first line",
              "the score is read anywhere in the reply, not on its first line only; an unparseable reply raises "
              "a ValueError, not an AssertionError", also=("the score is 2",)),
@@ -2125,9 +2252,10 @@ FROM_TEXT: tuple[FromText, ...] = (
              arena_compute_cosine_similarity_matrix_centered, "bf16 in, float32 out",
              "geometry in float32 whatever the vectors' dtype"),
     FromText("pca_decompose_persona_vectors", "test_pca_decompose_persona_vectors",
-             arena_pca_decompose_persona_vectors, "accepted",
-             "the text's (assistant_axis, pca_coords, pca) is accepted; the course's reference returns "
-             "(pca_coords, pca) and computes the axis in Exercise 6c"),
+             arena_pca_decompose_persona_vectors, "numpy has no bfloat16",
+             "the text's (assistant_axis, pca_coords, pca) return is accepted (the course's reference returns "
+             "(pca_coords, pca) and computes the axis in Exercise 6c), but it hands the vectors to numpy as they are "
+             "(vectors.numpy()): bf16 persona vectors, as on a GPU, have no numpy dtype"),
     FromText("characterize_axis", "test_characterize_axis", arena_characterize_axis, "accepted",
              "the course follows the text"),
 )
@@ -2154,6 +2282,7 @@ def _build() -> list[Entry]:
             Variant("the reference's wording, shortened", TEMPLATE_SHORT),
             Variant("literal braces written as {{ }}", TEMPLATE_LITERAL_BRACES),
             Variant("the response block first", TEMPLATE_RESPONSE_FIRST),
+            Variant("the role in quotes, a 'response:' label (no bold, no answer markers)", TEMPLATE_PLAIN),
         )),
         _entry("judge", "test_judge_role_response", _judge_mistakes(), (
             Variant("regex parsing", judge_regex),
@@ -2173,16 +2302,16 @@ def _build() -> list[Entry]:
             Variant("threading.Thread workers and a queue", generate_all_threads_queue),
             Variant("futures collected in submission order", generate_all_futures_in_order),
         )),
-        _entry("format_messages", "test_normalize_messages", _normalize_mistakes(), (
-            Variant("utils.conversation.merge_system_prompt", normalize_via_utils),
+        _entry("format_messages", "test_normalize_messages", _normalize_mistakes() + (
+            Mistake("the course's merge_system_prompt called", normalize_via_utils, "hands the work to the course's own"),), (
             Variant("tries to render a system message itself", normalize_try_render),
             Variant("deepcopy and list filtering", normalize_deepcopy),
         )),
-        _entry("format_messages", "test_format_messages_response_index", _format_mistakes(), (
+        _entry("format_messages", "test_format_messages_response_index", _format_mistakes() + (
+            Mistake("the course's response_token_span called", format_via_span, "hands the work to the course's own"),), (
             Variant("character offsets of the response", format_offsets),
             Variant("apply_chat_template(tokenize=True) for the prefix", format_tokenize_true),
             Variant("the last generation-prompt marker in the text", format_marker_search),
-            Variant("utils.conversation.response_token_span", format_via_span),
         )),
         _entry("extraction", "test_extract_response_activations", _single_mistakes(), (
             Variant("forward hooks instead of output_hidden_states", extract_hooks),
@@ -2222,6 +2351,11 @@ def _build() -> list[Entry]:
             Variant("torch eigh of the covariance, signs flipped", pca_covariance_eigh),
             Variant("the n x n Gram matrix", pca_gram),
             Variant("torch.pca_lowrank with q = min(n, d)", pca_lowrank_full),
+            Variant("sklearn, svd_solver='randomized', float32", _pca_sklearn_solver("randomized")),
+            Variant("sklearn, svd_solver='arpack', float32 (components with negative strides)",
+                    _pca_sklearn_solver("arpack")),
+            Variant("sklearn, svd_solver='covariance_eigh', float32 (coordinates off by ~1.4e-3)",
+                    _pca_sklearn_solver("covariance_eigh")),
         )),
         _entry("geometry", "test_compute_assistant_axis", _axis_mistakes(), (
             Variant("F.normalize", axis_normalize),

@@ -27,14 +27,15 @@ class TranscriptError(ValueError):
 # ==================================================================================================
 
 def _parse_with(*, name_file=True, name_turn=True, one_based=False, strip_check=True, strip_content=False,
-                check_alternation=True, keep_system=True, check_role=True, whole=False, key_error=False):
+                check_alternation=True, keep_system=True, check_role=True, whole=False, key_error=False,
+                as_path=True, order="alternate", content_check="str", keep_keys=False):
     def parse(path):
-        path = Path(path)
+        path = Path(path) if as_path else path
         data = json.loads(path.read_text())
         if whole:
             return data
         conv = data["conversation"]
-        out, expected = [], "user"
+        out, expected, previous = [], "user", None
         for i, m in enumerate(conv):
             where = (f"{path}: " if name_file else "") + (f"turn {i + one_based}" if name_turn else "a turn")
             if key_error:
@@ -43,17 +44,33 @@ def _parse_with(*, name_file=True, name_turn=True, one_based=False, strip_check=
                 raise TranscriptError(f"{where} has no role")
             role = m.get("role")
             content = m.get("content")
-            empty = not content.strip() if strip_check else not content
+            if content_check == "str" and not isinstance(content, str):
+                raise TranscriptError(f"{where}: content is not a string")
+            if content_check == "truthy":
+                empty = not content or not str(content).strip()
+            else:
+                empty = not content.strip() if strip_check else not content
             if empty:
                 raise TranscriptError(f"{where}: empty content")
-            if role == "system" and i == 0:
+            if order == "no_repeat":  # only "no two in a row"
+                if role == previous:
+                    raise TranscriptError(f"{where}: two {role} turns in a row")
+            elif order == "system_anywhere" and role == "system":
+                pass
+            elif order == "users_only" and role == "user" and previous == "user":
+                raise TranscriptError(f"{where}: two user turns in a row")
+            elif order == "users_only":
+                pass
+            elif role == "system" and i == 0:
                 if not keep_system:
                     continue
             elif check_alternation:
                 if role != expected:
                     raise TranscriptError(f"{where}: expected {expected}, got {role}")
                 expected = "assistant" if role == "user" else "user"
-            out.append({"role": role, "content": content.strip() if strip_content else content})
+            previous = role
+            out.append(dict(m) if keep_keys else
+                       {"role": role, "content": content.strip() if strip_content else content})
         return out
     return parse
 
@@ -88,8 +105,8 @@ def parse_expected_roles(path):
         want = "system" if idx < offset else ("user", "assistant")[(idx - offset) % 2]
         if msg.get("role") != want:
             raise TranscriptError(f"{path} message #{idx}: role {msg.get('role')!r}, expected {want!r}")
-        if not str(msg.get("content", "")).strip():
-            raise TranscriptError(f"{path} message #{idx}: no content")
+        if not isinstance(msg.get("content"), str) or not msg["content"].strip():
+            raise TranscriptError(f"{path} message #{idx}: no content, or content that is not text")
         result.append({"role": msg["role"], "content": msg["content"]})
     return result
 
@@ -112,8 +129,10 @@ def parse_dataclass(path):
             msg = Msg(raw["role"], raw["content"])
         except KeyError as exc:
             raise TranscriptError(f"{path} (turn {n}): missing {exc}") from None
-        if not msg.content.strip():
+        if not isinstance(msg.content, str) or not msg.content.strip():
             raise TranscriptError(f"{path} (turn {n}): empty")
+        if msg.role not in ("system", "user", "assistant"):
+            raise TranscriptError(f"{path} (turn {n}): unknown role {msg.role!r}")
         if msg.role == "system":
             if n:
                 raise TranscriptError(f"{path} (turn {n}): system not first")
@@ -135,6 +154,16 @@ def _parse_mistakes():
         Mistake("system message dropped", _parse_with(keep_system=False), "dropped the system message"),
         Mistake("returns the whole JSON object", _parse_with(whole=True), "whole JSON object"),
         Mistake("a missing role raises KeyError", _parse_with(key_error=True), "KeyError"),
+        Mistake("a str path not accepted (path.read_text() on the str)", _parse_with(as_path=False), "Path(path)"),
+        Mistake("only 'no two turns in a row' checked", _parse_with(order="no_repeat"),
+                "must start with a user turn"),
+        Mistake("a system message accepted anywhere", _parse_with(order="system_anywhere"),
+                "a system message may only come first"),
+        Mistake("only two user turns in a row caught", _parse_with(order="users_only"),
+                "two assistant turns in a row"),
+        Mistake("content not checked to be a string", _parse_with(content_check="truthy"), "not a string"),
+        Mistake("a missing content crashes (None.strip())", _parse_with(content_check=None), "AttributeError"),
+        Mistake("keys beyond role and content kept", _parse_with(keep_keys=True), "turn_id"),
     )
 
 
@@ -142,8 +171,10 @@ def _parse_mistakes():
 # Exercise 2: turn_projections
 # ==================================================================================================
 
-def _turn_with(*, index_shift=1, normalise=True, windows=True, end_extra=0, per_turn_passes=False, dtype=None,
-               sign=1.0):
+def _turn_with(*, index_shift=None, normalise=True, windows=True, end_extra=0, per_turn_passes=False, dtype=None,
+               sign=1.0, cast=True):
+    """Per-turn projections with one thing wrong; ``index_shift`` reads ``hidden_states[layer + index_shift]`` (1: the
+    block's output below the last block), None the block's output through a hook."""
     def turn_projections(model, tokenizer, messages, axis, layer, max_tokens=8192):
         from utils.conversation import turn_windows
 
@@ -155,9 +186,25 @@ def _turn_with(*, index_shift=1, normalise=True, windows=True, end_extra=0, per_
                 else [(w.turns, w.spans)]
             for turns, spans in jobs:
                 ids = torch.tensor([w.ids])
-                hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer + index_shift][0]
+                if index_shift is None:
+                    grabbed = []
+                    handle = model.model.layers[layer].register_forward_hook(
+                        lambda m, a, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+                    try:
+                        model(input_ids=ids)
+                    finally:
+                        handle.remove()
+                    hidden = grabbed[0][0]
+                else:
+                    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[layer + index_shift][0]
                 for t, (s, e) in zip(turns, spans):
                     h = hidden[s:e + end_extra]
+                    if cast == "never":  # the model's dtype throughout: the axis cast to it
+                        out[t] = sign * (h.mean(0) @ unit.to(h.dtype))
+                        continue
+                    if cast == "after_mean":
+                        out[t] = sign * (h.mean(0).float() @ unit)
+                        continue
                     h = h.to(dtype) if dtype is not None else h.float()
                     out[t] = sign * (h.mean(0).float() @ unit)
         return out
@@ -192,15 +239,24 @@ def turns_utils_activations(model, tokenizer, messages, axis, layer, max_tokens=
 
 
 def turns_numpy(model, tokenizer, messages, axis, layer, max_tokens=8192):
-    """Window ids up to the last span's end, numpy means."""
+    """Window ids up to the last span's end, numpy means; hidden_states below the last block, a hook on it (whose
+    hidden_states entry has the final norm applied)."""
     from utils.conversation import turn_windows
 
     unit = (axis / axis.norm()).double().numpy()
+    last = layer == len(model.model.layers) - 1
     vals = []
     for w in turn_windows(messages, tokenizer, max_tokens):
         end = w.spans[-1][1]
-        hs = model(input_ids=torch.tensor([w.ids[:end]]), output_hidden_states=True).hidden_states
-        h = hs[layer + 1][0].double().numpy()
+        grabbed = []
+        handle = model.model.layers[layer].register_forward_hook(
+            lambda m, a, o: grabbed.append(o[0] if isinstance(o, tuple) else o)) if last else None
+        try:
+            hs = model(input_ids=torch.tensor([w.ids[:end]]), output_hidden_states=True).hidden_states
+        finally:
+            if handle is not None:
+                handle.remove()
+        h = (grabbed[0] if last else hs[layer + 1])[0].double().numpy()
         vals += [(t, h[s:e].mean(axis=0) @ unit) for t, (s, e) in zip(w.turns, w.spans)]
     return torch.tensor([v for _, v in sorted(vals)], dtype=torch.float32)
 
@@ -216,6 +272,15 @@ def _turn_truncating(model, tokenizer, messages, axis, layer, max_tokens=8192):
     return torch.stack([hidden[max(s - cut, 0):max(e - cut, 1)].float().mean(0) @ unit for s, e in spans])
 
 
+def _turn_nan_when_too_long(model, tokenizer, messages, axis, layer, max_tokens=8192):
+    """Catches the error for a turn that cannot fit and returns NaN for every turn."""
+    n = sum(m["role"] == "assistant" for m in messages)
+    try:
+        return _turn_with()(model, tokenizer, messages, axis, layer, max_tokens)
+    except ValueError:
+        return torch.full((n,), float("nan"))
+
+
 def _turn_mistakes():
     return (
         Mistake("hidden_states[layer] (one layer early)", _turn_with(index_shift=0), "hidden_states[l + 1]"),
@@ -227,6 +292,16 @@ def _turn_mistakes():
         Mistake("mean in bf16", _turn_with(dtype=torch.bfloat16), "float32"),
         Mistake("the end-of-turn token included", _turn_with(end_extra=1), "end-of-turn token"),
         Mistake("the conversation truncated to its last max_tokens tokens", _turn_truncating, "cuts a turn"),
+        Mistake("a list of floats, not a tensor", lambda *a, **k: _turn_with()(*a, **k).tolist(), "float32 tensor"),
+        Mistake("float64 projections", lambda *a, **k: _turn_with()(*a, **k).double(), "float32 CPU tensor"),
+        Mistake("NaN for a turn that cannot fit (the error caught)", _turn_nan_when_too_long, "never cut a turn"),
+        Mistake("hidden_states[layer + 1] at the last layer too (the final norm's output)", _turn_with(index_shift=1),
+                "final norm", note="the course's reference itself read hidden_states there once",
+                stage="the last block too: its output, not hidden_states[-1] (which has the final norm applied)"),
+        Mistake("the model's dtype throughout (no float32 cast on a bf16 model)", _turn_with(cast="never"),
+                "computed in bf16", stage="on a bf16 model, averaged in float32"),
+        Mistake("the mean in the model's dtype, projected in float32", _turn_with(cast="after_mean"),
+                "computed in bf16", stage="on a bf16 model, averaged in float32"),
     )
 
 
@@ -280,6 +355,11 @@ def _threshold_mistakes():
             k: float(torch.quantile(v, percentile)) for k, v in projections.items()}, "fraction in 0..1"),
         Mistake("returns a list", lambda projections, percentile=25.0: [
             float(torch.quantile(v, percentile / 100)) for v in projections.values()], "dict"),
+        Mistake("thresholds as 0-d tensors", lambda projections, percentile=25.0: {
+            k: torch.quantile(v.float(), percentile / 100) for k, v in projections.items()}, "Python float"),
+        Mistake("thresholds as NumPy float32", lambda projections, percentile=25.0: {
+            k: np.percentile(v.numpy(), percentile).astype(np.float32) for k, v in projections.items()},
+                "Python float"),
     )
 
 
@@ -333,6 +413,11 @@ def _drift_mistakes():
         Mistake("turns numbered from 1", _drift_with(base=1), "from 0"),
         Mistake("-1 when no turn is below", _drift_with(none=-1), "not -1"),
         Mistake("returns a list", lambda p, t: list(_drift_with()(p, t)), "tuple"),
+        Mistake("the slope as a 0-d tensor", lambda p, t: (torch.tensor(_drift_with()(p, t)[0]),
+                                                           _drift_with()(p, t)[1]), "Python float"),
+        Mistake("first_below as a NumPy integer (np.flatnonzero)",
+                lambda p, t: (_drift_with()(p, t)[0], (lambda b: b[0] if b.size else None)(
+                    np.flatnonzero(p.numpy() < t))), "Python int"),
     )
 
 
@@ -437,13 +522,24 @@ def steering_exitstack(model, layer, vector, positions="all"):
         yield
 
 
+def _steering_generator(model, layer, vector, positions="all"):
+    """The reference's generator, without @contextlib.contextmanager."""
+    handle = model.model.layers[layer].register_forward_hook(
+        lambda m, a, o: (o[0] + vector.to(o[0]),) + tuple(o[1:]) if isinstance(o, tuple) else o + vector.to(o))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _steering_mistakes():
     return (
+        Mistake("a generator without @contextlib.contextmanager", _steering_generator, "not a context manager"),
         Mistake("a pre-hook (changes the block's input)", _steering_with(pre=True), "INPUT"),
         Mistake("the next layer", _steering_with(shift=1), f"layer {3}"),
         Mistake("the vector normalised again", _steering_with(normalise=True), "normalised the vector"),
         Mistake("the vector subtracted", _steering_with(sign=-1.0), "subtracted"),
-        Mistake("no cast to the hidden state's dtype", _steering_with(cast=False), "dtype"),
+        Mistake("no cast to the hidden state's dtype", _steering_with(cast=False), "dtype", stage="any dtype: the vector cast to the hidden state's (a bf16 model stays bf16)"),
         Mistake("cast to the dtype but not moved to the hidden state's device", _steering_with(cast="dtype"),
                 "device_map"),
         Mistake("tuple outputs not handled", _steering_with(tuple_ok=False), "tuple"),
@@ -499,9 +595,21 @@ def _vectors_mistakes():
 # Exercise 7: cap_activations and activation_capping
 # ==================================================================================================
 
-def _cap_with(*, ceiling=False, no_max=False, recompute=False, bf16_out=False, inplace=False, device=True):
+def _cap_with(*, ceiling=False, no_max=False, recompute=False, bf16_out=False, inplace=False, device=True,
+              math_dtype=None, shift=None):
     def cap_activations(h, unit_axis, tau):
         a = unit_axis.to(device=h.device, dtype=torch.float32) if device else unit_axis.float()
+        if shift is not None:  # the positions below tau moved, but not onto tau along a
+            proj = h.float() @ a
+            gap = (tau - proj).clamp(min=0).unsqueeze(-1)
+            moved = h.float() - gap * a if shift == "subtracted" else h.float() + gap
+            return torch.where((proj < tau).unsqueeze(-1), moved.to(h.dtype), h)
+        if math_dtype == "h":  # projection and shift in h's dtype
+            ah = a.to(h.dtype)
+            proj = h @ ah
+            return torch.where((proj < tau).unsqueeze(-1), h + (tau - proj).unsqueeze(-1) * ah, h)
+        if math_dtype == "axis":  # the axis rounded to h's dtype, then float32 arithmetic
+            a = a.to(h.dtype).float()
         proj = h.float() @ a
         if ceiling:
             new = h.float() - (proj - tau).clamp(min=0).unsqueeze(-1) * a
@@ -555,14 +663,24 @@ def _cap_mistakes():
         Mistake("float32 returned for bf16 input", _cap_with(bf16_out=True), "return h's dtype"),
         Mistake("h modified in place", _cap_with(inplace=True), "in place"),
         Mistake("the axis not moved to h's device", _cap_with(device=False), "device_map"),
+        Mistake("the shift subtracted (the ceiling's sign on a floor)", _cap_with(shift="subtracted"),
+                "lifted exactly to it"),
+        Mistake("the shift added to every coordinate (no * a)", _cap_with(shift="every coordinate"),
+                "lifted exactly to it"),
+        Mistake("the projection and shift in h's dtype (bf16)", _cap_with(math_dtype="h"), "computed in bf16",
+                stage="projection and shift in float32 (bf16 h: float32 arithmetic, rounded once to bf16)"),
+        Mistake("the axis rounded to h's dtype first", _cap_with(math_dtype="axis"), "computed in bf16",
+                stage="projection and shift in float32 (bf16 h: float32 arithmetic, rounded once to bf16)"),
     )
 
 
 def _capping_cm(*, normalise=True, last_only=False, same_axis=False, finally_=True, ceiling=False, layers_slice=None,
-                swallow=False):
+                swallow=False, tuple_ok=True, keep_float=False, device=True, every_threshold=False):
     @contextlib.contextmanager
     def activation_capping(model, axes, thresholds, layers):
         chosen = list(layers)[:layers_slice] if layers_slice else list(layers)
+        if every_threshold:  # the layers of `thresholds`, not `layers`
+            chosen = sorted(thresholds)
 
         def make(layer):
             src = chosen[0] if same_axis else layer
@@ -571,8 +689,9 @@ def _capping_cm(*, normalise=True, last_only=False, same_axis=False, finally_=Tr
             tau = thresholds[src]
 
             def hook(module, args, output):
-                h = output[0] if isinstance(output, tuple) else output
-                proj = h.float() @ a
+                h = output[0] if isinstance(output, tuple) and tuple_ok else output
+                a_ = a.to(h.device) if device else a
+                proj = h.float() @ a_
                 if ceiling:
                     below = proj > tau
                     shift = (tau - proj)
@@ -581,8 +700,12 @@ def _capping_cm(*, normalise=True, last_only=False, same_axis=False, finally_=Tr
                     shift = (tau - proj)
                 if last_only:
                     below = below & (torch.arange(h.shape[1]) == h.shape[1] - 1)
-                new = torch.where(below.unsqueeze(-1), (h.float() + shift.unsqueeze(-1) * a).to(h.dtype), h)
-                return (new, *output[1:]) if isinstance(output, tuple) else new
+                lifted = h.float() + shift.unsqueeze(-1) * a_
+                if keep_float:  # the capped hidden state returned in float32
+                    new = torch.where(below.unsqueeze(-1), lifted, h.float())
+                else:
+                    new = torch.where(below.unsqueeze(-1), lifted.to(h.dtype), h)
+                return (new, *output[1:]) if isinstance(output, tuple) and tuple_ok else new
             return hook
 
         handles = [model.model.layers[l].register_forward_hook(make(l)) for l in chosen]
@@ -654,8 +777,20 @@ def capping_float64(model, axes, thresholds, layers):
             h.remove()
 
 
+def _capping_generator(model, axes, thresholds, layers):
+    """A generator without @contextlib.contextmanager."""
+    handles = [model.model.layers[l].register_forward_hook(
+        lambda m, a, o, l=l: cap_masked_assign(o, F.normalize(axes[l].float(), dim=0), thresholds[l])) for l in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _capping_mistakes():
     return (
+        Mistake("a generator without @contextlib.contextmanager", _capping_generator, "not a context manager"),
         Mistake("the axis not normalised", _capping_cm(normalise=False), "Normalise each layer's axis"),
         Mistake("only the last position capped", _capping_cm(last_only=True), "every position"),
         Mistake("the first layer's axis for every layer", _capping_cm(same_axis=True), "its own axis"),
@@ -663,6 +798,12 @@ def _capping_mistakes():
         Mistake("capping from above", _capping_cm(ceiling=True), "caps from above"),
         Mistake("only the first layer capped", _capping_cm(layers_slice=1), "cap every layer"),
         Mistake("the exception swallowed", _capping_cm(swallow=True), "swallowed"),
+        Mistake("tuple outputs not handled (the hook assumes a tensor)", _capping_cm(tuple_ok=False), "tuple"),
+        Mistake("every layer of `thresholds` capped, not those of `layers`", _capping_cm(every_threshold=True),
+                "not in `layers`"),
+        Mistake("the capped hidden state returned in float32", _capping_cm(keep_float=True), "block's own dtype",
+                stage="any dtype: a bf16 model stays bf16"),
+        Mistake("the axis not moved to the hidden state's device", _capping_cm(device=False), "device_map"),
     )
 
 
@@ -675,6 +816,11 @@ def _kl_with(*, reverse=False, softmax_log=False, dtype=None, reduce="sum", scal
         lp_, lq_ = (logits_q, logits_p) if reverse else (logits_p, logits_q)
         if dtype is None:
             lp_, lq_ = lp_.float(), lq_.float()
+        elif dtype == "late":  # log_softmax in the logits' dtype, the rest in float32
+            lp, lq = torch.log_softmax(lp_, -1).float(), torch.log_softmax(lq_, -1).float()
+            return (lp.exp() * (lp - lq)).sum(-1)
+        elif dtype == "bf16 only":  # only bf16 converted: float64 stays float64
+            lp_, lq_ = (lp_.float(), lq_.float()) if lp_.dtype == torch.bfloat16 else (lp_, lq_)
         if softmax_log:
             p, q = torch.softmax(lp_, -1), torch.softmax(lq_, -1)
             kl = p * (torch.log(p) - torch.log(q))
@@ -716,10 +862,14 @@ def _kl_mistakes():
     return (
         Mistake("KL(Q || P)", _kl_with(reverse=True), "KL(Q || P)"),
         Mistake("softmax then log", _kl_with(softmax_log=True), "log_softmax"),
-        Mistake("computed in the logits' dtype (bf16)", _kl_with(dtype="keep"), "float32"),
+        Mistake("computed in the logits' dtype (bf16)", _kl_with(dtype="keep"), "float32", stage="any float dtype in, float32 out, computed in float32"),
         Mistake("mean over the vocabulary", _kl_with(reduce="mean"), "averaged over the vocabulary"),
         Mistake("one scalar (batchmean)", _kl_with(scalar=True), "per position"),
         Mistake("torch.distributions.kl_divergence (inf where Q underflows)", kl_distributions, "log_softmax"),
+        Mistake("log_softmax in bf16, the rest in float32", _kl_with(dtype="late"), "BEFORE log_softmax",
+                stage="any float dtype in, float32 out, computed in float32"),
+        Mistake("only bf16 converted (float64 logits give float64)", _kl_with(dtype="bf16 only"), "float64",
+                stage="any float dtype in, float32 out, computed in float32"),
     )
 
 
@@ -730,9 +880,9 @@ def _build() -> list[Entry]:
             Variant("the role each position requires", parse_expected_roles),
             Variant("dataclasses", parse_dataclass),
         )),
-        Entry("per-turn projection", "test_turn_projections", _turn_mistakes(), (
+        Entry("per-turn projection", "test_turn_projections", _turn_mistakes() + (
+            Mistake("the course's per_turn_mean_activations called", turns_utils_activations, "hands the work to the course's own"),), (
             Variant("a forward hook per window, float64 projection", turns_hooks),
-            Variant("utils.turns.per_turn_mean_activations", turns_utils_activations),
             Variant("numpy means over ids cut at the last span", turns_numpy),
         )),
         Entry("threshold", "test_capping_threshold", _threshold_mistakes(), (
