@@ -305,7 +305,7 @@ def test_turn_projections(fn) -> None:
     for description, max_tokens, promise in cases:
         _stage(promise)
         calls = []
-        handle = model.model.register_forward_pre_hook(lambda *a: calls.append(1))
+        handle = model.model.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
         try:
             got = _call(f"turn_projections on {description} (max_tokens={max_tokens})", section, "", fn, model, tok,
                         copy.deepcopy(TURN_CONVERSATION), axis.clone(), TURN_LAYER, max_tokens=max_tokens)

@@ -1026,7 +1026,7 @@ def extract_stop_early(model, tokenizer, conversations, layer):
         ids = tokenizer(full_prompt, add_special_tokens=False, return_tensors="pt").input_ids
         grabbed = {}
 
-        def hook(module, args, output):
+        def hook(module, args, output, grabbed=grabbed):
             grabbed["h"] = output[0] if isinstance(output, tuple) else output
             raise Stop
 
@@ -1221,7 +1221,7 @@ def extract_batched_numpy(model, tokenizer, conversations, layer, batch_size=8):
                            output_hidden_states=True).hidden_states[layer + 1].float().numpy()
         attention = enc["attention_mask"].numpy()
         mask = np.zeros(attention.shape)
-        for r, (start, end, n) in enumerate(spans):
+        for r, (start, end, _n) in enumerate(spans):
             first_real = int(np.argmax(attention[r] == 1))  # the padding before the row (0 under right padding)
             mask[r, first_real + start:first_real + end] = 1
         means = (hidden.astype(np.float64) * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)

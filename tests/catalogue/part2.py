@@ -189,7 +189,7 @@ def _turn_with(*, index_shift=None, normalise=True, windows=True, end_extra=0, p
                 if index_shift is None:
                     grabbed = []
                     handle = model.model.layers[layer].register_forward_hook(
-                        lambda m, a, o: grabbed.append(o[0] if isinstance(o, tuple) else o))
+                        lambda m, a, o, grabbed=grabbed: grabbed.append(o[0] if isinstance(o, tuple) else o))
                     try:
                         model(input_ids=ids)
                     finally:
@@ -220,7 +220,7 @@ def turns_hooks(model, tokenizer, messages, axis, layer, max_tokens=8192):
     for w in turn_windows(messages, tokenizer, max_tokens):
         grabbed = []
         handle = model.model.layers[layer].register_forward_hook(
-            lambda mod, args, out: grabbed.append((out[0] if isinstance(out, tuple) else out).detach()))
+            lambda mod, args, out, grabbed=grabbed: grabbed.append((out[0] if isinstance(out, tuple) else out).detach()))
         try:
             model(input_ids=torch.tensor([w.ids]))
         finally:
@@ -250,7 +250,7 @@ def turns_numpy(model, tokenizer, messages, axis, layer, max_tokens=8192):
         end = w.spans[-1][1]
         grabbed = []
         handle = model.model.layers[layer].register_forward_hook(
-            lambda m, a, o: grabbed.append(o[0] if isinstance(o, tuple) else o)) if last else None
+            lambda m, a, o, grabbed=grabbed: grabbed.append(o[0] if isinstance(o, tuple) else o)) if last else None
         try:
             hs = model(input_ids=torch.tensor([w.ids[:end]]), output_hidden_states=True).hidden_states
         finally:
