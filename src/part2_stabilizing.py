@@ -539,6 +539,18 @@ def project_turns(messages: list[dict[str, str]], label: str) -> Tensor | None:
         return None
 
 
+def reading(messages: list[dict[str, str]]) -> dict:
+    """How a transcript is read: the forward passes (windows of whole turns) and each turn's history in tokens.
+
+    ``history_tokens[k]`` counts the tokens before assistant turn ``k``'s content in the pass that scores it:
+    everything that turn was read with (the paper reads each turn with the whole conversation before it).
+    """
+    windows = turn_windows(first_turns(messages, MAX_TURNS), tokenizer, MAX_TOKENS)
+    first_user = 1 if messages[0]["role"] == "system" else 0
+    return {"n_passes": len(windows), "history_tokens": [start for w in windows for start, _ in w.spans],
+            "history_cut": sum(w.first_message > first_user for w in windows)}
+
+
 def turn_number(index: int | None) -> str:
     """An assistant-turn index from 0 as the plots number it, from 1 (or "none")."""
     return "none" if index is None else str(index + 1)
@@ -564,10 +576,15 @@ for name, proj in DRIFT_PROJECTIONS.items():
         drift_results[name] = {"skipped": "a turn does not fit in max_tokens"}
         continue
     slope, first = drift_summary(proj, THRESHOLDS[LAYER])
+    how = reading(DRIFT[name])
     drift_results[name] = {"n_turns": len(proj), "slope": slope, "min_projection": float(proj.min()),
-                           "first_turn_below": None if first is None else first + 1}  # numbered from 1
-    print(f"{name:12s} {len(proj):3d} turns  slope {slope:+8.3f}/turn  min {proj.min():8.2f}  "
-          f"first turn below tau_{LAYER}: {turn_number(first)}")
+                           "first_turn_below": None if first is None else first + 1,  # numbered from 1
+                           "n_passes": how["n_passes"], "history_tokens": how["history_tokens"]}
+    print(f"{name:12s} {len(proj):3d} turns in {count_of(how['n_passes'], 'pass', 'passes')}  "
+          f"slope {slope:+8.3f}/turn  min {proj.min():8.2f}  first turn below tau_{LAYER}: {turn_number(first)}")
+    print(f"{'':12s} history per turn (tokens before it in its pass): {how['history_tokens']}"
+          + (f"; {count_of(how['history_cut'], 'pass')} started after the beginning (earlier turns dropped whole)"
+             if how["history_cut"] else "; every turn read with the whole conversation before it"))
 case_results = {}
 for (who, scenario), pair in CASE_PROJECTIONS.items():
     case_results[f"{who}/{scenario}"] = {}
@@ -666,15 +683,19 @@ display(Markdown("\n".join(lines)))
 # Steering at **every position** changes how the model reads the prompt too. Steering only the
 # **generated** tokens leaves the prompt alone: in KV-cached generation, the first forward pass reads the
 # whole prompt, and every later pass processes one new token, so "generated" means passes that process a
-# single position, the course library's rule too (`utils.steering.is_generated_pass`, which also refuses a
-# pass with no KV cache).
+# single position with a KV cache in use: the course library's rule too (`utils.steering.is_generated_pass`).
+# Without a cache (`use_cache=False`) every pass re-reads the whole sequence, so no pass would ever count as
+# generated; that call must raise, not silently steer nothing. A hook registered with
+# `register_forward_hook(hook, with_kwargs=True)` is called as `hook(module, args, kwargs, output)` and sees
+# the block's keyword arguments, the cache among them: `kwargs["cache"]` in transformers 5.x,
+# `kwargs["past_key_values"]` in 4.x (None without a cache).
 #
 # ### Exercise 5: a steering hook
 #
 # > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵🔵 &nbsp; **Time:** about 20 minutes
 # >
 # > **Your task:** register a forward hook that adds `vector` to the block's output (every pass, or only
-# > single-position passes), handling tuple and tensor outputs, and remove it in `finally`.
+# > single-position passes with a KV cache), handling tuple and tensor outputs, and remove it in `finally`.
 #
 # <details><summary>Hint 1</summary>
 #
@@ -685,7 +706,8 @@ display(Markdown("\n".join(lines)))
 #
 # <details><summary>Hint 2</summary>
 #
-# Inside the hook: `h = output[0] if isinstance(output, tuple) else output`; for `"generated"`, skip when
+# Inside the hook: `h = output[0] if isinstance(output, tuple) else output`; for `"generated"`, raise a
+# `ValueError` when neither `kwargs.get("cache")` nor `kwargs.get("past_key_values")` is set, and skip when
 # `h.shape[1] != 1`; return `(new, *output[1:])` for a tuple, `new` otherwise, with `new = h +
 # vector.to(device=h.device, dtype=h.dtype)`.
 #
@@ -701,7 +723,8 @@ def add_steering(model, layer: int, vector: Float[Tensor, " d_model"], positions
         layer: block index.
         vector: ``[d_model]``, already scaled (e.g. ``coeff * unit_axis``); added as given.
         positions: ``"all"``: every position of every pass. ``"generated"``: only passes that process a
-            single position (the new tokens of KV-cached generation); the prompt's pass is unchanged.
+            single position with a KV cache in use (the new tokens of KV-cached generation); the prompt's
+            pass is unchanged, and a pass with no KV cache (``use_cache=False``) raises ValueError.
 
     The hook handles block outputs that are tensors (transformers 5.x) and tuples (4.x), casts the vector
     to the hidden state's dtype and device, and is removed on exit, also when the block raises.
@@ -710,14 +733,18 @@ def add_steering(model, layer: int, vector: Float[Tensor, " d_model"], positions
     if positions not in ("all", "generated"):
         raise ValueError(f"positions must be 'all' or 'generated'; got {positions!r}")
 
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         h = output[0] if isinstance(output, tuple) else output
-        if positions == "generated" and h.shape[1] != 1:
-            return None
+        if positions == "generated":
+            if kwargs.get("cache") is None and kwargs.get("past_key_values") is None:
+                raise ValueError("positions='generated' needs KV-cached generation, but this pass has no KV cache "
+                                 "(use_cache=False). Generate with use_cache=True, or use positions='all'.")
+            if h.shape[1] != 1:
+                return None
         new = h + vector.to(device=h.device, dtype=h.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    handle = model.model.layers[layer].register_forward_hook(hook)
+    handle = model.model.layers[layer].register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:

@@ -701,10 +701,11 @@ _ST_BF16 = "any dtype: the vector cast to the hidden state's (a bf16 model stays
 _ST_TUPLE = "tuple block outputs (transformers 4.x) as well as tensors (5.x)"
 _ST_DEVICE = "any device: the vector moved to the hidden state's (device_map=\"auto\")"
 _ST_GENERATED = "positions='generated': only single-position passes; the prompt's pass unchanged"
+_ST_NO_CACHE = "positions='generated' with no KV cache (use_cache=False) raises ValueError, as utils.steering does"
 
 
 @check("Exercise 5")
-@PROMISES(_ST_CM, _ST_ADD, _ST_REMOVED, _ST_BF16, _ST_TUPLE, _ST_DEVICE, _ST_GENERATED)
+@PROMISES(_ST_CM, _ST_ADD, _ST_REMOVED, _ST_BF16, _ST_TUPLE, _ST_DEVICE, _ST_GENERATED, _ST_NO_CACHE)
 def test_add_steering(fn) -> None:
     from utils.steering import steering
 
@@ -810,6 +811,26 @@ def test_add_steering(fn) -> None:
               f"(utils.steering.steering(..., positions='generated')); tokens {got_tokens.tolist()} vs "
               f"{ref_tokens.tolist()}. The prompt's forward pass (prefill) must be unchanged, including its last "
               "position; every later pass (one new token each) is steered.", section)
+    # No KV cache: no pass can count as generated, so the call must raise, not steer nothing in silence.
+    _stage(_ST_NO_CACHE)
+    raised = None
+    try:
+        with fn(model, STEER_LAYER, 3 * vector, positions="generated"), torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                           use_cache=False, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+    except ValueError as exc:
+        raised = exc
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the learner's bug, named below
+        _fail(f"add_steering(..., positions='generated') during generation with use_cache=False raised "
+              f"{type(exc).__name__}: {_clip(str(exc))}; raise a ValueError that says a KV cache is needed.",
+              section, exc)
+    if raised is None:
+        _fail("add_steering(..., positions='generated') during generation with use_cache=False did not raise: with no "
+              "KV cache every pass re-reads the whole sequence, so nothing was steered, in silence. Register the hook "
+              "with with_kwargs=True and raise a ValueError when the block's cache (kwargs['cache'] in transformers "
+              "5.x, kwargs['past_key_values'] in 4.x) is None.", section)
     _passed("test_add_steering")
 
 

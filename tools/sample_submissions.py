@@ -301,15 +301,17 @@ class add_steering:
             raise ValueError(f"positions must be 'all' or 'generated', got {positions!r}")
         self.block, self.vector, self.positions = model.model.layers[layer], vector, positions
 
-    def _hook(self, module, args, output):
+    def _hook(self, module, args, kwargs, output):
         h = output[0] if isinstance(output, tuple) else output
+        if self.positions == "generated" and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+            raise ValueError("positions='generated' needs KV-cached generation")
         if self.positions == "generated" and h.shape[1] > 1:
             return output
         h = h + self.vector.to(h.device, h.dtype)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
     def __enter__(self):
-        self.handle = self.block.register_forward_hook(self._hook)
+        self.handle = self.block.register_forward_hook(self._hook, with_kwargs=True)
         return self
 
     def __exit__(self, *exc_info):

@@ -426,12 +426,14 @@ def _drift_mistakes():
 # ==================================================================================================
 
 def _steering_with(*, pre=False, shift=0, normalise=False, sign=1.0, cast=True, tuple_ok=True, finally_=True,
-                   generated="len1", swallow=False):
+                   generated="len1", swallow=False, no_cache="raise"):
     @contextlib.contextmanager
     def add_steering(model, layer, vector, positions="all"):
         def hook(module, *hook_args):
             output = hook_args[-1] if not pre else hook_args[0]
             h = output[0] if (isinstance(output, tuple) and tuple_ok) else output
+            if positions == "generated" and no_cache == "raise" and not pre and _no_cache(hook_args[1]):
+                raise ValueError("positions='generated' needs a KV cache (use_cache=True)")
             if positions == "generated":
                 if generated == "len1" and h.shape[1] != 1:
                     return None
@@ -452,7 +454,7 @@ def _steering_with(*, pre=False, shift=0, normalise=False, sign=1.0, cast=True, 
 
         block = model.model.layers[layer + shift]
         handle = block.register_forward_pre_hook(lambda m, args: hook(m, args)) if pre \
-            else block.register_forward_hook(hook)
+            else block.register_forward_hook(hook, with_kwargs=True)
         if finally_:
             try:
                 yield
@@ -467,16 +469,24 @@ def _steering_with(*, pre=False, shift=0, normalise=False, sign=1.0, cast=True, 
     return add_steering
 
 
+def _no_cache(kwargs) -> bool:
+    """No KV cache in a block's keyword arguments (5.x: ``cache``; 4.x: ``past_key_values``)."""
+    return kwargs.get("cache") is None and kwargs.get("past_key_values") is None
+
+
 @contextlib.contextmanager
 def steering_in_place(model, layer, vector, positions="all"):
     """Changes the output in place and returns None."""
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         h = output[0] if isinstance(output, tuple) else output
-        if positions == "generated" and h.shape[-2] > 1:
-            return
+        if positions == "generated":
+            if _no_cache(kwargs):
+                raise ValueError("no KV cache: nothing would count as generated")
+            if h.shape[-2] > 1:
+                return
         h.add_(vector.to(device=h.device, dtype=h.dtype))
 
-    handle = model.model.layers[layer].register_forward_hook(hook)
+    handle = model.model.layers[layer].register_forward_hook(hook, with_kwargs=True)
     try:
         yield handle
     finally:
@@ -491,15 +501,18 @@ class SteeringClass:
         self.handles, self.decode = [], False
 
     def __enter__(self):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             hidden = output[0] if isinstance(output, tuple) else output
+            cache = next((kwargs[k] for k in ("cache", "past_key_values") if kwargs.get(k) is not None), None)
+            if self.positions == "generated" and cache is None:
+                raise ValueError("positions='generated' needs use_cache=True")
             if self.positions == "generated" and hidden.shape[1] > 1:
                 return None
             if isinstance(output, tuple):
                 return (output[0] + self.vector.to(output[0]),) + output[1:]
             return output + self.vector.to(output)
 
-        self.handles.append(self.model.model.layers[self.layer].register_forward_hook(hook))
+        self.handles.append(self.model.model.layers[self.layer].register_forward_hook(hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc):
@@ -512,13 +525,15 @@ class SteeringClass:
 def steering_exitstack(model, layer, vector, positions="all"):
     """contextlib.ExitStack with a callback."""
     with contextlib.ExitStack() as stack:
-        def hook(module, args, out):
+        def hook(module, args, kw, out):
             hidden = out[0] if type(out) is tuple else out
+            if positions == "generated" and kw.get("cache", kw.get("past_key_values")) is None:
+                raise ValueError("generated positions need a KV cache")
             if positions == "generated" and hidden.size(1) != 1:
                 return out
             moved = hidden + vector.type_as(hidden)
             return (moved,) + tuple(out[1:]) if type(out) is tuple else moved
-        stack.callback(model.model.layers[layer].register_forward_hook(hook).remove)
+        stack.callback(model.model.layers[layer].register_forward_hook(hook, with_kwargs=True).remove)
         yield
 
 
@@ -547,6 +562,8 @@ def _steering_mistakes():
         Mistake("the exception swallowed", _steering_with(swallow=True), "swallowed"),
         Mistake("generated = all positions", _steering_with(generated="all"), "prompt's positions too"),
         Mistake("generated = the last position of every pass", _steering_with(generated="last"), "prefill"),
+        Mistake("no KV cache not refused: generated steers nothing, in silence", _steering_with(no_cache="ignore"),
+                "use_cache=False"),
     )
 
 
