@@ -769,6 +769,22 @@ def normalize_deepcopy(messages, tokenizer):
     return rest
 
 
+def normalize_template_text(messages, tokenizer):
+    """Read the template itself: a template that raises on a system role names it in its text; new dicts, in order."""
+    template = tokenizer.chat_template or ""
+    system_ok = "System role not supported" not in template
+    msgs = [dict(m) for m in messages]
+    if not msgs or msgs[0]["role"] != "system":
+        return msgs
+    system, rest = msgs[0]["content"], msgs[1:]
+    if not system.strip():
+        return rest
+    if system_ok:
+        return msgs
+    rest[0] = {"role": rest[0]["role"], "content": system + "\n\n" + rest[0]["content"]}
+    return rest
+
+
 def _normalize_with(*, merge="first", sep="\n\n", empty="drop", detect="template", mutate=False, alias=False):
     """_normalize_messages with one thing wrong."""
     from utils.conversation import supports_system_role
@@ -2305,6 +2321,7 @@ def _build() -> list[Entry]:
         _entry("format_messages", "test_normalize_messages", _normalize_mistakes() + (
             Mistake("the course's merge_system_prompt called", normalize_via_utils, "hands the work to the course's own"),), (
             Variant("tries to render a system message itself", normalize_try_render),
+            Variant("reads the template's own text", normalize_template_text),
             Variant("deepcopy and list filtering", normalize_deepcopy),
         )),
         _entry("format_messages", "test_format_messages_response_index", _format_mistakes() + (

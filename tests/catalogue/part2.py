@@ -230,6 +230,30 @@ def turns_hooks(model, tokenizer, messages, axis, layer, max_tokens=8192):
     return torch.tensor([result[t] for t in sorted(result)], dtype=torch.float32)
 
 
+def turns_hidden_states(model, tokenizer, messages, axis, layer, max_tokens=8192):
+    """output_hidden_states below the last block, a hook at the last (whose hidden_states entry is normed)."""
+    from utils.conversation import turn_windows
+
+    a = axis.float() / axis.float().norm()
+    last = layer == len(model.model.layers) - 1
+    out = []
+    for w in turn_windows(messages, tokenizer, max_tokens):
+        ids = torch.tensor([w.ids[:w.spans[-1][1]]])
+        if last:
+            grabbed = []
+            handle = model.model.layers[layer].register_forward_hook(
+                lambda m, args, o, grabbed=grabbed: grabbed.append(o[0] if isinstance(o, tuple) else o))
+            try:
+                model(input_ids=ids)
+            finally:
+                handle.remove()
+            h = grabbed[0][0]
+        else:
+            h = model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0]
+        out += [float(h[s:e].float().mean(0) @ a) for s, e in w.spans]
+    return torch.tensor(out, dtype=torch.float32)
+
+
 def turns_utils_activations(model, tokenizer, messages, axis, layer, max_tokens=8192):
     """The course's per-turn mean activations, then a projection."""
     from utils.activations import per_turn_mean_activations
@@ -900,6 +924,7 @@ def _build() -> list[Entry]:
         Entry("per-turn projection", "test_turn_projections", _turn_mistakes() + (
             Mistake("the course's per_turn_mean_activations called", turns_utils_activations, "hands the work to the course's own"),), (
             Variant("a forward hook per window, float64 projection", turns_hooks),
+            Variant("output_hidden_states per window, a hook at the last block", turns_hidden_states),
             Variant("numpy means over ids cut at the last span", turns_numpy),
         )),
         Entry("threshold", "test_capping_threshold", _threshold_mistakes(), (
