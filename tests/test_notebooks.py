@@ -75,8 +75,8 @@ def _assert_drift_result(result: dict, n_turns: int, where: str):
     assert "skipped" not in result, f"{where} was skipped: {result['skipped']}"
     assert result["n_turns"] == n_turns, where
     assert math.isfinite(result["slope"]) and math.isfinite(result["min_projection"]), where
-    first = result["first_below"]
-    assert first is None or (isinstance(first, int) and 0 <= first < n_turns), where
+    first = result["first_turn_below"]  # numbered from 1, as the plots number turns
+    assert first is None or (isinstance(first, int) and 1 <= first <= n_turns), where
 
 
 def _assistant_turns(path) -> int:
