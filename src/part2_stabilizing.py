@@ -576,15 +576,15 @@ for name, proj in DRIFT_PROJECTIONS.items():
         drift_results[name] = {"skipped": "a turn does not fit in max_tokens"}
         continue
     slope, first = drift_summary(proj, THRESHOLDS[LAYER])
-    how = reading(DRIFT[name])
+    passes = reading(DRIFT[name])
     drift_results[name] = {"n_turns": len(proj), "slope": slope, "min_projection": float(proj.min()),
                            "first_turn_below": None if first is None else first + 1,  # numbered from 1
-                           "n_passes": how["n_passes"], "history_tokens": how["history_tokens"]}
-    print(f"{name:12s} {len(proj):3d} turns in {count_of(how['n_passes'], 'pass', 'passes')}  "
+                           "n_passes": passes["n_passes"], "history_tokens": passes["history_tokens"]}
+    print(f"{name:12s} {len(proj):3d} turns in {count_of(passes['n_passes'], 'pass', 'passes')}  "
           f"slope {slope:+8.3f}/turn  min {proj.min():8.2f}  first turn below tau_{LAYER}: {turn_number(first)}")
-    print(f"{'':12s} history per turn (tokens before it in its pass): {how['history_tokens']}"
-          + (f"; {count_of(how['history_cut'], 'pass')} started after the beginning (earlier turns dropped whole)"
-             if how["history_cut"] else "; every turn read with the whole conversation before it"))
+    print(f"{'':12s} history per turn (tokens before it in its pass): {passes['history_tokens']}"
+          + (f"; {count_of(passes['history_cut'], 'pass')} started after the beginning (earlier turns dropped whole)"
+             if passes["history_cut"] else "; every turn read with the whole conversation before it"))
 case_results = {}
 for (who, scenario), pair in CASE_PROJECTIONS.items():
     case_results[f"{who}/{scenario}"] = {}
