@@ -30,12 +30,21 @@ ATOL = 1e-4
 # The tiny model, and small helpers
 # --------------------------------------------------------------------------------------------------
 
+def _warm(model) -> None:
+    """One pass with ``output_hidden_states=True``: transformers 5.x installs its output-recording hooks on the first
+    such pass and keeps them, and the checks must not mistake those for hooks a learner left behind."""
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[2, 5, 6]]), output_hidden_states=True)
+
+
 @lru_cache(maxsize=1)
 def tiny_gemma2():
-    """(model, tokenizer) of tiny-gemma2, loaded once per process."""
+    """(model, tokenizer) of tiny-gemma2, loaded once per process (and warmed: see :func:`_warm`)."""
     from utils.models import load_model
 
-    return load_model("tiny-gemma2")
+    model, tok = load_model("tiny-gemma2")
+    _warm(model)
+    return model, tok
 
 
 def _hook_counts(model) -> list[tuple[frozenset, frozenset]]:
@@ -128,8 +137,11 @@ def _prompt_hint(trait, i, pos, neg, want_pos, want_neg) -> str:
     if isinstance(pos, str) and isinstance(neg, str):
         if (pos, neg) == (want_neg, want_pos):
             return "the positive and the negative prompts are swapped."
-        if trait.neg_prompts[i] in neg and name in neg and "helpful" not in neg:
+        opening = neg.split(". ")[0]
+        if name in opening and "helpful" not in opening:
             return "the negative prompt names the trait; the paper names the negative assistant 'helpful'."
+        if opening.startswith("You are an helpful"):
+            return "use 'a' before a consonant: 'You are a helpful assistant.'"
         if trait.name in pos and "_" in trait.name:
             return "write the trait's name with its underscores as spaces."
         if f" a {name} " in pos and name[0] in "aeiou":
@@ -637,7 +649,7 @@ class _SweepJudge:
 
 
 def _sweep_vectors() -> dict[int, torch.Tensor]:
-    return {1: _randn(64, seed=41, scale=40.0), 4: _randn(64, seed=42, scale=40.0)}
+    return {1: _randn(64, seed=41, scale=4.0), 4: _randn(64, seed=42, scale=4.0)}
 
 
 @check("Exercise 5 (layer_sweep)")
@@ -897,6 +909,10 @@ def test_cosine_matrix(fn) -> None:
     _passed("test_cosine_matrix")
 
 
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(x @ y / (x.norm() * y.norm()))
+
+
 def _axis_case():
     g = _randn(6, 64, seed=71)
     vectors = {"evil": _randn(6, 64, seed=72) + 0.8 * g, "sycophantic": _randn(6, 64, seed=73) - 0.5 * g,
@@ -924,8 +940,7 @@ def test_cosine_with_axis(fn) -> None:
         l = layers[name]
         v, a = vectors[name], axis
 
-        def cos(x, y):
-            return float(x @ y / (x.norm() * y.norm()))
+        cos = _cosine
 
         hints = []
         if l >= 1:
@@ -938,6 +953,8 @@ def test_cosine_with_axis(fn) -> None:
                   (float(v[l] @ a[l]), "That is a dot product; divide by both norms."),
                   (float(v[l] @ (a[l] / a[l].norm())), "Divide by the trait vector's norm too."),
                   *[(cos(v[l], a[other]), f"Use each trait's own layer (layers[name] = {l}), not layer {other}.")
+                    for other in range(a.shape[0]) if other != l],
+                  *[(cos(v[other], a[other]), f"Use each trait's own layer (layers[name] = {l}), not layer {other}.")
                     for other in range(a.shape[0]) if other != l]]
         hint = next((h for alt, h in hints if math.isclose(value, alt, abs_tol=1e-5)), "")
         _fail(f"{name} at layer {l}: expected a cosine of {want:.5f}, got {value:.5f}. {hint}", section)
@@ -1014,6 +1031,7 @@ def _trainable_tiny():
     model, tok = tiny_gemma2()
     clone = copy.deepcopy(model)
     clone.requires_grad_(True)
+    _warm(clone)
     return clone, tok
 
 
@@ -1059,7 +1077,7 @@ def test_preventative_loss(fn) -> None:
     section = "Section 10, Exercise 10"
     model, tok = _trainable_tiny()
     batch = _train_batch(tok)
-    vector = _randn(64, seed=91, scale=30.0)
+    vector = _randn(64, seed=91, scale=3.0)
     before = _hook_counts(model)
     with torch.enable_grad():
         expected = steered_response_loss(model, batch)

@@ -392,8 +392,11 @@ def extract_prompt_response_means(
     - ``"response_avg"``: the mean over the response's content tokens (Part 1's and the paper's vector);
     - ``"prompt_avg"``: the mean over every token before the response, ``[0, start)`` (system prompt, question,
       turn markers, the generation prompt);
-    - ``"prompt_last"``: the last token before the response, ``start - 1`` (the position whose next-token
-      prediction starts the answer; :func:`extract_last_prompt_token` reads the same position of a prompt alone).
+    - ``"prompt_last"``: the last token before the response, ``start - 1``. Where the tokenizer keeps the
+      generation prompt's last token apart from the answer (Gemma's and SmolLM2's turn markers end in a newline
+      token of their own), it is the position whose next-token prediction starts the answer, the one
+      :func:`extract_last_prompt_token` reads from the prompt alone; a tokenizer that merges the newline into the
+      answer's first token (tiny-gemma2's small BPE does, for some answers) makes the two differ there.
 
     The three come from the same forward-hook pass as :func:`extract_mean_activations` (batched, padded on the
     tokenizer's side, stopped after the deepest block), so they cost one pass, not three.

@@ -246,7 +246,7 @@ SETTINGS: dict[str, Setting] = _declare(
             "Where Part 2 writes its figures and summary.json."),
     # Part 3
     Setting("COURSE_TRAITS", "str", per_profile(offline="sycophantic,evil,optimistic", gpu="sycophantic,evil,optimistic",
-                                                tests="sycophantic,evil", grading="sycophantic,evil"),
+                                                tests="sycophantic,evil", grading="evil"),
             "Part 3's traits: a comma-separated list of names from data/traits/ (utils.data.load_traits)."),
     Setting("COURSE_PART3_PAIRS", "int", per_profile(offline=5, gpu=5, tests=1, grading=1),
             "Instruction pairs per trait in Part 3 (each trait file has 5).", minimum=1),
