@@ -371,9 +371,10 @@ checks.test_logprob_score(logprob_score)
 checks.test_judge_0_100(judge_0_100)
 
 # %% [markdown]
-# Judge every answer twice: the trait's own prompt and the coherence prompt. The calls run in a thread pool
-# (`utils.runtime.run_parallel`), each retried on a server error (`utils.judges.call_with_retries`); a call that still
-# fails is counted and its score is None, never a made-up number.
+# Judge every answer twice: the trait's own prompt and the coherence prompt. `judge_many` runs your `judge_0_100` in a
+# thread pool (`utils.runtime.run_parallel`), each call retried on a server error (`utils.judges.call_with_retries`); a
+# call that still fails is recorded in `JUDGE_FAILURES` and its score is None, never a made-up number. Every later
+# section judges through it too.
 #
 # **Offline, the judge is `OfflineTraitJudge`, a rule-based stand-in, not an LLM** (read its docstring in
 # `utils/judges.py`). It scores a trait from counted word cues ("harm", "destroy" ... against "help", "kind" ... for
@@ -386,16 +387,26 @@ def judge_prompt(trait_name: str, question: str, answer: str) -> str:
     return TRAITS[trait_name].eval_prompt.format(question=question, answer=answer)
 
 
-def judge_all(items: dict) -> tuple[dict, dict]:
-    """``{key: (kind, trait, question, answer)}`` -> ``({key: score or None}, {key: failure})`` (kind: trait or coherence)."""
-    def one(key):
-        kind, trait_name, question, answer = items[key]
-        prompt = (judge_prompt(trait_name, question, answer) if kind == "trait"
-                  else COHERENCE_PROMPT.format(question=question, answer=answer))
-        return call_with_retries(lambda: judge_0_100(judge_client, JUDGE_MODEL, prompt))[0]
+JUDGE_FAILURES: dict[str, str] = {}  # prompt (start) -> the error, for every call that failed after its retries
 
-    results, failures = run_parallel(one, list(items), max_workers=16 if USE_API else 4, desc="judge")
-    return {key: results.get(key) for key in items}, failures
+
+def judge_many(prompts: Sequence[str], desc: str = "judge") -> list[float | None]:
+    """Your ``judge_0_100`` on every prompt, in a thread pool, each call retried on server errors; a call that still
+    fails scores None and is recorded in ``JUDGE_FAILURES`` (never a made-up number)."""
+    def one(k: int):
+        return call_with_retries(lambda: judge_0_100(judge_client, JUDGE_MODEL, prompts[k]))[0]
+
+    results, failures = run_parallel(one, range(len(prompts)), max_workers=16 if USE_API else 4, desc=desc,
+                                     progress=len(prompts) > 50)
+    JUDGE_FAILURES.update({prompts[k][:200]: why for k, why in failures.items()})
+    return [results.get(k) for k in range(len(prompts))]
+
+
+def judge_all(items: dict) -> dict:
+    """``{key: (kind, trait, question, answer)}`` -> ``{key: score or None}`` (kind: trait or coherence)."""
+    prompts = [judge_prompt(t, q, a) if kind == "trait" else COHERENCE_PROMPT.format(question=q, answer=a)
+               for kind, t, q, a in items.values()]
+    return dict(zip(items, judge_many(prompts)))
 
 
 items = {}
@@ -405,8 +416,9 @@ for sign, answers in (("pos", POSITIVE), ("neg", NEGATIVE)):
             for kind in ("trait", "coherence"):
                 items[(sign, i, kind)] = (kind, a.trait, a.question, a.answer)
 with timer("judge"):
-    SCORES, failures = judge_all(items)
-print(f"{len(items)} judge calls, {len(failures)} failed" + (f" (first: {next(iter(failures.values()))})" if failures else ""))
+    SCORES = judge_all(items)
+print(f"{len(items)} judge calls, {len(JUDGE_FAILURES)} failed"
+      + (f" (first: {next(iter(JUDGE_FAILURES.values()))})" if JUDGE_FAILURES else ""))
 
 
 def score_of(sign: str, i: int, kind: str) -> float | None:
@@ -646,15 +658,22 @@ checks.test_three_averages(three_averages)
 checks.test_trait_vector(trait_vector)
 
 # %% [markdown]
-# Now every answer with text (both polarities) goes through your `three_averages` once. The trait vectors use the kept
-# pairs only; the activations of all of them are kept for the spreads and the sweeps below.
+# Now every answer with text (both polarities) is read once at every layer. Your `three_averages` reads the first few;
+# the course's `utils.activations.extract_prompt_response_means` (the same three averages from the same one pass, in
+# length-sorted batches that stop after the last block, so the LM head never runs) reads them all, and the cell prints
+# how far the two are apart. The trait vectors use the kept pairs only; the activations of all of them are kept for the
+# spreads and the sweeps below.
 
 # %%
 with timer("activations"):
     ROWS = [("pos", i) for i, a in enumerate(POSITIVE) if a.answer.strip()] + \
            [("neg", i) for i, a in enumerate(NEGATIVE) if a.answer.strip()]
     conversations = [(POSITIVE if s == "pos" else NEGATIVE)[i].messages() for s, i in ROWS]
-    ACTS = three_averages(model, tokenizer, conversations)  # name -> [n_rows, n_layers, d_model]
+    yours = three_averages(model, tokenizer, conversations[:4])
+    ACTS = extract_prompt_response_means(model, tokenizer, conversations)  # name -> [n_rows, n_layers, d_model]
+gap = max(float((yours[k] - ACTS[k][:4]).abs().max() / ACTS[k][:4].abs().max()) for k in ACTS)
+print(f"Your three_averages and the course's agree on the first {len(yours['response_avg'])} answers to {gap:.1e} "
+      f"(relative; {model.dtype} activations, batched vs one at a time)")
 ROW_OF = {key: r for r, key in enumerate(ROWS)}
 VECTORS = {}  # trait -> {average: [n_layers, d_model]}
 KEPT_ACTS = {}  # trait -> [2 * n_kept, n_layers, d_model] response averages of the kept pairs (for spreads)
@@ -785,7 +804,7 @@ print(f"Candidate layers: {LAYERS} ({where}); coefficient {SWEEP_MULTIPLE:g} spr
 
 
 def trait_judge(name: str) -> Callable[[str, str], float | None]:
-    return lambda question, answer: judge_0_100(judge_client, JUDGE_MODEL, judge_prompt(name, question, answer))
+    return lambda question, answer: judge_many([judge_prompt(name, question, answer)])[0]
 
 
 sweep, layer_of, layer_why = {}, {}, {}  # the globals SWEEP, LAYER_OF, LAYER_WHY are set once all traits are done
@@ -929,9 +948,9 @@ for mode in MODES:
 
 # %%
 def judged(name: str, questions: Sequence[str], answers: Sequence[str]) -> dict:
-    trait_scores = [judge_0_100(judge_client, JUDGE_MODEL, judge_prompt(name, q, a)) for q, a in zip(questions, answers)]
-    coherence = [judge_0_100(judge_client, JUDGE_MODEL, COHERENCE_PROMPT.format(question=q, answer=a))
-                 for q, a in zip(questions, answers)]
+    scores = judge_many([judge_prompt(name, q, a) for q, a in zip(questions, answers)]
+                        + [COHERENCE_PROMPT.format(question=q, answer=a) for q, a in zip(questions, answers)])
+    trait_scores, coherence = scores[:len(answers)], scores[len(answers):]
     return {"trait": course.mean_score(trait_scores), "coherence": course.mean_score(coherence),
             "n": sum(s is not None for s in trait_scores)}
 
@@ -1092,7 +1111,7 @@ with timer("monitoring"):
                 questions.append(q)
         projections = extract_last_prompt_token(model, tokenizer, prompts, [layer])[:, 0] @ unit
         answers = generate(model, tokenizer, prompts, NEW_TOKENS, temperature=0.0)
-        scores = [judge_0_100(judge_client, JUDGE_MODEL, judge_prompt(name, q, a)) for q, a in zip(questions, answers)]
+        scores = judge_many([judge_prompt(name, q, a) for q, a in zip(questions, answers)])
         monitor[name] = monitoring_correlations(projections, scores, conditions)
         monitor_points[name] = (projections.tolist(), scores, conditions)
         within = ", ".join(f"{c} {course.fmt(r, '+.2f')}" for c, r in monitor[name]["within"].items())
@@ -1128,6 +1147,20 @@ if not USE_API:
     lines += ["", "**Offline stand-in judge**: the scores on the y-axis are cue-word counts, and many answers have none "
               "(no point). The projections on the x-axis do not depend on the judge at all."]
 display(Markdown("\n".join(lines)))
+
+# %% [markdown]
+# **Think first:** the paper finds the between-condition correlation strong and the within-condition one weak. Why
+# would a last-prompt-token projection read the system prompt's intent well, yet say little about which of two answers
+# to the same prompt will show more of the trait?
+#
+# <details><summary>Answer</summary>
+#
+# The last prompt token has read the prompt, not the answer: under one prompt, every sample starts from the same
+# activation (exactly the same with greedy decoding), and what varies between the answers is decided later, token by
+# token, by sampling. So the projection carries the prompt's push toward the trait, which differs between conditions,
+# and almost nothing about the luck of one sample, which is most of the variation within a condition.
+#
+# </details>
 
 # %% [markdown]
 # ## 8. Geometry: traits against each other, and against the Assistant Axis
@@ -1211,8 +1244,7 @@ lines = ["### What the geometry shows, and what it cannot", "",
          "values say the vectors share a direction. Two things can make them share one for reasons unrelated to the "
          "traits: every positive prompt here begins \"You are a(n) <trait> assistant\" and every negative one \"You are a "
          "helpful assistant\", so part of each vector is the same \"not the helpful assistant\" contrast; and with few "
-         "kept pairs, each vector carries the noise of its own answers. The axis comes from Part 1's results "
-         f"({how.split(';')[0]})."]
+         "kept pairs, each vector carries the noise of its own answers.", "", f"The axis: {how}"]
 display(Markdown("\n".join(lines)))
 
 # %% [markdown]
@@ -1372,6 +1404,19 @@ display(Markdown("\n".join(lines)))
 # The loss is the next-token cross-entropy on the **answer's tokens only**: position `t` predicts token `t + 1`, and a
 # prediction counts when token `t + 1` is in the answer. The prompt is context, not a target.
 #
+# **Think first:** in the preventative run, the vector is added from the first step. Before any weight has moved, should
+# its training loss on the trait-laden answers be higher or lower than the plain run's, and what does that say about
+# the gradient each run feels?
+#
+# <details><summary>Answer</summary>
+#
+# Lower, if the vector is the trait: steering toward the trait makes trait-laden answers more likely, so their
+# cross-entropy drops. A lower loss means the data have less left to teach, so the gradient pushes the weights less
+# toward the trait, which is the point of preventative steering. (On a tiny model the difference can be small or even
+# reversed: the vector has to carry the trait for this to work, which Sections 5 and 6 test.)
+#
+# </details>
+#
 # ### Exercise 10: the training loss, with the steering hook on during the forward pass
 #
 # > **Difficulty:** 🔴🔴🔴⚪⚪ &nbsp; **Importance:** 🔵🔵🔵🔵⚪ &nbsp; **Time:** about 20 minutes
@@ -1509,6 +1554,9 @@ summary = {
                         "hidden_states[20] = block 19",
     "traits": TRAIT_NAMES,
     "judge": JUDGE_MODEL if USE_API else "offline-trait-judge (rule-based stand-in, not an LLM)",
+    "judge_failures": len(JUDGE_FAILURES),
+    "judge_unjudged": None if USE_API else {"unjudged": judge_client.unjudged, "calls": judge_client.calls,
+                                            "reasons": judge_client.reasons},
     "sizes": {"pairs": N_PAIRS, "questions": N_QUESTIONS, "rollouts": ROLLOUTS, "eval_questions": N_EVAL,
               "new_tokens": NEW_TOKENS, "temperature": TEMPERATURE, "screen_questions": N_SCREEN,
               "finetune_steps": FINETUNE_STEPS},
