@@ -47,7 +47,7 @@
 #
 # | path | model | needs | judge | sizes |
 # |---|---|---|---|---|
-# | offline (default on a laptop) | SmolLM2-135M-Instruct, bundled | a CPU, ~2 GB RAM, no key | `OfflineTraitJudge`, a rule-based **stand-in** (not an LLM) | 5 pairs x 4 questions x 1 answer per trait; 4 evaluation questions; one trait finetuned for 8 steps |
+# | offline (default on a laptop) | SmolLM2-135M-Instruct, bundled | a CPU, ~2 GB RAM, no key | `OfflineTraitJudge`, a rule-based **stand-in** (not an LLM) | 5 pairs x 4 questions x 1 answer of 32 tokens per trait; 4 evaluation questions; 3 candidate layers; one trait finetuned for 8 steps |
 # | paper | Gemma 2 27B Instruct, or Qwen2.5-7B-Instruct (the paper's model: `COURSE_MODEL=Qwen/Qwen2.5-7B-Instruct`) | a GPU, hub access, an API key for the judge | an LLM returning logprobs (default `openai/gpt-4.1-mini`, the paper's) | 5 pairs x 20 questions x 10 answers; 20 evaluation questions; every trait finetuned |
 # | tests | tiny-gemma2 (2 MB, random) | a CPU | the stand-in | everything tiny; the numbers mean nothing |
 #
@@ -149,6 +149,7 @@ OUT_DIR = settings.get("COURSE_PART3_OUT_DIR")
 OUT_DIR.mkdir(parents=True, exist_ok=True)
 USE_API = api_key_present()
 SWEEP_MULTIPLE = 4.0  # the layer sweep's coefficient, in spreads
+PREVENT_MULTIPLE = 1.0  # the preventative steering's coefficient during training, in spreads (Section 10)
 DOSE_MULTIPLES = [-6.0, -4.0, -2.0, 0.0, 2.0, 4.0, 6.0] if ON_GPU else [-4.0, 0.0, 4.0]
 MODES = ("all", "prompt", "response")
 print(f"Traits: {TRAIT_NAMES}; {N_PAIRS} pairs x {N_QUESTIONS} questions x {ROLLOUTS} answer(s) x 2 polarities per "
@@ -516,6 +517,10 @@ for name in TRAITS:
     fallback = not kept
     if fallback:  # nothing passed: build the vector from every pair with two non-empty answers, and say so
         kept = [i for i in rows if POSITIVE[i].answer.strip() and NEGATIVE[i].answer.strip()]
+        if not kept:
+            raise RuntimeError(f"Every pair of {name} has an empty answer: there is nothing to build its vector from. "
+                               "Raise COURSE_PART3_NEW_TOKENS or COURSE_PART3_QUESTIONS, or drop the trait from "
+                               "COURSE_TRAITS.")
     KEPT[name] = kept
     pos_incoherent = reasons["positive incoherent or unscored"] / len(rows)
     neg_incoherent = reasons["negative incoherent or unscored"] / len(rows)
@@ -798,7 +803,7 @@ checks.test_layer_sweep(layer_sweep)
 # %%
 LAYERS_TEXT = settings.get("COURSE_PART3_LAYERS", computed="")  # "" here: work them out from the depth
 LAYERS = (course.parse_layers(LAYERS_TEXT, NUM_LAYERS) if LAYERS_TEXT
-          else course.candidate_layers(NUM_LAYERS, MODEL_CONFIG.layer))
+          else course.candidate_layers(NUM_LAYERS, MODEL_CONFIG.layer, count=5 if ON_GPU else 3))
 where = "COURSE_PART3_LAYERS" if LAYERS_TEXT else f"spread over the depth, with the model table's layer {MODEL_CONFIG.layer}"
 print(f"Candidate layers: {LAYERS} ({where}); coefficient {SWEEP_MULTIPLE:g} spreads")
 
@@ -929,14 +934,15 @@ first = TRAIT_NAMES[0]
 demo_vector = spread_scaled_vectors(VECTORS[first]["response_avg"], KEPT_ACTS[first], [LAYER_OF[first]],
                                     SWEEP_MULTIPLE)[LAYER_OF[first]]
 demo = [chat_messages("", EVAL_QUESTIONS[first][0])]
+demo_tokens = min(NEW_TOKENS, 24)
 for mode in MODES:
     handle = your_steering(LAYER_OF[first], demo_vector, mode)
     try:
-        yours = generate(model, tokenizer, demo, NEW_TOKENS, temperature=0.0)[0]
+        yours = generate(model, tokenizer, demo, demo_tokens, temperature=0.0)[0]
     finally:
         handle.remove()
     with steering(model, {LAYER_OF[first]: demo_vector}, positions=mode):
-        course_text = generate(model, tokenizer, demo, NEW_TOKENS, temperature=0.0)[0]
+        course_text = generate(model, tokenizer, demo, demo_tokens, temperature=0.0)[0]
     print(f"{mode:9s} {'same as the course' if yours == course_text else 'DIFFERENT from the course'}: {yours[:150]!r}")
 
 # %% [markdown]
@@ -957,12 +963,16 @@ def judged(name: str, questions: Sequence[str], answers: Sequence[str]) -> dict:
 
 dose = {}  # trait -> mode -> multiple -> {"trait": mean, "coherence": mean, "n": scored}
 with timer("dose_response"):
+    # The unsteered answers of every trait's questions in one call (no steering: one batch serves them all).
+    unsteered = course.steered_answers(model, tokenizer, [chat_messages("", q) for name in TRAITS
+                                                          for q in EVAL_QUESTIONS[name]], NEW_TOKENS)
+    unsteered = dict(zip(TRAITS, (unsteered[k * N_EVAL:(k + 1) * N_EVAL] for k in range(len(TRAITS)))))
     for name in TRAITS:
         layer, questions = LAYER_OF[name], EVAL_QUESTIONS[name]
         prompts = [chat_messages("", q) for q in questions]
         unit_vector = VECTORS[name]["response_avg"][layer] / VECTORS[name]["response_avg"][layer].norm()
         spread = course.projection_spread(KEPT_ACTS[name][:, layer], unit_vector)
-        baseline = judged(name, questions, course.steered_answers(model, tokenizer, prompts, NEW_TOKENS))
+        baseline = judged(name, questions, unsteered[name])
         dose[name] = {mode: {} for mode in MODES}
         for mode in MODES:
             for multiple in DOSE_MULTIPLES:
@@ -1087,7 +1097,7 @@ def monitoring_correlations(
 checks.test_monitoring_correlations(monitoring_correlations)
 
 # %%
-SHOTS = [1, 2, 4, 8] if ON_GPU else [1, 3]
+SHOTS = [1, 2, 4, 8] if ON_GPU else [2]
 monitor, monitor_points = {}, {}
 with timer("monitoring"):
     for name, trait in TRAITS.items():
@@ -1392,9 +1402,14 @@ display(Markdown("\n".join(lines)))
 # The experiment, per trait (the first `COURSE_PART3_FINETUNE_TRAITS` of them): the training data are the trait's
 # positive answers from Section 1, as plain question-answer pairs (no system prompt: the data alone must carry the
 # trait). Two finetunes from the same start, the same data and the same steps: one **plain**, one with
-# `+SWEEP_MULTIPLE spreads x unit vector` added at the trait's layer during every training forward pass. Then, with
-# no steering: the **shift** of the last prompt token's projection on the unit vector (mean over the evaluation
-# prompts, finetuned minus base) and the mean trait score of the answers.
+# `+PREVENT_MULTIPLE spreads x unit vector` (one spread) added at the trait's layer during every training forward pass.
+# Then, with no steering: the **shift** of the last prompt token's projection on the unit vector (mean over the
+# evaluation prompts, finetuned minus base) and the mean trait score of the answers.
+#
+# Keep the preventative push modest. A push much larger than anything the data ask for is not "help the model already
+# has": it breaks the model's outputs during training, and the cheapest repair the optimiser finds is to learn to undo
+# the vector. Remove the steering afterwards and the activations then shift *against* the trait, by about what was
+# undone: an overshoot, not prevention (try `PREVENT_MULTIPLE = 4.0` and see).
 #
 # What the finetune is (`utils.finetune.finetuned`): AdamW on **two blocks**, the trait's layer and the one before it
 # (blocks at or before the layer can move its activations), for `COURSE_PART3_FINETUNE_STEPS` steps, every other
@@ -1489,7 +1504,7 @@ with timer("preventative"):
         layer = LAYER_OF[name]
         unit = VECTORS[name]["response_avg"][layer] / VECTORS[name]["response_avg"][layer].norm()
         spread = course.projection_spread(KEPT_ACTS[name][:, layer], unit)
-        steer_vector = SWEEP_MULTIPLE * spread * unit
+        steer_vector = PREVENT_MULTIPLE * spread * unit
         rows = [i for i, a in enumerate(POSITIVE) if a.trait == name and a.answer.strip()]
         strong = [i for i in rows if (score_of("pos", i, "trait") or 0) >= 50]
         chosen = strong if len(strong) >= 4 else rows
@@ -1505,7 +1520,7 @@ with timer("preventative"):
 
         result = {"layer": layer, "trained_blocks": blocks, "steps": FINETUNE_STEPS, "lr": LR,
                   "train_answers": len(train), "train_answers_scored_50_or_more": len(strong) >= 4,
-                  "steering_multiple": SWEEP_MULTIPLE, "base": measure()}
+                  "steering_multiple": PREVENT_MULTIPLE, "base": measure()}
         for label, steer in (("plain", None), ("preventative", steer_vector)):
             loss_fn = (lambda m, b, steer=steer: preventative_loss(m, b, layer, steer))
             with finetuned(model, tokenizer, train, blocks, FINETUNE_STEPS, lr=LR, batch_size=8, loss_fn=loss_fn,

@@ -231,7 +231,7 @@ def test_effective_pairs_and_the_drop_reasons():
 
 
 def test_layers_spreads_and_sweep_helpers():
-    assert traits.candidate_layers(30, 15) == [6, 10, 15, 20, 24]
+    assert traits.candidate_layers(30, 15) == [6, 10, 15, 19, 24] and traits.candidate_layers(30, 15, 3) == [6, 15, 24]
     assert traits.candidate_layers(28, 19) == [6, 10, 14, 18, 19, 22]
     assert traits.parse_layers(" 4, 2,4", 6) == [2, 4]
     for bad in ("", "a", "9", "-1"):

@@ -419,6 +419,13 @@ def build(part: str, release: Path, out_dir: Path, prefix: str = "",
 
 # --------------------------------------------------------------------------------------------------
 # Part 3 (its own block: the students below are registered in EDITS and LOST at its end)
+#
+# - ``rewritten``: all ten exercises answered correctly but written differently (string.Template, a dict of numbers,
+#   NaN comparisons, one left-padded batch with masks, numpy's std, a hand-written hook, torch.where, corrcoef,
+#   einsum, ignore_index=-100): full marks (15);
+# - ``mistakes``: three realistic mistakes, each costing only its own check (10 of 15): the judge's weighted mean not
+#   divided by the integer tokens' mass, a negative answer kept at exactly the threshold, and "response" steering
+#   every position.
 # --------------------------------------------------------------------------------------------------
 
 _P3_REWRITTEN = {

@@ -317,8 +317,11 @@ def best_layer(scores: dict[int, float | None]) -> int | None:
     return -max(scored)[1] if scored else None
 
 
-def candidate_layers(n_layers: int, table_layer: int | None = None, fractions=(0.2, 0.35, 0.5, 0.65, 0.8)) -> list[int]:
-    """Layers spread over the depth (default 20-80%), plus the model table's layer, sorted and distinct."""
+def candidate_layers(n_layers: int, table_layer: int | None = None, count: int = 5) -> list[int]:
+    """``count`` layers spread evenly over 20-80% of the depth, plus the model table's layer, sorted and distinct."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1; got {count}.")
+    fractions = [0.5] if count == 1 else [0.2 + 0.6 * k / (count - 1) for k in range(count)]
     layers = {min(n_layers - 1, max(0, round(f * n_layers))) for f in fractions}
     if table_layer is not None:
         layers.add(table_layer)
