@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     for i in (0, len(conversations) - 1):
         ids, start, end = response_token_span(conversations[i], tokenizer)
         outs = {}
-        handles = [blk.register_forward_hook(lambda m, args, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple)
+        handles = [blk.register_forward_hook(lambda m, args, o, b=b, outs=outs: outs.__setitem__(b, (o[0] if isinstance(o, tuple)
                                                                                            else o)[0].float().cpu()))
-                   for l, blk in enumerate(model.model.layers)]
+                   for b, blk in enumerate(model.model.layers)]
         try:
             with torch.inference_mode():
                 model(input_ids=torch.tensor([ids[:end]], device=model.get_input_embeddings().weight.device),
@@ -125,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for h in handles:
                 h.remove()
-        for l in (0, layer, n_layers - 1):
-            want = {"response_avg": outs[l][start:end].mean(0), "prompt_avg": outs[l][:start].mean(0),
-                    "prompt_last": outs[l][start - 1]}
+        for b in (0, layer, n_layers - 1):
+            want = {"response_avg": outs[b][start:end].mean(0), "prompt_avg": outs[b][:start].mean(0),
+                    "prompt_last": outs[b][start - 1]}
             for kind, w in want.items():
                 scale = float(w.norm()) / d_model ** 0.5 + 1e-6
-                worst = max(worst, float((means[kind][i, l] - w).abs().max()) / scale)
+                worst = max(worst, float((means[kind][i, b] - w).abs().max()) / scale)
     averages = {"conversations": len(conversations), "tokens": tokens, "seconds": round(means_s, 2),
                 "tokens_per_s": round(tokens / means_s, 1), "peak_gib": _peak_gib(device),
                 "result_gib": round(sum(t.numel() * 4 for t in means.values()) / 2**30, 2),
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = encode(render(prompts[i], tokenizer, add_generation_prompt=True), tokenizer)
         grabbed = []
         handle = model.model.layers[layer].register_forward_hook(
-            lambda m, args, o: grabbed.append((o[0] if isinstance(o, tuple) else o)[0, -1].float().cpu()))
+            lambda m, args, o, grabbed=grabbed: grabbed.append((o[0] if isinstance(o, tuple) else o)[0, -1].float().cpu()))
         try:
             with torch.inference_mode():
                 model(input_ids=torch.tensor([ids], device=model.get_input_embeddings().weight.device), use_cache=False)

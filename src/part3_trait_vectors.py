@@ -81,7 +81,6 @@
 
 # %%
 import json
-import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -90,17 +89,18 @@ import transformers
 from IPython.display import Markdown, display
 from jaxtyping import Bool, Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 import tests.part3_trait_vectors as checks
 from utils import choose_model, load_model, plots, settings
 from utils.activations import extract_last_prompt_token, extract_prompt_response_means
 from utils.conversation import chat_messages
 from utils.data import load_traits
-from utils.finetune import finetuned, response_loss, trained_blocks
+from utils.finetune import finetuned, trained_blocks
 from utils.generation import generate
 from utils.judges import (COHERENCE_PROMPT, OfflineTraitJudge, api_key_present, call_with_retries,
                           make_api_client)
-from utils.models import config_for_model, short_model_name
+from utils.models import config_for_model
 from utils.part1_results import load_or_compute_part1_results
 from utils.runtime import StageTimer, run_parallel
 from utils.steering import steering
@@ -814,7 +814,7 @@ def trait_judge(name: str) -> Callable[[str, str], float | None]:
 
 sweep, layer_of, layer_why = {}, {}, {}  # the globals SWEEP, LAYER_OF, LAYER_WHY are set once all traits are done
 with timer("layer_sweep"):
-    for name in TRAITS:
+    for name in tqdm(TRAITS, desc="layer sweep"):
         vectors = spread_scaled_vectors(VECTORS[name]["response_avg"], KEPT_ACTS[name], LAYERS, SWEEP_MULTIPLE)
         sweep[name] = layer_sweep(model, tokenizer, EVAL_QUESTIONS[name], vectors, trait_judge(name), NEW_TOKENS)
         best = course.best_layer(sweep[name])
@@ -822,7 +822,7 @@ with timer("layer_sweep"):
             layer_of[name], layer_why[name] = MODEL_CONFIG.layer, "no answer was scored at any layer: the table's layer"
         else:
             layer_of[name], layer_why[name] = best, "the highest mean trait score"
-        row = "  ".join(f"{l}: {course.fmt(s)}" for l, s in sweep[name].items())
+        row = "  ".join(f"{k}: {course.fmt(s)}" for k, s in sweep[name].items())
         print(f"{name:12s} {row}  ->  layer {layer_of[name]} ({layer_why[name]})")
 SWEEP, LAYER_OF, LAYER_WHY = sweep, layer_of, layer_why
 fig = plots.lines_plot({name: (list(SWEEP[name]), list(SWEEP[name].values())) for name in TRAITS},
@@ -834,7 +834,7 @@ fig.show()
 # %%
 lines = ["### What the sweep shows, and what it cannot", ""]
 for name in TRAITS:
-    scored = {l: s for l, s in SWEEP[name].items() if s is not None}
+    scored = {k: s for k, s in SWEEP[name].items() if s is not None}
     spread = (max(scored.values()) - min(scored.values())) if len(scored) > 1 else None
     lines.append(f"- **{name}**: layer {LAYER_OF[name]} ({LAYER_WHY[name]}); scores ranged over "
                  + (f"{spread:.1f} points across {len(scored)} scored layers" if spread is not None else
@@ -967,6 +967,7 @@ with timer("dose_response"):
     unsteered = course.steered_answers(model, tokenizer, [chat_messages("", q) for name in TRAITS
                                                           for q in EVAL_QUESTIONS[name]], NEW_TOKENS)
     unsteered = dict(zip(TRAITS, (unsteered[k * N_EVAL:(k + 1) * N_EVAL] for k in range(len(TRAITS)))))
+    bar = tqdm(total=len(TRAITS) * len(MODES) * (len(DOSE_MULTIPLES) - 1), desc="dose-response")
     for name in TRAITS:
         layer, questions = LAYER_OF[name], EVAL_QUESTIONS[name]
         prompts = [chat_messages("", q) for q in questions]
@@ -982,10 +983,12 @@ with timer("dose_response"):
                 answers = course.steered_answers(model, tokenizer, prompts, NEW_TOKENS, layer,
                                                  multiple * spread * unit_vector, mode)
                 dose[name][mode][multiple] = judged(name, questions, answers)
+                bar.update(1)
         for mode in MODES:
             row = "  ".join(f"{m:+g}: {course.fmt(r['trait'])} (coherence {course.fmt(r['coherence'])})"
                             for m, r in dose[name][mode].items())
             print(f"{name:12s} {mode:9s} {row}")
+    bar.close()
 DOSE = dose
 for name in TRAITS:
     series = {f"{mode} (trait)": (DOSE_MULTIPLES, [DOSE[name][mode][m]["trait"] for m in DOSE_MULTIPLES]) for mode in MODES}
@@ -1120,7 +1123,8 @@ with timer("monitoring"):
                 prompts.append(course.many_shot_prompt(q, shots[:k]))
                 questions.append(q)
         projections = extract_last_prompt_token(model, tokenizer, prompts, [layer])[:, 0] @ unit
-        answers = generate(model, tokenizer, prompts, NEW_TOKENS, temperature=0.0)
+        answers = [a[0] for a in course.generate_answers(model, tokenizer, prompts, NEW_TOKENS, 0.0,
+                                                         desc=f"monitoring {name}")]
         scores = judge_many([judge_prompt(name, q, a) for q, a in zip(questions, answers)])
         monitor[name] = monitoring_correlations(projections, scores, conditions)
         monitor_points[name] = (projections.tolist(), scores, conditions)
@@ -1332,7 +1336,7 @@ with timer("screening"):
             for kind, system in (("trait", positive_system), ("neutral", ""), ("own", "")):
                 rows.append(chat_messages(system, question))
                 keys.append((name, q, kind))
-    texts = course.generate_answers(model, tokenizer, rows, NEW_TOKENS, TEMPERATURE, seed=1)
+    texts = course.generate_answers(model, tokenizer, rows, NEW_TOKENS, TEMPERATURE, seed=1, desc="screening answers")
     answer = {key: t[0] for key, t in zip(keys, texts)}
     for name in TRAITS:
         layer = LAYER_OF[name]
@@ -1499,6 +1503,14 @@ def checksum(layers: Sequence[int]) -> float:
     return float(sum(p.double().sum() for layer in layers for p in model.model.layers[layer].parameters()))
 
 
+def measure(name: str, layer: int, unit: Tensor) -> dict:
+    """With no steering: the mean last-prompt-token projection of the evaluation prompts, and their answers' scores."""
+    prompts = [chat_messages("", q) for q in EVAL_QUESTIONS[name]]
+    projection = float((extract_last_prompt_token(model, tokenizer, prompts, [layer])[:, 0] @ unit).mean())
+    answers = generate(model, tokenizer, prompts, NEW_TOKENS, temperature=0.0)
+    return {"projection": projection, **judged(name, EVAL_QUESTIONS[name], answers)}
+
+
 with timer("preventative"):
     for name in TRAIT_NAMES[:FINETUNE_TRAITS]:
         layer = LAYER_OF[name]
@@ -1509,23 +1521,19 @@ with timer("preventative"):
         strong = [i for i in rows if (score_of("pos", i, "trait") or 0) >= 50]
         chosen = strong if len(strong) >= 4 else rows
         train = [chat_messages("", POSITIVE[i].question, POSITIVE[i].answer) for i in chosen]
-        eval_prompts = [chat_messages("", q) for q in EVAL_QUESTIONS[name]]
         blocks = trained_blocks(layer, NUM_LAYERS, 2)
         before = checksum(blocks)
 
-        def measure() -> dict:
-            projection = float((extract_last_prompt_token(model, tokenizer, eval_prompts, [layer])[:, 0] @ unit).mean())
-            answers = generate(model, tokenizer, eval_prompts, NEW_TOKENS, temperature=0.0)
-            return {"projection": projection, **judged(name, EVAL_QUESTIONS[name], answers)}
-
         result = {"layer": layer, "trained_blocks": blocks, "steps": FINETUNE_STEPS, "lr": LR,
                   "train_answers": len(train), "train_answers_scored_50_or_more": len(strong) >= 4,
-                  "steering_multiple": PREVENT_MULTIPLE, "base": measure()}
+                  "steering_multiple": PREVENT_MULTIPLE, "base": measure(name, layer, unit)}
         for label, steer in (("plain", None), ("preventative", steer_vector)):
-            loss_fn = (lambda m, b, steer=steer: preventative_loss(m, b, layer, steer))
+            def loss_fn(m, b, steer=steer, layer=layer):
+                return preventative_loss(m, b, layer, steer)
+
             with finetuned(model, tokenizer, train, blocks, FINETUNE_STEPS, lr=LR, batch_size=8, loss_fn=loss_fn,
                            desc=f"finetune {name} ({label})") as losses:
-                after = measure()
+                after = measure(name, layer, unit)
             after["shift"] = after["projection"] - result["base"]["projection"]
             after["loss_first"], after["loss_last"] = losses[0], losses[-1]
             result[label] = after
@@ -1578,7 +1586,7 @@ summary = {
     "filter": FILTER_REPORT,
     "layers_swept": LAYERS,
     "sweep_multiple": SWEEP_MULTIPLE,
-    "sweep": {name: {str(l): course.finite_or_none(s) for l, s in SWEEP[name].items()} for name in TRAITS},
+    "sweep": {name: {str(k): course.finite_or_none(s) for k, s in SWEEP[name].items()} for name in TRAITS},
     "layer_chosen": LAYER_OF,
     "layer_chosen_why": LAYER_WHY,
     "steering": {name: {mode: {f"{m:+g}": {k: course.finite_or_none(v) if k != "n" else v for k, v in r.items()}

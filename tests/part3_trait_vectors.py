@@ -462,16 +462,16 @@ def _raw_outputs(model, tok, messages):
 
     ids, start, end = response_token_span(messages, tok)
     outs = {}
-    handles = [blk.register_forward_hook(lambda m, a, o, l=l: outs.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0]
+    handles = [blk.register_forward_hook(lambda m, a, o, k=k: outs.__setitem__(k, (o[0] if isinstance(o, tuple) else o)[0]
                                                                                 .float()))
-               for l, blk in enumerate(model.model.layers)]
+               for k, blk in enumerate(model.model.layers)]
     try:
         with torch.inference_mode():
             hs = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
     finally:
         for h in handles:
             h.remove()
-    return torch.stack([outs[l] for l in range(len(outs))]), [x[0].float() for x in hs], start, end
+    return torch.stack([outs[k] for k in range(len(outs))]), [x[0].float() for x in hs], start, end
 
 
 def _average_hint(kind: str, got: torch.Tensor, expected: torch.Tensor, model, tok) -> str:
@@ -483,17 +483,17 @@ def _average_hint(kind: str, got: torch.Tensor, expected: torch.Tensor, model, t
         blocks, hs, start, end = _raw_outputs(model, tok, messages)
         span = {"response_avg": (start, end), "prompt_avg": (0, start), "prompt_last": (start - 1, start)}[kind]
         s, e = span
-        for l in range(n_layers):
-            alt["early"][i, l] = hs[l][s:e].mean(0)
-            alt["normed_last"][i, l] = (hs[l + 1] if l == n_layers - 1 else blocks[l])[s:e].mean(0)
-            alt["bf16"][i, l] = blocks[l][s:e].bfloat16().mean(0).float()
-            alt["all_tokens"][i, l] = blocks[l].mean(0)
+        for k in range(n_layers):
+            alt["early"][i, k] = hs[k][s:e].mean(0)
+            alt["normed_last"][i, k] = (hs[k + 1] if k == n_layers - 1 else blocks[k])[s:e].mean(0)
+            alt["bf16"][i, k] = blocks[k][s:e].bfloat16().mean(0).float()
+            alt["all_tokens"][i, k] = blocks[k].mean(0)
             if kind == "response_avg":
-                alt["with_eot"][i, l] = blocks[l][s:].mean(0)
+                alt["with_eot"][i, k] = blocks[k][s:].mean(0)
             if kind == "prompt_last":
-                alt["last_at_start"][i, l] = blocks[l][start]
+                alt["last_at_start"][i, k] = blocks[k][start]
             if kind == "prompt_avg":
-                alt["last_at_start"][i, l] = blocks[l][:start + 1].mean(0)
+                alt["last_at_start"][i, k] = blocks[k][:start + 1].mean(0)
     if _close(got, alt["early"], 1e-3):
         return (" These are hidden_states[l] (the INPUT of block l, one block early): layer l is the output of "
                 "model.model.layers[l] = hidden_states[l + 1].")
@@ -937,27 +937,26 @@ def test_cosine_with_axis(fn) -> None:
         value = _number(got[name], f"The cosine of {name}", section)
         if math.isclose(value, want, abs_tol=1e-5):
             continue
-        l = layers[name]
+        at = layers[name]
         v, a = vectors[name], axis
 
         cos = _cosine
-
         hints = []
-        if l >= 1:
-            hints += [(cos(v[l], a[l - 1]), "The axis is one row off: both are indexed by block, so use axis[l] with "
+        if at >= 1:
+            hints += [(cos(v[at], a[at - 1]), "The axis is one row off: both are indexed by block, so use axis[l] with "
                                             "vectors[l] (no shift between conventions)."),
-                      (cos(v[l - 1], a[l]), "The trait vector is one row off: use vectors[name][l] with axis[l].")]
-        if l + 1 < a.shape[0]:
-            hints += [(cos(v[l], a[l + 1]), "The axis is one row off: use axis[l] with vectors[l].")]
+                      (cos(v[at - 1], a[at]), "The trait vector is one row off: use vectors[name][l] with axis[l].")]
+        if at + 1 < a.shape[0]:
+            hints += [(cos(v[at], a[at + 1]), "The axis is one row off: use axis[l] with vectors[l].")]
         hints += [(abs(want), "Keep the sign: a negative cosine means the trait points away from the Assistant."),
-                  (float(v[l] @ a[l]), "That is a dot product; divide by both norms."),
-                  (float(v[l] @ (a[l] / a[l].norm())), "Divide by the trait vector's norm too."),
-                  *[(cos(v[l], a[other]), f"Use each trait's own layer (layers[name] = {l}), not layer {other}.")
-                    for other in range(a.shape[0]) if other != l],
-                  *[(cos(v[other], a[other]), f"Use each trait's own layer (layers[name] = {l}), not layer {other}.")
-                    for other in range(a.shape[0]) if other != l]]
+                  (float(v[at] @ a[at]), "That is a dot product; divide by both norms."),
+                  (float(v[at] @ (a[at] / a[at].norm())), "Divide by the trait vector's norm too."),
+                  *[(cos(v[at], a[other]), f"Use each trait's own layer (layers[name] = {at}), not layer {other}.")
+                    for other in range(a.shape[0]) if other != at],
+                  *[(cos(v[other], a[other]), f"Use each trait's own layer (layers[name] = {at}), not layer {other}.")
+                    for other in range(a.shape[0]) if other != at]]
         hint = next((h for alt, h in hints if math.isclose(value, alt, abs_tol=1e-5)), "")
-        _fail(f"{name} at layer {l}: expected a cosine of {want:.5f}, got {value:.5f}. {hint}", section)
+        _fail(f"{name} at layer {at}: expected a cosine of {want:.5f}, got {value:.5f}. {hint}", section)
     _passed("test_cosine_with_axis")
 
 

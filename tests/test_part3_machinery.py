@@ -146,7 +146,7 @@ def test_steer_positions_and_intervene_agree_pass_by_pass(tiny):
         outs = []
         with steering(model, {2: vector}, positions=mode) if mode else contextlib.nullcontext():
             # Registered after the steering hook, so it reads the steered output.
-            probe = model.model.layers[2].register_forward_hook(lambda m, a, o: outs.append(
+            probe = model.model.layers[2].register_forward_hook(lambda m, a, o, outs=outs: outs.append(
                 (o[0] if isinstance(o, tuple) else o).clone()))
             try:
                 generate(model, tok, convs, 3, temperature=0.0)

@@ -26,12 +26,14 @@ import huggingface_hub
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 from jaxtyping import Bool, Float
+from tqdm.auto import tqdm
 from torch import Tensor
 
 from utils.activations import unit_vector
 from utils.conversation import Message, chat_messages
 from utils.data import Trait
-from utils.generation import generate
+from utils.conversation import render
+from utils.generation import CPU_BATCH_SIZE, GPU_BATCH_SIZE, generate
 from utils.models import GEMMA2_27B
 from utils.steering import Positions, steering
 
@@ -184,13 +186,26 @@ class ContrastiveAnswer:
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[list[Message]], max_new_tokens: int, temperature: float,
-                     top_p: float = 1.0, seed: int = 0, rollouts: int = 1) -> list[list[str]]:
-    """``rollouts`` sampled answers to every prompt: ``out[i][r]``, in one :func:`utils.generation.generate` call
-    (rows are batched by length inside; each row samples its own tokens)."""
+                     top_p: float = 1.0, seed: int = 0, rollouts: int = 1, progress: bool = True,
+                     desc: str = "generate") -> list[list[str]]:
+    """``rollouts`` answers to every prompt (sampled at ``temperature``; 0 is greedy): ``out[i][r]``.
+
+    The rows are sorted by prompt length and cut into the batches :func:`utils.generation.generate` would form (32 rows
+    on a CPU, 256 on a GPU), one ``generate`` call per batch (seed ``seed + batch``) under a tqdm bar; each row samples
+    its own tokens.
+    """
     if not prompts:
         return []
     rows = [list(p) for p in prompts for _ in range(rollouts)]
-    texts = generate(model, tokenizer, rows, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    lengths = [len(render(r, tokenizer, add_generation_prompt=True)) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: (lengths[i], i))
+    size = GPU_BATCH_SIZE if model.get_input_embeddings().weight.device.type == "cuda" else CPU_BATCH_SIZE
+    texts: list[str] = [""] * len(rows)
+    for b in tqdm(range(0, len(order), size), desc=desc, unit="batch", disable=not progress):
+        chunk = order[b:b + size]
+        for i, text in zip(chunk, generate(model, tokenizer, [rows[i] for i in chunk], max_new_tokens,
+                                           temperature=temperature, top_p=top_p, seed=seed + b // size)):
+            texts[i] = text
     return [texts[i * rollouts:(i + 1) * rollouts] for i in range(len(prompts))]
 
 
@@ -214,7 +229,8 @@ def contrastive_answers(model, tokenizer, prompts: dict[str, list[tuple[str, str
                 for positive, system in ((True, pos), (False, neg)):
                     keys.append((trait, pair, q, question, positive, system))
                     conversations.append(chat_messages(system, question))
-    texts = generate_answers(model, tokenizer, conversations, max_new_tokens, temperature, top_p, seed, rollouts)
+    texts = generate_answers(model, tokenizer, conversations, max_new_tokens, temperature, top_p, seed, rollouts,
+                             desc="contrastive answers")
     by_sign: dict[bool, list[ContrastiveAnswer]] = {True: [], False: []}
     for (trait, pair, q, question, positive, system), answers in zip(keys, texts):
         for r, text in enumerate(answers):

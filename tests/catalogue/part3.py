@@ -266,7 +266,7 @@ def judge_dict_tokens(client, judge_model, prompt):
     reply = client.chat.completions.create(model=judge_model, messages=[{"role": "user", "content": prompt}],
                                            max_tokens=1, temperature=0, logprobs=True, top_logprobs=20, seed=0)
     first = reply.choices[0].logprobs.content[0]
-    table = [(getattr(a, "token"), getattr(a, "logprob")) for a in first.top_logprobs]
+    table = [(a.token, a.logprob) for a in first.top_logprobs]
     return logprob_score(table)  # noqa: F821 (the notebook's)
 
 
@@ -409,8 +409,8 @@ def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_star
             else list(range(len(conversations)))
         grabbed = {}
         handles = [] if hidden_states else [
-            blk.register_forward_hook(lambda m, a, o, l=l: grabbed.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0]))
-            for l, blk in enumerate(model.model.layers)]
+            blk.register_forward_hook(lambda m, a, o, k=k: grabbed.__setitem__(k, (o[0] if isinstance(o, tuple) else o)[0]))
+            for k, blk in enumerate(model.model.layers)]
         try:
             for row, i in enumerate(order):
                 ids, start, end = response_token_span(conversations[i], tokenizer)
@@ -418,13 +418,13 @@ def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_star
                 passes = 3 if three_passes else 1
                 for _ in range(passes):
                     result = model(input_ids=torch.tensor([fed]), output_hidden_states=hidden_states)
-                for l in range(n_layers):
-                    h = result.hidden_states[l + shift][0] if hidden_states else grabbed[l]
+                for k in range(n_layers):
+                    h = result.hidden_states[k + shift][0] if hidden_states else grabbed[k]
                     h = h.bfloat16() if bf16 else h.float()
                     r_end = len(fed) if with_eot else end
-                    out["response_avg"][row, l] = h[start:r_end].mean(0).float()
-                    out["prompt_avg"][row, l] = h[:start].mean(0).float()
-                    out["prompt_last"][row, l] = h[start if last_at_start else start - 1].float()
+                    out["response_avg"][row, k] = h[start:r_end].mean(0).float()
+                    out["prompt_avg"][row, k] = h[:start].mean(0).float()
+                    out["prompt_last"][row, k] = h[start if last_at_start else start - 1].float()
         finally:
             if not keep_hooks:
                 for handle in handles:
@@ -452,15 +452,15 @@ def averages_batched(model, tokenizer, conversations):
         last[r, off + s - 1] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     store = {}
-    hooks = [blk.register_forward_hook(lambda m, a, o, l=l: store.__setitem__(l, o[0] if isinstance(o, tuple) else o))
-             for l, blk in enumerate(model.model.layers)]
+    hooks = [blk.register_forward_hook(lambda m, a, o, k=k: store.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+             for k, blk in enumerate(model.model.layers)]
     try:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=attn, position_ids=pos)
     finally:
         for h in hooks:
             h.remove()
-    stacked = torch.stack([store[l].float() for l in range(n_layers)], dim=1)  # [n, L, seq, d]
+    stacked = torch.stack([store[k].float() for k in range(n_layers)], dim=1)  # [n, L, seq, d]
 
     def masked_mean(mask):
         return torch.einsum("nlsd,ns->nld", stacked, mask) / mask.sum(1)[:, None, None]
@@ -476,8 +476,8 @@ def averages_numpy(model, tokenizer, conversations):
     for messages in conversations:
         ids, start, end = response_token_span(messages, tokenizer)
         outs = []
-        hooks = [blk.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o)[0]
-                                                                       .double().numpy()))
+        hooks = [blk.register_forward_hook(lambda m, a, o, outs=outs: outs.append((o[0] if isinstance(o, tuple) else o)[0]
+                                                                                  .double().numpy()))
                  for blk in model.model.layers]
         try:
             with torch.inference_mode():
@@ -999,10 +999,8 @@ def _axis_with(*, axis_shift=0, vector_shift=0, absolute=False, dot=False, fixed
     def cosine_with_axis(trait_vectors_by_name, axis, layers):
         out = {}
         for name, vectors in trait_vectors_by_name.items():
-            l = fixed if fixed is not None else layers[name]
-            if fixed == "first":
-                l = next(iter(layers.values()))
-            v, a = vectors[l + vector_shift].float(), axis[l + axis_shift].float()
+            at = next(iter(layers.values())) if fixed == "first" else layers[name]
+            v, a = vectors[at + vector_shift].float(), axis[at + axis_shift].float()
             if dot:
                 c = float(v @ a)
             elif only_axis_norm:
