@@ -47,7 +47,7 @@
 #
 # | path | model | needs | judge | sizes |
 # |---|---|---|---|---|
-# | offline (default on a laptop) | SmolLM2-135M-Instruct, bundled | a CPU, ~2 GB RAM, no key | `OfflineTraitJudge`, a rule-based **stand-in** (not an LLM) | 5 pairs x 4 questions x 1 answer of 32 tokens per trait; 4 evaluation questions; 3 candidate layers; one trait finetuned for 8 steps |
+# | offline (default on a laptop) | SmolLM2-135M-Instruct, bundled | a CPU, ~2 GB RAM, no key | `OfflineTraitJudge`, a rule-based **stand-in** (not an LLM) | 5 pairs x 4 questions x 1 answer of 32 tokens per trait; 4 evaluation questions; 3 candidate layers; one trait finetuned for 6 steps |
 # | paper | Gemma 2 27B Instruct, or Qwen2.5-7B-Instruct (the paper's model: `COURSE_MODEL=Qwen/Qwen2.5-7B-Instruct`) | a GPU, hub access, an API key for the judge | an LLM returning logprobs (default `openai/gpt-4.1-mini`, the paper's) | 5 pairs x 20 questions x 10 answers; 20 evaluation questions; every trait finetuned |
 # | tests | tiny-gemma2 (2 MB, random) | a CPU | the stand-in | everything tiny; the numbers mean nothing |
 #
@@ -934,7 +934,7 @@ first = TRAIT_NAMES[0]
 demo_vector = spread_scaled_vectors(VECTORS[first]["response_avg"], KEPT_ACTS[first], [LAYER_OF[first]],
                                     SWEEP_MULTIPLE)[LAYER_OF[first]]
 demo = [chat_messages("", EVAL_QUESTIONS[first][0])]
-demo_tokens = min(NEW_TOKENS, 24)
+demo_tokens = min(NEW_TOKENS, 16)
 for mode in MODES:
     handle = your_steering(LAYER_OF[first], demo_vector, mode)
     try:

@@ -268,7 +268,7 @@ SETTINGS: dict[str, Setting] = _declare(
             "Questions per trait behind Part 3's screening toy datasets (each mix holds half of them).", minimum=2),
     Setting("COURSE_PART3_FINETUNE_TRAITS", "int", per_profile(offline=1, gpu=3, tests=1, grading=1),
             "How many of Part 3's traits get the preventative-steering finetune (the first ones).", minimum=0),
-    Setting("COURSE_PART3_FINETUNE_STEPS", "int", per_profile(offline=8, gpu=40, tests=2, grading=2),
+    Setting("COURSE_PART3_FINETUNE_STEPS", "int", per_profile(offline=6, gpu=40, tests=2, grading=2),
             "Optimisation steps of each of Part 3's finetunes.", minimum=1),
     Setting("COURSE_PART3_OUT_DIR", "path",
             per_profile(offline="{repo}/out/part3", gpu="{repo}/out/part3", tests="{repo}/out/part3",
