@@ -16,7 +16,7 @@ ASSIGNMENT ?= $(PART)
 	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser
 
 help:
-	@echo "make demo        set up, then run Part 1 and Part 2 solution notebooks on SmolLM2 (out/part1/, out/part2/)"
+	@echo "make demo        set up, then run the Part 1, 2 and 3 solution notebooks on SmolLM2 (out/part1/ .. out/part3/)"
 	@echo "make test        set up, then lint, run the whole test suite (transformers 5.x), then the tests that touch"
 	@echo "                 transformers again under 4.57"
 	@echo "make lint        ruff check (the rules are in pyproject.toml)"
@@ -78,6 +78,11 @@ demo: models
 		$(PY) -m tools.run_notebook solutions/part2_stabilizing.ipynb out/part2/part2_stabilizing.executed.ipynb
 	@echo; echo "== out/part2/summary.json =="; cat out/part2/summary.json; echo
 	@echo "Figures: out/part2/*.html  Executed notebook: out/part2/part2_stabilizing.executed.ipynb"
+	@rm -rf out/part3 && mkdir -p out/part3
+	COURSE_MODEL=smollm2-135m-instruct COURSE_PART1_DIR=out/part1 COURSE_PART3_OUT_DIR=out/part3 \
+		$(PY) -m tools.run_notebook solutions/part3_trait_vectors.ipynb out/part3/part3_trait_vectors.executed.ipynb
+	@echo; echo "== out/part3/summary.json =="; cat out/part3/summary.json; echo
+	@echo "Figures: out/part3/*.html  Executed notebook: out/part3/part3_trait_vectors.executed.ipynb"
 
 test: setup browser
 	$(PY) -m ruff check .

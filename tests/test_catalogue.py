@@ -11,11 +11,13 @@ import pytest
 
 from tests import part1_persona_space as checks
 from tests import part2_stabilizing as checks2
+from tests import part3_trait_vectors as checks3
 from tests.catalogue import call_check, judge_mistake, judge_variant, run_catalogue
 from tests.catalogue.part1 import CATALOGUE as CATALOGUE1
 from tests.catalogue.part2 import CATALOGUE as CATALOGUE2
+from tests.catalogue.part3 import CATALOGUE as CATALOGUE3
 
-CATALOGUE = CATALOGUE1 + CATALOGUE2
+CATALOGUE = CATALOGUE1 + CATALOGUE2 + CATALOGUE3
 
 
 def _id(*parts: str) -> str:
@@ -54,7 +56,8 @@ def test_mistake_is_rejected_with_its_message(entry, mistake):
     assert "(See Section" in verdict.message, f"the message does not point to the notebook: {verdict.message}"
 
 
-@pytest.mark.parametrize("module,catalogue", [(checks, CATALOGUE1), (checks2, CATALOGUE2)], ids=["part1", "part2"])
+@pytest.mark.parametrize("module,catalogue", [(checks, CATALOGUE1), (checks2, CATALOGUE2), (checks3, CATALOGUE3)],
+                         ids=["part1", "part2", "part3"])
 def test_catalogue_covers_every_check(module, catalogue):
     defined = {name for name in dir(module) if name.startswith("test_") and callable(getattr(module, name))}
     covered = {e.check for e in catalogue}
@@ -86,23 +89,26 @@ def test_verdicts_are_identical_run_after_run():
 def test_every_check_with_the_reference_takes_under_10_s_of_cpu(reference):
     """Both parts' checks. Measured in CPU time of this process, so that other jobs on the machine do not make it
     flaky."""
-    from tests.catalogue import PART2_CHECKS
+    from tests.catalogue import PART2_CHECKS, PART3_CHECKS
     from tests.test_checks import CHECKS
     from tools.reference import load_reference
 
     reference2 = load_reference("part2_stabilizing")
     runs = [(name, reference[ref]) for name, ref in CHECKS.items()]
     runs += [(name, reference2[name.removeprefix("test_")]) for name in PART2_CHECKS]
+    reference3 = load_reference("part3_trait_vectors")
+    runs += [(name, reference3[name.removeprefix("test_")]) for name in PART3_CHECKS]
     assert {name for name, _ in runs} == {e.check for e in CATALOGUE}, "a check is missing from this test"
     checks.tiny_gemma2()  # loading the models once is not part of a check
     checks2.tiny_gemma2()
+    checks3.tiny_gemma2()
     for check_name, fn in runs:
         start = time.process_time()
         call_check(check_name, fn)
         assert time.process_time() - start < 10.0, check_name
 
 
-@pytest.mark.parametrize("module", [checks, checks2], ids=["part1", "part2"])
+@pytest.mark.parametrize("module", [checks, checks2, checks3], ids=["part1", "part2", "part3"])
 def test_no_check_skips_itself_or_returns_early(module):
     tree = ast.parse(Path(module.__file__).read_text())
     for node in tree.body:

@@ -17,7 +17,7 @@ from utils import plots
 from utils.experiments import self_description, self_description_rates
 
 ROOT = build_notebooks.ROOT
-PART1, PART2 = build_notebooks.PARTS
+PART1, PART2 = build_notebooks.PARTS[:2]
 TINY_ENV2 = {"COURSE_MODEL": "tiny-gemma2", "COURSE_N_QUESTIONS": "3", "COURSE_MAX_NEW_TOKENS": "12",
              "COURSE_N_TRAITS": "2", "COURSE_MAX_TURNS": "2", "COURSE_MAX_TOKENS": "1536",
              "COURSE_CASE_STUDIES": "llama-3.3-70b/jailbreak", "COURSE_REPLAY_TURNS": "1",

@@ -12,6 +12,7 @@ import torch
 
 from tests import part1_persona_space as checks1
 from tests import part2_stabilizing as checks2
+from tests import part3_trait_vectors as checks3
 from tools import build_notebooks
 from tools.run_notebook import execute
 from utils.transcripts import case_studies, drift_transcripts, load_transcript
@@ -24,7 +25,9 @@ TINY_ENV = {"COURSE_PROFILE": "tests", "COURSE_MODEL": "tiny-gemma2", "COURSE_N_
 # Part 2 on tiny-gemma2: one turn per transcript, one case study, one replayed turn, one steering question.
 TINY_ENV2 = {**TINY_ENV, "COURSE_MAX_TURNS": "2", "COURSE_MAX_TOKENS": "1536",
              "COURSE_CASE_STUDIES": "llama-3.3-70b/jailbreak", "COURSE_REPLAY_TURNS": "1", "COURSE_STEER_QUESTIONS": "1"}
-CHECKS = {PART: checks1, PART2: checks2}
+PART3 = "part3_trait_vectors"
+TINY_ENV3 = dict(TINY_ENV)  # Part 3 at the tests profile's sizes (utils/settings.py: 2 traits, 1 pair, 2 questions, ...)
+CHECKS = {PART: checks1, PART2: checks2, PART3: checks3}
 CHECK_CALL = re.compile(r"checks\.((?:hidden_)?test_\w+)\(")
 
 
@@ -282,3 +285,60 @@ def test_part2_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
     nb = execute(ROOT / "exercises" / f"{PART2}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
                  echo=False, timeout=300)
     _assert_fails_only_at_exercises(nb, PART2, first="check-parse-transcript")
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 3
+# --------------------------------------------------------------------------------------------------
+
+def test_part3_solution_notebook_runs_end_to_end_on_tiny_gemma2(tmp_path, monkeypatch):
+    """Part 3 from scratch on tiny-gemma2 (Part 1's results computed, and said so); summary.json has every section."""
+    for key, value in {**TINY_ENV3, "COURSE_PART1_DIR": str(tmp_path / "part1"),
+                       "COURSE_PART3_OUT_DIR": str(tmp_path / "out")}.items():
+        monkeypatch.setenv(key, value)
+    nb = execute(ROOT / "solutions" / f"{PART3}.ipynb", tmp_path / "executed.ipynb", echo=False, timeout=600)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors == []
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for key in ("model", "traits", "layers_swept", "layer_chosen", "sweep", "steering", "monitoring", "cosines",
+                "screening", "preventative", "filter", "seconds"):
+        assert key in summary, key
+    traits = summary["traits"]
+    assert summary["model"] == "tiny-gemma2" and traits == ["sycophantic", "evil"]
+    assert summary["layers_swept"] == [2, 4] and set(summary["layer_chosen"]) == set(traits)
+    assert all(summary["layer_chosen"][t] in (2, 3, 4) for t in traits)  # a swept layer, or the table's (3) if unscored
+    for t in traits:
+        assert set(summary["steering"][t]) == {"all", "prompt", "response"}
+        assert set(summary["steering"][t]["all"]) == {"-4", "+0", "+4"}
+        mixes = set(summary["screening"][t]["mixes"])  # a mix whose questions all got an empty answer is left out
+        assert mixes <= {"0", "0.25", "0.5", "0.75", "1"} and len(mixes) >= 3
+        for mix in summary["screening"][t]["mixes"].values():
+            assert math.isfinite(mix["delta_p"]) and math.isfinite(mix["delta_p_last"])
+        assert -1.0001 <= summary["cosines"]["with_axis_at_trait_layer"][t] <= 1.0001
+        assert {"overall", "within", "n"} <= set(summary["monitoring"][t])
+    assert list(summary["preventative"]) == traits[:1]
+    prevent = summary["preventative"][traits[0]]
+    assert prevent["weights_restored"] is True
+    assert math.isfinite(prevent["plain"]["shift"]) and math.isfinite(prevent["preventative"]["shift"])
+    assert {"generate", "judge", "activations", "layer_sweep", "dose_response", "monitoring", "screening",
+            "preventative", "total"} <= set(summary["seconds"])
+    assert "Computed Part 1's results" in summary["part1_results"]
+    figures = {p.name for p in (tmp_path / "out").glob("*.html")}
+    assert {"vector_norms.html", "layer_sweep.html", "trait_cosines.html", "screening.html"} <= figures
+    assert {f"dose_response_{t}.html" for t in traits} | {f"monitoring_{t}.html" for t in traits} <= figures
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                      if o.output_type == "stream")
+    assert "OfflineTraitJudge, a rule-based stand-in, NOT an LLM" in printed
+    reports = [o["data"]["text/markdown"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+               if o.output_type == "display_data" and "text/markdown" in o.get("data", {})]
+    assert len(reports) >= 7 and all("what it cannot" in r for r in reports)  # an honest report after each experiment
+    _assert_every_check_ran_once_and_passed(nb, PART3)
+
+
+def test_part3_exercise_notebook_fails_only_at_exercises(tmp_path, monkeypatch):
+    for key, value in {**TINY_ENV3, "COURSE_PART1_DIR": str(tmp_path / "part1"),
+                       "COURSE_PART3_OUT_DIR": str(tmp_path / "out")}.items():
+        monkeypatch.setenv(key, value)
+    nb = execute(ROOT / "exercises" / f"{PART3}.ipynb", tmp_path / "executed.ipynb", allow_errors=True,
+                 echo=False, timeout=300)
+    _assert_fails_only_at_exercises(nb, PART3, first="check-contrastive-prompts")

@@ -37,7 +37,7 @@ def _exercise_blocks(nb) -> list[tuple[list[str], str]]:
     return blocks
 
 
-@pytest.mark.parametrize("part,minimum", [("part1_persona_space", 12), ("part2_stabilizing", 8)])
+@pytest.mark.parametrize("part,minimum", [("part1_persona_space", 12), ("part2_stabilizing", 8), ("part3_trait_vectors", 10)])
 def test_every_exercise_has_its_pacing_and_a_hint(part, minimum):
     nb = build_notebooks.solution_notebook(part)
     blocks = _exercise_blocks(nb)

@@ -339,7 +339,7 @@ def test_probe_registered_after_reads_capped_values_and_before_reads_raw(tiny):
     (dict(cap={2: (torch.zeros(64), 0.0)}), "all zeros"),
     (dict(cap={2: (torch.ones(64), float("inf"))}), "finite"),
     (dict(cap={2: torch.ones(64)}), "pair"),
-    (dict(add={2: torch.ones(64)}, positions="prompt"), "'all' or 'generated'"),
+    (dict(add={2: torch.ones(64)}, positions="sideways"), "positions must be one of"),
     (dict(), "nothing to do"),
     (dict(add={2: torch.ones(64)}, stats=CapStats()), "no layer is capped"),
 ])

@@ -28,7 +28,7 @@ import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ROOT / "src"
-PARTS = ["part1_persona_space", "part2_stabilizing"]
+PARTS = ["part1_persona_space", "part2_stabilizing", "part3_trait_vectors"]
 SOLUTION_MARKERS = ("### BEGIN SOLUTION", "### END SOLUTION", "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 

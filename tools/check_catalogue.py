@@ -90,15 +90,16 @@ def main(argv: list[str] | None = None, entries=None) -> int:
     if entries is None:
         from tests.catalogue.part1 import CATALOGUE as part1
         from tests.catalogue.part2 import CATALOGUE as part2
+        from tests.catalogue.part3 import CATALOGUE as part3
 
-        entries = part1 + part2
+        entries = part1 + part2 + part3
 
     start = time.perf_counter()
     runs = [run_catalogue(entries) for _ in range(max(1, args.runs))]
     seconds = time.perf_counter() - start
     verdicts = runs[0]
     lines, complete = _table(verdicts, entries)
-    print("Checks against the catalogue of mistakes and correct variants (tests/catalogue/part1.py and part2.py)\n")
+    print("Checks against the catalogue of mistakes and correct variants (tests/catalogue/part1.py, part2.py and part3.py)\n")
     print("\n".join(lines))
     print()
     print("\n".join(_promises(verdicts, entries, args.verbose)))

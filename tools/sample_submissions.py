@@ -531,6 +531,213 @@ def build(part: str, release: Path, out_dir: Path, prefix: str = "",
     return paths
 
 
+# --------------------------------------------------------------------------------------------------
+# Part 3 (its own block: the students below are registered in EDITS and LOST at its end)
+#
+# - ``rewritten``: all ten exercises answered correctly but written differently (string.Template, a dict of numbers,
+#   NaN comparisons, one left-padded batch with masks, numpy's std, a hand-written hook, torch.where, corrcoef,
+#   einsum, ignore_index=-100): full marks (15);
+# - ``mistakes``: three realistic mistakes, each costing only its own check (10 of 15): the judge's weighted mean not
+#   divided by the integer tokens' mass, a negative answer kept at exactly the threshold, and "response" steering
+#   every position.
+# --------------------------------------------------------------------------------------------------
+
+_P3_REWRITTEN = {
+    "ex_contrastive_prompts": '''\
+def contrastive_prompts(trait, n_pairs):
+    # string.Template, and the article from a set of vowels.
+    from string import Template
+
+    if n_pairs not in range(1, 6):
+        raise ValueError(f"n_pairs must be 1..5, not {n_pairs}")
+    template = Template("You are $article $name assistant. $instruction")
+    name = " ".join(trait.name.split("_"))
+    article = "an" if name[0].lower() in set("aeiou") else "a"
+    return [(template.substitute(article=article, name=name, instruction=trait.pos_prompts[i]),
+             template.substitute(article="a", name="helpful", instruction=trait.neg_prompts[i]))
+            for i in range(n_pairs)]
+
+
+def split_questions(questions):
+    if len(questions) != 40:
+        raise ValueError("a trait file has 40 questions")
+    head, tail = [], []
+    for i, q in enumerate(questions):
+        (head if i < 20 else tail).append(q)
+    return head, tail
+''',
+    "ex_judge": '''\
+def logprob_score(top_logprobs, min_mass=0.25):
+    # The probability of each number gathered in a dict first.
+    import math
+    import re
+
+    probs = {}
+    for token, logprob in top_logprobs:
+        t = token.strip()
+        if re.fullmatch(r"[0-9]+", t) and int(t) <= 100:
+            probs[int(t)] = probs.get(int(t), 0.0) + math.exp(logprob)
+    mass = sum(probs.values())
+    return None if mass < min_mass else sum(n * p for n, p in probs.items()) / mass
+
+
+def judge_0_100(client, judge_model, prompt):
+    request = dict(model=judge_model, messages=[{"role": "user", "content": prompt}], max_tokens=1, temperature=0,
+                   logprobs=True, top_logprobs=20)
+    first = client.chat.completions.create(**request).choices[0].logprobs.content[0]
+    return logprob_score([(getattr(a, "token"), getattr(a, "logprob")) for a in first.top_logprobs])
+''',
+    "ex_effective_pairs": '''\
+def effective_pairs(pos_scores, neg_scores, pos_coherence, neg_coherence, threshold=50.0, coherence_threshold=50.0):
+    # NaN stands for "no score": every comparison with NaN is False.
+    columns = [pos_scores, neg_scores, pos_coherence, neg_coherence]
+    if len({len(c) for c in columns}) != 1:
+        raise ValueError("one entry per pair in every list")
+    p, n, pc, nc = (np.array([np.nan if x is None else x for x in c], dtype=float) for c in columns)
+    with np.errstate(invalid="ignore"):
+        keep = (p >= threshold) & (n < threshold) & (pc >= coherence_threshold) & (nc >= coherence_threshold)
+    return torch.from_numpy(keep)
+''',
+    "ex_three_averages": '''\
+def three_averages(model, tokenizer, conversations):
+    # All conversations in one left-padded batch, with an attention mask and position ids, and masks per span.
+    from utils.conversation import response_token_span
+
+    spans = [response_token_span(m, tokenizer) for m in conversations]
+    width = max(end for _, _, end in spans)
+    n, n_layers = len(spans), len(model.model.layers)
+    ids = torch.zeros(n, width, dtype=torch.long)
+    attention = torch.zeros(n, width, dtype=torch.long)
+    masks = {k: torch.zeros(n, width) for k in ("response_avg", "prompt_avg", "prompt_last")}
+    for row, (tokens, start, end) in enumerate(spans):
+        offset = width - end
+        ids[row, offset:] = torch.tensor(tokens[:end])
+        attention[row, offset:] = 1
+        masks["response_avg"][row, offset + start:offset + end] = 1
+        masks["prompt_avg"][row, offset:offset + start] = 1
+        masks["prompt_last"][row, offset + start - 1] = 1
+    store = {}
+    handles = [block.register_forward_hook(lambda m, a, o, l=l: store.__setitem__(l, o[0] if isinstance(o, tuple) else o))
+               for l, block in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    stacked = torch.stack([store[l].float() for l in range(n_layers)], dim=1)  # [n, layers, seq, d]
+    return {k: torch.einsum("nlsd,ns->nld", stacked, m) / m.sum(1)[:, None, None] for k, m in masks.items()}
+
+
+def trait_vector(pos, neg):
+    return torch.sub(pos.to(torch.float32).mean(0), neg.to(torch.float32).mean(0))
+''',
+    "ex_layer_sweep": '''\
+def spread_scaled_vectors(vectors, activations, layers, multiple):
+    out = {}
+    for layer in layers:
+        v = vectors[layer].double().numpy()
+        unit = v / np.linalg.norm(v)
+        spread = np.std(activations[:, layer].double().numpy() @ unit, ddof=1)
+        out[layer] = torch.from_numpy(multiple * spread * unit).float()
+    return out
+
+
+def layer_sweep(model, tokenizer, questions, vectors, judge, max_new_tokens):
+    # Its own forward hook, removed in finally.
+    means = {}
+    for layer, vec in vectors.items():
+        def add(module, args, output, vec=vec):
+            if isinstance(output, tuple):
+                return (output[0] + vec.to(output[0].dtype),) + tuple(output[1:])
+            return output + vec.to(output.dtype)
+        handle = model.model.layers[layer].register_forward_hook(add)
+        try:
+            answers = generate(model, tokenizer, [[{"role": "user", "content": q}] for q in questions], max_new_tokens,
+                               temperature=0.0)
+        finally:
+            handle.remove()
+        scored = [s for s in map(judge, questions, answers) if s is not None]
+        means[layer] = float(np.mean(scored)) if scored else None
+    return means
+''',
+    "ex_steer_positions": '''\
+def steer_positions(h, vector, positions):
+    # A boolean position mask and torch.where.
+    if positions not in {"all", "prompt", "response"}:
+        raise ValueError(f"unknown positions {positions!r}")
+    seq = h.shape[1]
+    if positions == "all":
+        mask = torch.ones(seq, dtype=torch.bool)
+    elif positions == "prompt":
+        mask = torch.full((seq,), seq > 1)
+    else:
+        mask = torch.arange(seq) == seq - 1
+    return torch.where(mask.to(h.device)[None, :, None], h + vector.to(h.device, h.dtype), h)
+''',
+    "ex_monitoring": '''\
+def monitoring_correlations(projections, scores, conditions):
+    keep = np.array([s is not None for s in scores])
+    x = projections.double().numpy()[keep]
+    y = np.array([s for s in scores if s is not None], dtype=float)
+    c = np.array(conditions, dtype=object)[keep]
+
+    def r(a, b):
+        if len(a) < 3 or a.std() == 0 or b.std() == 0:
+            return None
+        return float(np.corrcoef(a, b)[0, 1])
+
+    within = {name: r(x[c == name], y[c == name]) for name in dict.fromkeys(conditions)}
+    counts = {name: int((c == name).sum()) for name in dict.fromkeys(conditions)}
+    return {"overall": r(x, y), "n": int(keep.sum()), "within": within, "n_within": counts}
+''',
+    "ex_geometry": '''\
+def cosine_matrix(vectors):
+    names = list(vectors)
+    unit = torch.nn.functional.normalize(torch.stack([vectors[n].float() for n in names]), dim=-1)
+    return torch.einsum("id,jd->ij", unit, unit), names
+
+
+def cosine_with_axis(trait_vectors_by_name, axis, layers):
+    return {name: torch.nn.functional.cosine_similarity(v[layers[name]].float(), axis[layers[name]].float(), dim=0).item()
+            for name, v in trait_vectors_by_name.items()}
+''',
+    "ex_projection_differences": '''\
+def projection_differences(dataset, own, prompt_last, vector):
+    unit = torch.nn.functional.normalize(vector.float(), dim=0)
+    return (torch.einsum("nd,d->n", dataset.float() - own.float(), unit).mean().item(),
+            torch.einsum("nd,d->n", dataset.float() - prompt_last.float(), unit).mean().item())
+''',
+    "ex_preventative_loss": '''\
+def preventative_loss(model, batch, layer=None, vector=None):
+    # Labels with -100 outside the answers, cross_entropy's mean over the rest.
+    import contextlib
+
+    labels = batch["input_ids"].masked_fill(batch["response_mask"] == 0, -100)[:, 1:]
+    context = steering(model, {layer: vector}) if vector is not None else contextlib.nullcontext()
+    with context:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+''',
+}
+
+_P3_MISTAKES = {
+    # The weighted mean not divided by the integer tokens' mass.
+    "ex_judge": _replace("return weighted / mass if mass >= min_mass else None",
+                         "return weighted if mass >= min_mass else None"),
+    # The negative kept at exactly the threshold (<= instead of <).
+    "ex_effective_pairs": _replace("n is not None and n < threshold", "n is not None and n <= threshold"),
+    # "response" steers every position, like "all".
+    "ex_steer_positions": _replace('if positions == "all" or (positions == "prompt" and h.shape[1] > 1):',
+                                   'if positions in ("all", "response") or (positions == "prompt" and h.shape[1] > 1):'),
+}
+
+EDITS["part3_trait_vectors"] = {"rewritten": _P3_REWRITTEN, "mistakes": _P3_MISTAKES}
+LOST["part3_trait_vectors"] = {"rewritten": set(),
+                               "mistakes": {"check_judge", "check_effective_pairs", "check_steer_positions"}}
+
+
 def main(argv: list[str] | None = None) -> int:
     from tools.build_notebooks import PARTS
 

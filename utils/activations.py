@@ -40,7 +40,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from utils.conversation import ChatFormatError, Message, Window, response_token_span, turn_windows
+from utils.conversation import (ChatFormatError, Message, Window, encode, render, response_token_span,
+                                turn_windows)
 from utils.models import context_length
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "decoder_layers",
     "extract_mean_activations",
     "extract_mean_embeddings",
+    "extract_last_prompt_token",
+    "extract_prompt_response_means",
     "per_turn_mean_activations",
     "per_turn_projections",
     "reading_layers",
@@ -218,8 +221,9 @@ def _pad_batch(items: Sequence[_Item], pad_id: int, side: str) -> dict[str, Int[
     """Pad to the longest item on ``side``.
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` (all int64 ``[B, L]``, positions
-    counted from each sequence's first real token) and ``span_mask`` (float32 ``[B, L]``, 1 on
-    response tokens, built from the spans, never from token ids).
+    counted from each sequence's first real token), ``span_mask`` (float32 ``[B, L]``, 1 on
+    response tokens, built from the spans, never from token ids), ``prompt_mask`` (float32 ``[B, L]``, 1 on
+    the tokens before the span) and ``last_mask`` (float32 ``[B, L]``, 1 on the last token before the span).
     """
     if side not in ("left", "right"):
         raise ValueError(f"padding side must be 'left' or 'right'; got {side!r}.")
@@ -228,14 +232,19 @@ def _pad_batch(items: Sequence[_Item], pad_id: int, side: str) -> dict[str, Int[
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     span_mask = torch.zeros((n, width), dtype=torch.float32)
+    prompt_mask = torch.zeros((n, width), dtype=torch.float32)
+    last_mask = torch.zeros((n, width), dtype=torch.float32)
     for row, it in enumerate(items):
         offset = width - len(it.ids) if side == "left" else 0
         input_ids[row, offset:offset + len(it.ids)] = torch.tensor(it.ids, dtype=torch.long)
         attention_mask[row, offset:offset + len(it.ids)] = 1
         span_mask[row, offset + it.start:offset + it.end] = 1.0
+        prompt_mask[row, offset:offset + it.start] = 1.0
+        if it.start > 0:
+            last_mask[row, offset + it.start - 1] = 1.0
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "span_mask": span_mask}
+            "span_mask": span_mask, "prompt_mask": prompt_mask, "last_mask": last_mask}
 
 
 def _progress(total: int, progress: bool, desc: str):
@@ -316,6 +325,125 @@ def extract_mean_activations(
 
     result = out[:, [unique.index(layer) for layer in wanted]]
     return result[:, 0] if single else result
+
+
+AVERAGES = ("response_avg", "prompt_avg", "prompt_last")
+
+
+def _three_means(model, items: Sequence[_Item], wanted: list[int], tokenizer, batch_size: int | None,
+                 progress: bool, desc: str, max_tokens_per_batch: int | None, kinds: Sequence[str],
+                 ) -> dict[str, Float[Tensor, "n n_layers d_model"]]:
+    """The means named in ``kinds`` (of :data:`AVERAGES`), for every item, at every layer of ``wanted``, from ONE
+    forward pass per batch (stopped after the deepest block)."""
+    device = _input_device(model)
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = GPU_TOKENS_PER_BATCH if device.type == "cuda" else CPU_TOKENS_PER_BATCH
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    side = getattr(tokenizer, "padding_side", "right") or "right"
+    unique = sorted(set(wanted))
+    d_model = int(model.config.hidden_size)
+    mask_of = {"response_avg": "span_mask", "prompt_avg": "prompt_mask", "prompt_last": "last_mask"}
+    out = {k: torch.zeros((len(items), len(unique), d_model), dtype=torch.float32) for k in kinds}
+    masks: dict[str, Float[Tensor, "batch seq 1"]] = {}
+    sums: dict[tuple[str, int], Float[Tensor, "batch d_model"]] = {}
+
+    def read(slot: int, h: Tensor) -> None:
+        hf = h.float()
+        for kind in kinds:
+            mask = masks[kind].to(h.device)
+            sums[(kind, slot)] = einops.reduce(hf * mask, "batch seq d_model -> batch d_model", "sum").to("cpu")
+
+    batches = _plan_batches([len(it.ids) for it in items], batch_size, max_tokens_per_batch)
+    with reading_layers(model, unique, read) as forward, _progress(len(items), progress, desc) as bar:
+        for batch in batches:
+            enc = _pad_batch([items[i] for i in batch], pad_id, side)
+            sums.clear()
+            masks.clear()
+            masks.update({kind: enc[mask_of[kind]].unsqueeze(-1) for kind in kinds})
+            forward(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                    position_ids=enc["position_ids"].to(device))
+            index = torch.tensor(batch)
+            for kind in kinds:
+                counts = enc[mask_of[kind]].sum(1, keepdim=True)  # [B, 1], >= 1 by construction
+                for slot in range(len(unique)):
+                    out[kind][index, slot] = sums[(kind, slot)] / counts
+            bar.update(len(batch))
+    order = [unique.index(layer) for layer in wanted]
+    return {kind: out[kind][:, order] for kind in kinds}
+
+
+def extract_prompt_response_means(
+    model,
+    tokenizer,
+    conversations: Sequence[list[Message]],
+    layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    desc: str = "extract (3 averages)",
+    max_tokens_per_batch: int | None = None,
+) -> dict[str, Float[Tensor, "n n_layers d_model"]]:
+    """Three averages of the block outputs of each conversation, at every requested layer, in ONE forward pass.
+
+    For each conversation (ending with a non-empty assistant turn), with its response span ``[start, end)``
+    (:func:`utils.conversation.response_token_span`: the content tokens only):
+
+    - ``"response_avg"``: the mean over the response's content tokens (Part 1's and the paper's vector);
+    - ``"prompt_avg"``: the mean over every token before the response, ``[0, start)`` (system prompt, question,
+      turn markers, the generation prompt);
+    - ``"prompt_last"``: the last token before the response, ``start - 1``. Where the tokenizer keeps the
+      generation prompt's last token apart from the answer (Gemma's and SmolLM2's turn markers end in a newline
+      token of their own), it is the position whose next-token prediction starts the answer, the one
+      :func:`extract_last_prompt_token` reads from the prompt alone; a tokenizer that merges the newline into the
+      answer's first token (tiny-gemma2's small BPE does, for some answers) makes the two differ there.
+
+    The three come from the same forward-hook pass as :func:`extract_mean_activations` (batched, padded on the
+    tokenizer's side, stopped after the deepest block), so they cost one pass, not three.
+
+    Args:
+        layers: block indices (default: every block); layer i is the output of ``model.model.layers[i]``.
+
+    Returns:
+        ``{name: float32 CPU tensor [n, len(layers), d_model]}`` for the three names, in the order of
+        ``conversations`` and ``layers``.
+    """
+    wanted, _ = _resolve_layers(model, list(range(len(decoder_layers(model)))) if layers is None else list(layers))
+    items = _tokenise(conversations, tokenizer)
+    return _three_means(model, items, wanted, tokenizer, batch_size, progress, desc, max_tokens_per_batch, AVERAGES)
+
+
+def extract_last_prompt_token(
+    model,
+    tokenizer,
+    prompts: Sequence[list[Message]],
+    layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    max_tokens_per_batch: int | None = None,
+) -> Float[Tensor, "n n_layers d_model"]:
+    """The block outputs at the last token of each prompt rendered with its generation prompt (no answer yet).
+
+    ``prompts`` are conversations that end with the user turn to answer. The position is the one whose
+    next-token prediction starts the answer: the same as ``"prompt_last"`` of
+    :func:`extract_prompt_response_means` for that prompt followed by any answer. The monitoring of Part 3
+    projects it on a trait vector *before* the model writes anything.
+
+    Returns:
+        float32 CPU tensor ``[n, len(layers), d_model]`` (default: every block).
+    """
+    if len(prompts) == 0:
+        raise ValueError("No prompts given: `prompts` is empty.")
+    wanted, _ = _resolve_layers(model, list(range(len(decoder_layers(model)))) if layers is None else list(layers))
+    items = []
+    for i, messages in enumerate(prompts):
+        if not messages or messages[-1]["role"] != "user":
+            raise ChatFormatError(f"Prompt {i} must end with the user turn to answer; got "
+                                  f"{messages[-1]['role'] if messages else 'nothing'}.")
+        ids = encode(render(list(messages), tokenizer, add_generation_prompt=True), tokenizer)
+        items.append(_Item(ids, len(ids), len(ids)))
+    return _three_means(model, items, wanted, tokenizer, batch_size, progress, "last prompt token",
+                        max_tokens_per_batch, ("prompt_last",))["prompt_last"]
 
 
 def extract_mean_embeddings(model, tokenizer, conversations: Sequence[list[Message]]) -> Float[Tensor, "n d_model"]:

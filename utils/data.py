@@ -3,7 +3,8 @@
 - ``load_default_prompts(model_name)``: the 5 default system prompts (``""``, "You are an AI assistant.", ...).
 - ``load_roles()``: all 275 roles, each with 5 system prompts and the paper's judge prompt.
 - ``load_questions()``: the 240 extraction questions.
-- ``load_traits()``: the 240 traits, each with 5 (pos, neg) system-prompt pairs.
+- ``load_traits()``: the 240 traits, each with 5 (pos, neg) system-prompt pairs, 40 questions and the 0-100
+  judge prompt (the Persona Vectors format; Part 3 uses questions 0-19 to extract and 20-39 to evaluate).
 - ``WORKING_ROLES`` and ``working_questions()``: the small set the Part 1 notebook uses.
 """
 
@@ -40,6 +41,8 @@ class Trait:
     description: str
     pos_prompts: tuple[str, ...]
     neg_prompts: tuple[str, ...]
+    questions: tuple[str, ...] = ()  # 40 questions that invite the trait (Part 3: 0-19 extract, 20-39 evaluate)
+    eval_prompt: str = ""  # the 0-100 judge prompt, with {question} and {answer} slots
 
 
 def _read_json(path: Path):
@@ -93,7 +96,8 @@ def load_traits() -> dict[str, Trait]:
     for name in sorted(descriptions):
         raw = _read_json(DATA_DIR / "traits" / "instructions" / f"{name}.json")
         traits[name] = Trait(name, descriptions[name], tuple(i["pos"] for i in raw["instruction"]),
-                             tuple(i["neg"] for i in raw["instruction"]))
+                             tuple(i["neg"] for i in raw["instruction"]), tuple(raw.get("questions", ())),
+                             raw.get("eval_prompt", ""))
     return traits
 
 

@@ -415,3 +415,47 @@ def kl_histogram(kl_values: Sequence[float], title: str, nbins: int = 50) -> go.
         yaxis=dict(title="positions"), showlegend=False,
     )
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Part 3: lines and points of several named series
+# ---------------------------------------------------------------------------------------------------
+
+def _series_xy(xs, ys, name: str) -> tuple[list[float], list[float | None]]:
+    xs, ys = list(xs), list(ys)
+    if len(xs) != len(ys):
+        raise ValueError(f"series {name!r}: {len(xs)} x values but {len(ys)} y values.")
+    return [float(x) for x in xs], [None if y is None or not math.isfinite(float(y)) else float(y) for y in ys]
+
+
+def lines_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], title: str, x_title: str,
+               y_title: str, y_range: tuple[float, float] | None = None, dash: Mapping[str, str] | None = None) -> go.Figure:
+    """One line with markers per named series ``{name: (xs, ys)}``; a None y leaves a gap (a point nobody scored)."""
+    if not series:
+        raise ValueError("lines_plot got no series.")
+    fig = go.Figure()
+    for name, (xs, ys) in series.items():
+        x, y = _series_xy(xs, ys, name)
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name,
+                                 line=dict(dash=(dash or {}).get(name, "solid")),
+                                 hovertemplate=f"{name}<br>%{{x}}: %{{y:.3g}}<extra></extra>"))
+    fig.update_layout(template=TEMPLATE, title=title, height=420, xaxis=dict(title=x_title),
+                      yaxis=dict(title=y_title, range=list(y_range) if y_range else None),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0), margin=dict(t=90))
+    return fig
+
+
+def points_plot(groups: Mapping[str, tuple[Sequence[float], Sequence[float | None]]], title: str, x_title: str,
+                y_title: str) -> go.Figure:
+    """A scatter of named groups of points ``{name: (xs, ys)}`` (points with a None y are left out)."""
+    if not groups:
+        raise ValueError("points_plot got no groups.")
+    fig = go.Figure()
+    for name, (xs, ys) in groups.items():
+        x, y = _series_xy(xs, ys, name)
+        kept = [(a, b) for a, b in zip(x, y) if b is not None]
+        fig.add_trace(go.Scatter(x=[a for a, _ in kept], y=[b for _, b in kept], mode="markers", name=name,
+                                 hovertemplate=f"{name}<br>x %{{x:.3g}}<br>y %{{y:.3g}}<extra></extra>"))
+    fig.update_layout(template=TEMPLATE, title=title, height=450, xaxis=dict(title=x_title), yaxis=dict(title=y_title),
+                      legend=dict(orientation="v"), margin=dict(t=70))
+    return fig

@@ -58,11 +58,14 @@ __all__ = [
     "capping",
     "capping_thresholds",
     "intervene",
+    "is_generated_pass",
+    "pass_positions",
+    "steer_positions",
     "steering",
 ]
 
-Positions = Literal["all", "generated"]
-_POSITIONS = ("all", "generated")
+Positions = Literal["all", "generated", "prompt", "response"]
+_POSITIONS = ("all", "generated", "prompt", "response")
 LAYER_CONVENTION = "layer l = output of model.model.layers[l] = hidden_states[l + 1]"
 
 
@@ -260,6 +263,70 @@ def is_generated_pass(hidden: Tensor, block_kwargs: dict) -> bool:
     return hidden.ndim == 3 and hidden.shape[1] == 1
 
 
+ALL_POSITIONS = slice(None)
+LAST_POSITION = slice(-1, None)
+
+
+def pass_positions(hidden: Tensor, block_kwargs: dict, positions: Positions) -> slice | None:
+    """Which positions of this forward pass a ``positions`` mode changes: every one, the last one, or none.
+
+    The rules (one implementation: :func:`intervene` uses it, and Part 3's exercise writes the same):
+
+    - ``"all"``: every position of every pass;
+    - ``"generated"``: every position of a decode step (a pass with a single position per sequence,
+      :func:`is_generated_pass`), nothing in the prompt's pass;
+    - ``"prompt"``: every position of a pass with more than one position (the prompt's pass of KV-cached
+      generation), nothing in the decode steps (the Persona Vectors code's ``"prompt"``);
+    - ``"response"``: the last position of every pass: in the prompt's pass its last token (whose prediction is
+      the answer's first token), then each new token (the Persona Vectors code's ``"response"``, its default).
+      With left padding (what :func:`utils.generation.generate` does) the last column is every row's last token.
+
+    Returns:
+        ``ALL_POSITIONS`` (``slice(None)``), ``LAST_POSITION`` (``slice(-1, None)``) or None (leave the pass alone).
+
+    Raises:
+        ValueError: an unknown mode; a mode other than ``"all"`` on a pass with no KV cache (``use_cache=False``),
+            where every pass re-reads the whole sequence, so "the prompt's pass" and "a decode step" do not exist.
+    """
+    if positions == "all":
+        return ALL_POSITIONS
+    if positions not in _POSITIONS:
+        raise ValueError(f"positions must be one of {_POSITIONS}; got {positions!r}.")
+    if positions == "generated":
+        return ALL_POSITIONS if is_generated_pass(hidden, block_kwargs) else None
+    if all(block_kwargs.get(name) is None for name in _CACHE_KWARGS):
+        raise ValueError(
+            f"positions={positions!r} is defined for KV-cached generation, but this forward pass has no KV cache "
+            "(use_cache=False): every pass re-reads the whole sequence. Generate with use_cache=True (the default), "
+            "or use positions='all'.")
+    single = hidden.ndim == 3 and hidden.shape[1] == 1
+    if positions == "prompt":
+        return None if single else ALL_POSITIONS
+    return LAST_POSITION
+
+
+_WITH_CACHE = {"past_key_values": True}  # what pass_positions sees for a pass of KV-cached generation
+
+
+def steer_positions(h: Float[Tensor, "batch seq d_model"], vector: Float[Tensor, " d_model"],
+                    positions: Positions) -> Float[Tensor, "batch seq d_model"]:
+    """One pass's block output ``h`` with ``vector`` added where ``positions`` says (:func:`pass_positions`'
+    rules for a pass of KV-cached generation); a new tensor in ``h``'s dtype and device, ``h`` unchanged.
+
+    ``"all"``: every position; ``"prompt"``: every position when ``seq > 1``, none when ``seq == 1``;
+    ``"response"``: the last position only; ``"generated"``: every position when ``seq == 1``, none otherwise.
+    """
+    if h.ndim != 3:
+        raise ValueError(f"h must be [batch, seq, d_model]; got shape {tuple(h.shape)}.")
+    where = pass_positions(h, _WITH_CACHE, positions)
+    if where is None:
+        return h.clone()
+    v = vector.to(device=h.device, dtype=h.dtype)
+    if where == ALL_POSITIONS:
+        return h + v
+    return torch.cat([h[:, :-1], h[:, -1:] + v], dim=1)
+
+
 class _PassState:
     """The current pass's 2D attention mask, read by the decoder's forward pre-hook (for :class:`CapStats`)."""
 
@@ -313,6 +380,10 @@ def intervene(
               cached keys/values computed from them are the unmodified model's. The first generated
               token is sampled from the prompt pass's (unchanged) logits; the change starts with the
               forward pass that reads it. A pass with no KV cache (``use_cache=False``) raises ValueError.
+            - ``"prompt"``: only the prompt's pass (more than one position), every position of it.
+            - ``"response"``: the last position of every pass (the prompt's last token, then each new token).
+
+            :func:`pass_positions` states the rules; ``"prompt"`` and ``"response"`` need a KV cache too.
         stats: a :class:`CapStats` that counts, per capped layer, positions seen and positions capped.
 
     Hooks: one forward hook per touched block, plus (for ``stats``) one forward pre-hook on ``model.model``; all are removed in ``finally``, whatever happens in the block.
@@ -325,7 +396,7 @@ def intervene(
             ``stats`` without ``cap``.
     """
     if positions not in _POSITIONS:
-        raise ValueError(f"positions must be 'all' or 'generated'; got {positions!r}.")
+        raise ValueError(f"positions must be one of {_POSITIONS}; got {positions!r}.")
     add = dict(add or {})
     cap = dict(cap or {})
     if not add and not cap:
@@ -367,9 +438,11 @@ def intervene(
 
         def hook(module, args, kwargs, output):
             h = output[0] if isinstance(output, tuple) else output  # 4.x: tuple; 5.x: tensor
-            if positions == "generated" and not is_generated_pass(h, kwargs):
+            where = pass_positions(h, kwargs, positions)
+            if where is None:
                 return None
-            new = h
+            target = h if where == ALL_POSITIONS else h[:, where]
+            new = target
             if vector is not None:
                 new = new + vector.get(h.device, h.dtype)
             if capping_here is not None:
@@ -380,6 +453,8 @@ def intervene(
                         stats._record(layer, below, state.real_positions(below.shape[-1]))
                     else:
                         stats._record(layer, below.reshape(1, -1), None)
+            if where != ALL_POSITIONS:  # "response": the earlier positions keep their exact values
+                new = torch.cat([h[:, :-1], new], dim=1)
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return hook
 

@@ -75,6 +75,10 @@ class Verdict:
 PART2_CHECKS = ("test_parse_transcript", "test_turn_projections", "test_capping_threshold", "test_drift_summary",
                 "test_add_steering", "test_steering_vectors", "test_cap_activations", "test_activation_capping",
                 "test_next_token_kl")
+PART3_CHECKS = ("test_contrastive_prompts", "test_split_questions", "test_logprob_score", "test_judge_0_100",
+                "test_effective_pairs", "test_three_averages", "test_trait_vector", "test_spread_scaled_vectors",
+                "test_layer_sweep", "test_steer_positions", "test_monitoring_correlations", "test_cosine_matrix",
+                "test_cosine_with_axis", "test_projection_differences", "test_preventative_loss")
 
 
 def call_check(check_name: str, fn: Callable) -> None:
@@ -85,6 +89,10 @@ def call_check(check_name: str, fn: Callable) -> None:
         from tests import part2_stabilizing
 
         return getattr(part2_stabilizing, check_name)(fn)
+    if check_name in PART3_CHECKS:  # Part 3's checks (tests.part3_trait_vectors) take only the learner's function
+        from tests import part3_trait_vectors
+
+        return getattr(part3_trait_vectors, check_name)(fn)
     from tests import part1_persona_space as checks
 
     check = getattr(checks, check_name)
@@ -156,8 +164,9 @@ def run_catalogue(entries=None) -> list[Verdict]:
     if entries is None:
         from tests.catalogue.part1 import CATALOGUE as part1
         from tests.catalogue.part2 import CATALOGUE as part2
+        from tests.catalogue.part3 import CATALOGUE as part3
 
-        entries = part1 + part2
+        entries = part1 + part2 + part3
     verdicts = []
     for entry in entries:
         verdicts += [judge_mistake(entry, m) for m in entry.mistakes]
