@@ -81,6 +81,7 @@
 # | `generate_all_responses` returns `(responses, failures)` | one dict, with `""` for a failed call | a failed call stored as `""` is later judged, or averaged over, as if it were an answer |
 # | Gemma's system prompt is merged into the first user turn **here**, and kept as a system message for models whose template has one | always merged (and left to the API for generation) | generation and extraction must see the same prompt, so both use one rule; SmolLM2 has a system role. So `_normalize_messages` takes the tokenizer |
 # | the judge also fills the paper's per-role judge prompts (`eval_prompt`, slots `{question}` and `{answer}`), and reads `<score>N</score>` anywhere in the reply | its own template only; the score on the first line | the paper judged each role with its own prompt; judges often explain before they score |
+# | `response_start_idx` is the token that covers the response's **first character** (character offsets) | the number of tokens in the prefix | the template's last character and the response's first can share a token (Gemma has one token for a newline followed by `"`): the prefix's token count then points one token into the response |
 # | extraction takes **conversations** (lists of messages) | three parallel lists (system prompts, questions, responses) | one formatting path for one-turn answers, the no-system-prompt control of Section 8, and Part 2's multi-turn transcripts |
 # | `extract_persona_vectors` keeps a response whose key is **not in `scores`** | counts it as score 0 | the defaults are never judged (as in the paper) and keep all their responses; responses whose judging *failed* are removed before this call |
 # | `pca_decompose_persona_vectors` returns `(pca_coords, pca)` | `(assistant_axis, pca_coords, pca)` | one idea per exercise: the axis is Exercise 6c. Returning the text's triple is accepted too |
@@ -545,8 +546,15 @@ fig.show()
 #    that string with the default `add_special_tokens=True` adds a second one, and shifts every index.
 #    Use `tokenizer(text, add_special_tokens=False)`.
 # 3. **The response starts after the turn marker and its newline** (`<start_of_turn>model\n` for
-#    Gemma, `<|im_start|>assistant\n` for ChatML). The clean way to find it: render the conversation
-#    without its last message but with `add_generation_prompt=True`, and count that prefix's tokens.
+#    Gemma, `<|im_start|>assistant\n` for ChatML). Render the conversation without its last message
+#    but with `add_generation_prompt=True`: that prefix ends exactly where the response's text begins,
+#    **in characters**. Counting the prefix's *tokens* is not always the same thing: the template's last
+#    character and the response's first can share one token. Gemma's tokenizer has a single token for a
+#    newline followed by `"`, so a reply that opens with a quotation mark starts *inside* that token, and the
+#    prefix's token count points one token too far. So find the response's first character in the full text
+#    and ask the tokenizer which token covers it (`return_offsets_mapping=True` gives each token's
+#    `(start, end)` characters). The course's own extraction (`utils.conversation.response_token_span`) uses
+#    the same rule, so the two agree on every conversation.
 #
 # ### Exercise 3: normalise and format
 #
@@ -565,8 +573,17 @@ fig.show()
 #
 # <details><summary>Hint 2</summary>
 #
-# Render `msgs[:-1]` with `add_generation_prompt=True` and `tokenize=False`; the number of tokens in that
-# prefix, counted with `tokenizer(prefix, add_special_tokens=False)`, is `response_start_idx`.
+# Render `msgs[:-1]` with `add_generation_prompt=True` and `tokenize=False`: the response's text starts at or
+# after character `len(prefix)` of the full prompt (find `content.strip()` there, so leading whitespace is not
+# counted).
+#
+# </details>
+#
+# <details><summary>Hint 3</summary>
+#
+# `tokenizer(full_prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]` lists each
+# token's `(start, end)` characters; `response_start_idx` is the first token whose `end` is past the response's
+# first character.
 #
 # </details>
 
@@ -605,13 +622,16 @@ def format_messages(messages: list[dict[str, str]], tokenizer) -> tuple[str, int
         full_prompt: the chat-templated text of the whole conversation (starts with BOS where the
             template adds one).
         response_start_idx: the index, in ``tokenizer(full_prompt, add_special_tokens=False).input_ids``,
-            of the first token of the last assistant message's content.
+            of the first token that holds any of the last assistant message's content (its leading
+            whitespace aside), found from character offsets: a Python ``int``.
     """
     ### BEGIN SOLUTION
     msgs = _normalize_messages(messages, tokenizer)
     full_prompt = tokenizer.apply_chat_template(msgs, tokenize=False)
     prefix = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-    response_start_idx = len(tokenizer(prefix, add_special_tokens=False).input_ids)
+    first_char = full_prompt.index(msgs[-1]["content"].strip(), len(prefix))
+    offsets = tokenizer(full_prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    response_start_idx = next(i for i, (_, end) in enumerate(offsets) if end > first_char)
     return full_prompt, response_start_idx
     ### END SOLUTION
 

@@ -794,6 +794,8 @@ FORMAT_CASES = [
                          _m("assistant", "Law is the song of kings.")]),
     ("an empty system prompt", [_m("system", ""), _m("user", "What is law?"), _m("assistant", "Law is a set of rules.")]),
     ("no system message", [_m("user", "Name a colour."), _m("assistant", "Blue.")]),
+    ("a reply that opens with a quotation mark (Gemma: one token holds the template's newline and the quote)",
+     [_m("user", "Say something."), _m("assistant", '"Hello," said the bard.')]),
     ("a multi-turn conversation whose two answers are the same",
      [_m("system", "You are a ghost."), _m("user", "Who are you?"), _m("assistant", "A whisper."),
       _m("user", "Who are you, really?"), _m("assistant", "A whisper.")]),
@@ -863,15 +865,20 @@ def test_format_messages_response_index(fn, tokenizer=None) -> None:
                 bare = tok.apply_chat_template(normalized[:-1], tokenize=False)
                 offsets = tok(full_prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
                 marker_start = next((i for i, (s, _) in enumerate(offsets) if s >= len(bare)), None)
-                if diff == 1 and bos is not None:
+                if start == len(tok(prefix, add_special_tokens=False).input_ids) and diff == 1:
+                    hint = ("Your index is the number of tokens in the prefix, which is one too far here: the "
+                            "template's last character and the response's first share a token. Find the "
+                            "response's first character in full_prompt and take the token that covers it "
+                            "(return_offsets_mapping=True).")
+                elif diff == 1 and bos is not None:
                     hint = ("Your index is 1 too large: the prefix was probably tokenised with special tokens, which "
                             "adds a second BOS. Use add_special_tokens=False on templated text.")
                 elif diff == -1:
-                    hint = ("Your index is 1 too small: it points at the newline after the turn marker. Count the "
-                            "prefix rendered with add_generation_prompt=True.")
+                    hint = ("Your index is 1 too small: it points at the newline after the turn marker. The "
+                            "response starts after the prefix rendered with add_generation_prompt=True.")
                 elif start == len(prefix):
-                    hint = ("Your index is the prefix's length in characters: count the prefix's tokens (tokenised "
-                            "with add_special_tokens=False), not its characters.")
+                    hint = ("Your index is the prefix's length in characters: return the index of the token that "
+                            "covers the response's first character (return_offsets_mapping=True), not a character.")
                 elif start == marker_start:
                     hint = ("Your index points at the assistant's turn marker: render the prefix with "
                             "add_generation_prompt=True, so that it ends with the marker and its newline.")

@@ -876,6 +876,36 @@ def format_marker_search(messages, tokenizer):
     return full_prompt, len(tokenizer.encode(full_prompt[:cut], add_special_tokens=False))
 
 
+def format_char_to_token(messages, tokenizer):
+    """The fast tokenizer's char_to_token maps the response's first character to its token."""
+    msgs = normalize_deepcopy(messages, tokenizer)
+    full_prompt = tokenizer.apply_chat_template(msgs, tokenize=False)
+    prefix = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    content = msgs[-1]["content"]
+    first_char = len(prefix) + (len(content) - len(content.lstrip()))
+    return full_prompt, tokenizer(full_prompt, add_special_tokens=False).char_to_token(first_char)
+
+
+def format_searchsorted(messages, tokenizer):
+    """np.searchsorted over the tokens' end offsets, converted to a Python int."""
+    msgs = normalize_template_text(messages, tokenizer)
+    full_prompt = tokenizer.apply_chat_template(msgs, tokenize=False)
+    prefix = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    first_char = full_prompt.index(msgs[-1]["content"].strip(), len(prefix))
+    ends = np.array([end for _, end in tokenizer(full_prompt, add_special_tokens=False,
+                                                  return_offsets_mapping=True)["offset_mapping"]])
+    return full_prompt, int(np.searchsorted(ends, first_char, side="right"))
+
+
+def format_prefix_token_count(messages, tokenizer):
+    """ARENA's rule: the number of tokens in the prefix (one too far when the template's last character and the
+    response's first share a token)."""
+    msgs = normalize_deepcopy(messages, tokenizer)
+    full_prompt = tokenizer.apply_chat_template(msgs, tokenize=False)
+    prefix = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    return full_prompt, len(tokenizer(prefix, add_special_tokens=False).input_ids)
+
+
 def format_via_span(messages, tokenizer):
     """The course's response_token_span helper (character offsets)."""
     from utils.conversation import render, response_token_span
@@ -938,7 +968,9 @@ def _format_blank_line(messages, tokenizer):
         msgs[0]["content"] = f"{system}\n\n{msgs[0]['content']}"  # also for an empty system prompt
     full_prompt = tokenizer.apply_chat_template(msgs, tokenize=False)
     prefix = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-    return full_prompt, len(tokenizer(prefix, add_special_tokens=False).input_ids)
+    first_char = full_prompt.index(msgs[-1]["content"].strip(), len(prefix))
+    offsets = tokenizer(full_prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return full_prompt, next(i for i, (_, end) in enumerate(offsets) if end > first_char)
 
 
 def _format_mistakes() -> tuple[Mistake, ...]:
@@ -1019,7 +1051,7 @@ def extract_numpy(model, tokenizer, conversations, layer):
     suffix = _suffix_len(tokenizer)
     out = np.zeros((len(conversations), model.config.hidden_size))
     for i, messages in enumerate(conversations):
-        full_prompt, start = format_tokenize_true(messages, tokenizer)
+        full_prompt, start = format_char_to_token(messages, tokenizer)
         enc = tokenizer(full_prompt, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             hs = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
@@ -1038,7 +1070,7 @@ def extract_stop_early(model, tokenizer, conversations, layer):
     suffix = _suffix_len(tokenizer)
     rows = []
     for messages in conversations:
-        full_prompt, start = format_marker_search(messages, tokenizer)
+        full_prompt, start = format_searchsorted(messages, tokenizer)
         ids = tokenizer(full_prompt, add_special_tokens=False, return_tensors="pt").input_ids
         grabbed = {}
 
@@ -1193,7 +1225,7 @@ def extract_batched_force_right(model, tokenizer, conversations, layer, batch_si
     """Always pads on the right (padding_side="right" per call), whatever the tokenizer's setting."""
     out = []
     for b in range(0, len(conversations), batch_size):
-        prompts, spans = _spans(conversations[b:b + batch_size], tokenizer, format_tokenize_true)
+        prompts, spans = _spans(conversations[b:b + batch_size], tokenizer, format_char_to_token)
         enc = tokenizer(prompts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
         positions = torch.arange(enc.input_ids.shape[1])[None, :]
         starts = torch.tensor([s for s, _, _ in spans])[:, None]
@@ -1230,7 +1262,7 @@ def extract_batched_numpy(model, tokenizer, conversations, layer, batch_size=8):
     chunks = []
     for b in range(0, len(conversations), batch_size):
         batch = conversations[b:b + batch_size]
-        prompts, spans = _spans(batch, tokenizer, format_marker_search)
+        prompts, spans = _spans(batch, tokenizer, format_searchsorted)
         enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
         with torch.no_grad():
             hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
@@ -2325,10 +2357,16 @@ def _build() -> list[Entry]:
             Variant("deepcopy and list filtering", normalize_deepcopy),
         )),
         _entry("format_messages", "test_format_messages_response_index", _format_mistakes() + (
-            Mistake("the course's response_token_span called", format_via_span, "hands the work to the course's own"),), (
+            Mistake("the course's response_token_span called", format_via_span, "hands the work to the course's own"),
+            Mistake("the number of tokens in the prefix (a token shared by the template and the response)",
+                    format_prefix_token_count, "share a token"),
+            Mistake("the prefix's tokens counted by apply_chat_template(tokenize=True)", format_tokenize_true,
+                    "share a token"),
+            Mistake("the tokens up to the last generation-prompt marker counted", format_marker_search,
+                    "share a token"),), (
             Variant("character offsets of the response", format_offsets),
-            Variant("apply_chat_template(tokenize=True) for the prefix", format_tokenize_true),
-            Variant("the last generation-prompt marker in the text", format_marker_search),
+            Variant("char_to_token on the response's first character", format_char_to_token),
+            Variant("np.searchsorted over the end offsets, as an int", format_searchsorted),
         )),
         _entry("extraction", "test_extract_response_activations", _single_mistakes(), (
             Variant("forward hooks instead of output_hidden_states", extract_hooks),
