@@ -95,3 +95,34 @@ def test_load_or_compute(tiny, tmp_path):
     assert how.startswith("Loaded") and torch.equal(again.axis, results.axis)
     with pytest.raises(Part1ResultsError, match="not 'smollm2-135m-instruct'"):
         load_or_compute_part1_results(model, tok, "smollm2-135m-instruct", tmp_path, n_questions=1, max_new_tokens=3)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_computing_says_what_it_will_do_before_it_starts(tiny, tmp_path, monkeypatch, capsys):
+    """The notice comes before the first stage runs (so it is on screen for the whole wait), with the work's size."""
+    from utils import part1_results
+
+    model, tok = tiny
+    printed_before_generating = []
+
+    def generate(self):
+        printed_before_generating.append(capsys.readouterr().out)
+        raise _Stop  # stop here: only the notice is under test
+
+    monkeypatch.setattr(part1_results.Pipeline, "generate", generate)
+    with pytest.raises(_Stop):
+        load_or_compute_part1_results(model, tok, "tiny-gemma2", tmp_path, n_questions=2, max_new_tokens=7,
+                                      roles=["analyst", "bard", "ghost"], progress=True)
+    notice = printed_before_generating[0]
+    assert f"No saved Part 1 results for tiny-gemma2 in {tmp_path}: computing them now" in notice
+    assert "That is 16 answers of up to 7 new tokens" in notice  # (5 defaults + 3 roles) x 2 questions
+    assert "all 6 layers" in notice and "progress bar" in notice
+
+    monkeypatch.undo()
+    capsys.readouterr()
+    load_or_compute_part1_results(model, tok, "tiny-gemma2", tmp_path / "quiet", n_questions=1, max_new_tokens=3,
+                                  roles=["analyst"], progress=False)
+    assert "computing them now" not in capsys.readouterr().out  # progress=False prints nothing

@@ -236,6 +236,15 @@ def load_part1_results(out_dir: str | Path, model_name: str | None = None) -> Pa
                         meta["default_names"], tensors["axis"], default_activations, meta.get("extra", {}))
 
 
+def _computing_notice(out: Path, model_name: str, *, n_answers: int, max_new_tokens: int, n_layers: int) -> str:
+    """What is about to happen when Part 1's results are missing, said before the wait starts."""
+    return (f"No saved Part 1 results for {model_name} in {out}: computing them now. That is {n_answers} answers of "
+            f"up to {max_new_tokens} new tokens to generate, judge (offline rule judge) and read at all {n_layers} "
+            f"layers: the longest step of this notebook (docs/results.md has measured times). Each stage shows a "
+            f"progress bar with its time left. Running Part 1's notebook first saves these results, and they then "
+            f"load in seconds.")
+
+
 def load_or_compute_part1_results(
     model,
     tokenizer,
@@ -300,6 +309,9 @@ def load_or_compute_part1_results(
                  layers=list(range(n_layers)), max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                  min_score=min_score, min_count=1, workers=workers, chunk_size=batch_size, seed=seed,
                  cache_dir=out / "pipeline_cache", out_dir=out / "pipeline_out")
+    if progress:
+        print(_computing_notice(out, model_name, n_answers=(len(DEFAULT_PERSONA_NAMES) + len(roles)) * n_questions,
+                                max_new_tokens=max_new_tokens, n_layers=n_layers), flush=True)
     pipeline = Pipeline(cfg, model, tokenizer, judge_client=OfflineRuleJudge(), progress=progress)
     pipeline.generate()
     pipeline.judge()
