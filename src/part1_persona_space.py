@@ -98,7 +98,7 @@ from sklearn.decomposition import PCA
 from torch import Tensor
 
 import tests.part1_persona_space as checks
-from utils import choose_model, load_model, short_model_name
+from utils.models import choose_model, load_model, short_model_name
 from utils import plots, settings
 from utils.generation import LocalChatClient
 from utils.judges import OfflineRuleJudge, api_key_present, make_api_client

@@ -84,7 +84,7 @@ import tests.part2_stabilizing as checks
 from IPython.display import Markdown, display
 from tqdm.auto import tqdm
 
-from utils import choose_model, load_model, plots, settings
+from utils import plots, settings
 from utils.chat_panel import ChatPanel
 from utils.conversation import TurnTooLongError, chat_messages, turn_windows
 from utils.data import DEFAULT_PERSONA_NAMES, working_personas, working_questions
@@ -92,7 +92,7 @@ from utils.experiments import dose_response, replay_user_turns, self_description
 from utils.experiments import next_token_kl as course_next_token_kl
 from utils.generation import generate
 from utils.judges import OfflineHarmJudge, OfflineRuleJudge, api_key_present, judge_harm, make_api_client
-from utils.models import config_for_model, context_length, short_model_name
+from utils.models import choose_model, config_for_model, context_length, load_model, short_model_name
 from utils.part1_results import load_or_compute_part1_results
 from utils.runtime import StageTimer
 from utils.steering import CapStats, capping

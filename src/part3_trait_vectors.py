@@ -92,7 +92,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import tests.part3_trait_vectors as checks
-from utils import choose_model, load_model, plots, settings
+from utils import plots, settings
 from utils.activations import extract_last_prompt_token, extract_prompt_response_means
 from utils.conversation import chat_messages
 from utils.data import load_traits
@@ -100,7 +100,7 @@ from utils.finetune import finetuned, trained_blocks
 from utils.generation import generate
 from utils.judges import (COHERENCE_PROMPT, OfflineTraitJudge, api_key_present, call_with_retries,
                           make_api_client)
-from utils.models import config_for_model
+from utils.models import choose_model, config_for_model, load_model
 from utils.part1_results import load_or_compute_part1_results
 from utils.runtime import StageTimer, run_parallel
 from utils.steering import steering

@@ -1,10 +1,5 @@
 """Shared machinery for the persona-space course, one module per concept (see docs/conventions.md).
 
-``from utils import load_model`` works: the names below come from :mod:`utils.models`.
+The package itself imports nothing, so that ``python -m utils.<module>`` runs a module that no earlier import
+has loaded. Import what you need from its module: ``from utils.models import load_model``.
 """
-
-from utils.models import (GEMMA2_27B, MODEL_CONFIGS, SMOLLM2, TINY, ModelLoadError, choose_model, default_layer,
-                          load_model, model_config, short_model_name)
-
-__all__ = ["GEMMA2_27B", "MODEL_CONFIGS", "SMOLLM2", "TINY", "ModelLoadError", "choose_model", "default_layer",
-           "load_model", "model_config", "short_model_name"]

@@ -330,7 +330,7 @@ class LocalChatClient:
     which caller gets which of their replies is arbitrary unless each passes its own ``seed``.
 
     Args:
-        model, tokenizer: from :func:`utils.load_model` (the model itself generates: hooks on it act).
+        model, tokenizer: from :func:`utils.models.load_model` (the model itself generates: hooks on it act).
         max_batch_size: the most requests generated together.
         gather_seconds: the quiet time that closes a wave.
         max_wave_seconds: a wave closes after this long even if requests keep arriving (the client then
