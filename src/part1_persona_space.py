@@ -98,14 +98,13 @@ from sklearn.decomposition import PCA
 from torch import Tensor
 
 import tests.part1_persona_space as checks
-from utils.models import choose_model, load_model, short_model_name
 from utils import plots, settings
 from utils.generation import LocalChatClient
 from utils.judges import OfflineRuleJudge, api_key_present, make_api_client
 from utils.conversation import turn_suffix_len
 from utils.data import (ASSISTANT_LIKE_ROLES, DEFAULT_PERSONA_NAMES, FANTASTICAL_ROLES, load_questions,
                         load_roles, load_traits, working_personas, working_questions)
-from utils.models import config_for_model
+from utils.models import choose_model, config_for_model, load_model, short_model_name
 from utils.runtime import StageTimer, run_parallel
 
 torch.set_grad_enabled(False)
