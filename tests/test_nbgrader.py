@@ -50,7 +50,7 @@ LOOP_EXTRA_SECONDS = 60  # an endless loop may cost at most this much grading ti
 TOTALS = {"part1_persona_space": {"solution": 21, "rewritten": 21, "mistakes": 15, "broken": 18, "delegating": 15,
                                   "blank": 0},
           "part2_stabilizing": {"solution": 11, "rewritten": 11, "mistakes": 6, "delegating": 6, "blank": 0},
-          "part3_trait_vectors": {"solution": 15, "rewritten": 15, "mistakes": 10, "blank": 0}}
+          "part3_trait_vectors": {"solution": 15, "rewritten": 15, "mistakes": 10, "delegating": 12, "blank": 0}}
 FIGURES = {"part1_persona_space": 7}  # plotly figures the solution notebook shows
 API_KEY_VARIABLES = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
 PLOTLY_MIME = "application/vnd.plotly.v1+json"

@@ -540,6 +540,9 @@ def build(part: str, release: Path, out_dir: Path, prefix: str = "",
 # - ``mistakes``: three realistic mistakes, each costing only its own check (10 of 15): the judge's weighted mean not
 #   divided by the integer tokens' mass, a negative answer kept at exactly the threshold, and "response" steering
 #   every position.
+# - ``delegating``: one exercise handed to ``utils`` in each refused way: ``effective_pairs`` *is* the course's,
+#   ``projection_differences`` is an *alias* (``functools.partial``) of it, and ``monitoring_correlations`` *calls* the
+#   course's through a helper of the student's (12 of 15).
 # --------------------------------------------------------------------------------------------------
 
 _P3_REWRITTEN = {
@@ -733,9 +736,44 @@ _P3_MISTAKES = {
                                    'if positions in ("all", "response") or (positions == "prompt" and h.shape[1] > 1):'),
 }
 
-EDITS["part3_trait_vectors"] = {"rewritten": _P3_REWRITTEN, "mistakes": _P3_MISTAKES}
+_P3_DELEGATING = {
+    # *is*: the course's filter under the exercise's name.
+    "ex_effective_pairs": '''\
+from utils.traits import effective_pairs  # the course's own
+''',
+    # an *alias*: a functools.partial of the course's projection differences.
+    "ex_projection_differences": '''\
+import functools
+
+import utils.traits
+
+projection_differences = functools.partial(utils.traits.projection_differences)
+''',
+    # *calls*: the student's function hands the work to the course's through a helper of theirs.
+    "ex_monitoring": '''\
+from utils import traits as _course
+
+
+def _correlate(projections, scores, conditions):
+    return _course.monitoring_correlations(projections, scores, conditions)
+
+
+def monitoring_correlations(projections, scores, conditions):
+    return _correlate(projections, scores, conditions)
+''',
+}
+
+EDITS["part3_trait_vectors"] = {"rewritten": _P3_REWRITTEN, "mistakes": _P3_MISTAKES, "delegating": _P3_DELEGATING}
 LOST["part3_trait_vectors"] = {"rewritten": set(),
-                               "mistakes": {"check_judge", "check_effective_pairs", "check_steer_positions"}}
+                               "mistakes": {"check_judge", "check_effective_pairs", "check_steer_positions"},
+                               "delegating": {"check_effective_pairs", "check_projection_differences",
+                                              "check_monitoring"}}
+DELEGATED["part3_trait_vectors"] = {
+    "check_effective_pairs": ("utils.traits.effective_pairs", "is that function itself"),
+    "check_projection_differences": ("utils.traits.projection_differences", "functools.partial"),
+    "check_monitoring": ("utils.traits.monitoring_correlations",
+                         "calls it while the check runs (from your _correlate"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
