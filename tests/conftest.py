@@ -46,7 +46,7 @@ TRANSFORMERS_MODULES = frozenset({
     "test_models",  # the model loaders and their caches
     "test_pipeline",  # the resumable runner and the GPU measurement script build models
 })
-CHECK_MODULES = ("part1_persona_space.py", "part2_stabilizing.py")
+CHECK_MODULES = ("part1_persona_space.py", "part2_stabilizing.py", "part3_trait_vectors.py")
 
 
 def _loading_functions(path: Path, fixtures: frozenset[str] = frozenset()) -> set[str]:
