@@ -84,9 +84,14 @@ demo: models
 	@echo; echo "== out/part3/summary.json =="; cat out/part3/summary.json; echo
 	@echo "Figures: out/part3/*.html  Executed notebook: out/part3/part3_trait_vectors.executed.ipynb"
 
+# The suite runs in TEST_JOBS parallel workers (pytest-xdist); a module's tests stay on one worker
+# (tests/conftest.py's groups). TEST_JOBS=1 runs it in one process.
+TEST_JOBS ?= 2
+XDIST = $(if $(filter 1,$(TEST_JOBS)),-p no:xdist,-n $(TEST_JOBS) --dist loadgroup)
+
 test: setup browser
 	$(PY) -m ruff check .
-	COURSE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q
+	COURSE_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -q $(XDIST)
 	$(MAKE) --no-print-directory test-transformers4
 
 lint: setup
@@ -108,7 +113,7 @@ $(STAMP4): pyproject.toml
 test-transformers4: $(STAMP4)
 	@$(VENV4)/bin/python -c 'import transformers as t; print("transformers", t.__version__)'
 	PERSONA_COURSE_CACHE=.cache/transformers4 COURSE_TEST_CLASSROOM=minimal $(VENV4)/bin/python -m pytest -q \
-		-m "transformers and not classroom" --ignore=tests/test_browser.py
+		$(XDIST) -m "transformers and not classroom" --ignore=tests/test_browser.py
 
 notebooks: setup
 	$(PY) -m tools.build_notebooks

@@ -20,6 +20,12 @@ import os
 from functools import cache
 from pathlib import Path
 
+# `make test` runs the suite in parallel workers (pytest-xdist, one per core): each worker's torch keeps to one thread,
+# so that the workers do not fight over the cores. Set before torch is first imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 # Nothing in the suite may reach a model hub or an API.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -115,6 +121,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _touches_transformers(item):
             item.add_marker(pytest.mark.transformers)
+        item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
+
+
+def _worker_group(item) -> str:
+    """The tests that one parallel worker runs together (``--dist loadgroup``): a module's tests share its
+    module-scoped fixtures and caches, so they stay on one worker; the nbgrader round trip is one group per part
+    (each part's class is graded once, by its own fixture parameter)."""
+    module = item.module.__name__
+    callspec = getattr(item, "callspec", None)
+    if module.endswith("test_nbgrader") and callspec is not None and "graded" in callspec.params:
+        return f"{module}[{callspec.params['graded']}]"
+    return module
 
 
 def pytest_collection_finish(session):
