@@ -11,6 +11,7 @@ PART   := part1_persona_space
 COURSE_ROOT ?= nbgrader/course
 SUBMISSIONS ?=
 ASSIGNMENT ?= $(PART)
+JOBS ?= 1
 
 .PHONY: help setup models demo test test-transformers4 lint notebooks fixtures lab benchmark clean check-catalogue \
 	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser
@@ -25,7 +26,8 @@ help:
 	@echo "make fixtures    regenerate the checks' fixtures from the reference solution"
 	@echo "make benchmark   time persona-vector extraction and local generation (slow; prints ratios)"
 	@echo "make check-catalogue        mistakes caught / correct variants accepted, per exercise"
-	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV (SUBMISSIONS=dir ASSIGNMENT=part)"
+	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV, class report"
+	@echo "                            (SUBMISSIONS=dir ASSIGNMENT=part JOBS=n: n students autograded at a time)"
 	@echo "make test-browser           the learner's view: JupyterLab in headless Chromium"
 	@echo "make instructor-ui          switch on nbgrader's formgrader/assignment UIs in .venv (off by default)"
 
@@ -121,7 +123,7 @@ benchmark: models
 
 instructor-roundtrip: setup
 	$(PY) -m tools.grade_roundtrip --assignment $(ASSIGNMENT) --course-root $(COURSE_ROOT) \
-		$(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
+		--jobs $(JOBS) $(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
 
 # nbgrader's server extensions and every plugin of its JupyterLab extension (the "Nbgrader" menu included),
 # read from the installed nbgrader: see tools/nbgrader_ui.py.

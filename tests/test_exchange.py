@@ -1,0 +1,97 @@
+"""The JupyterHub hand-out, end to end, through nbgrader's exchange: release, fetch, submit, collect, autograde,
+feedback, release the feedback, fetch it back (docs/instructors.md, "On a JupyterHub").
+
+One Unix user plays every student: each student runs nbgrader's student commands in a home folder of its own
+(``Exchange.assignment_dir``, its own ``Exchange.cache``, no Jupyter config but its own) and names itself with
+``--student`` (nbgrader's ``CourseDirectory.student_id``), as a hub's separate accounts would, by their login
+names. The exchange is a temporary folder. Each part is released; two sample students (the solution, the blank
+release) hand it in, and at the end each holds their own feedback page with their own score.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tools import grade_roundtrip as rt
+from tools import sample_submissions as samples
+from tools.build_notebooks import PARTS
+
+pytestmark = pytest.mark.classroom  # grades sample students (transformers 5.x only)
+COURSE = "persona-space"
+STUDENTS = {"alice": "solution", "bob": "blank"}  # login name -> the sample student whose notebook they hand in
+
+
+def _student(home: Path, *args: str) -> str:
+    """One nbgrader student command, run as that student would on the hub: in their home, with only their config."""
+    student = home.name
+    home.mkdir(parents=True, exist_ok=True)
+    env = {"JUPYTER_CONFIG_DIR": str(home / ".jupyter"), "JUPYTER_DATA_DIR": str(home / ".local")}
+    return rt.nbgrader(home, *args, f"--course={COURSE}", f"--student={student}",
+                       f"--Exchange.root={home.parent.parent / 'exchange'}", f"--Exchange.assignment_dir={home}",
+                       f"--Exchange.cache={home / '.cache' / 'nbgrader'}", echo=False, env=env)
+
+
+@pytest.fixture(scope="module")
+def exchanged(tmp_path_factory):
+    base = tmp_path_factory.mktemp("hub")
+    exchange, course, homes = base / "exchange", base / "course", base / "home"
+    exchange.mkdir()
+    os.chmod(exchange, 0o1777)  # as on a hub: every account may write, only the owner may delete (sticky bit)
+    on_exchange = f"--Exchange.root={exchange}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(base)
+        for part in PARTS:
+            release = rt.generate(course, echo=False, part=part)
+            rt.nbgrader(course, "release_assignment", part, on_exchange, "--force", echo=False)
+            answers = samples.build(part, release, base / "answers" / part, only=sorted(set(STUDENTS.values())))
+            for login, sample in STUDENTS.items():
+                home = homes / login
+                _student(home, "fetch_assignment", part)
+                fetched = home / part / f"{part}.ipynb"
+                assert fetched.read_text() == release.read_text(), f"{login} fetched something else than the release"
+                fetched.write_text(answers[sample].read_text())  # the student works on it and saves
+                _student(home, "submit", part)
+            rt.nbgrader(course, "collect", part, on_exchange, "--update", echo=False)
+            rt.autograde(course, echo=False, part=part)
+            rt.feedback(course, echo=False, part=part)
+            rt.nbgrader(course, "release_feedback", part, on_exchange, echo=False)
+            for login in STUDENTS:
+                _student(homes / login, "fetch_feedback", part)
+        grades = rt.export(course, echo=False)
+    return base, course, homes, grades
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_each_student_holds_their_own_feedback_with_their_score(exchanged, part):
+    base, course, homes, grades = exchanged
+    rows = rt.read_grades(grades, part)
+    assert set(rows) == set(STUDENTS), f"collected: {sorted(rows)}"
+    source = nbformat.read(course / "source" / part / f"{part}.ipynb", as_version=4)
+    total = sum(float(c.metadata["nbgrader"].get("points", 0)) for c in source.cells
+                if c.metadata.get("nbgrader", {}).get("grade"))
+    for login, sample in STUDENTS.items():
+        want = total if sample == "solution" else 0.0
+        assert float(rows[login]["score"]) == want, (login, rows[login])
+        pages = sorted((homes / login / part / "feedback").glob(f"*/{part}.html"))
+        assert len(pages) == 1, f"{login} holds {pages}"
+        page = pages[0].read_text()
+        # nbgrader's feedback header: "<part> (Score: 21.0 / 21.0)"
+        found = re.search(r"Score:\s*([0-9.]+)\s*/\s*([0-9.]+)", page)
+        assert found, f"{login}'s feedback shows no score"
+        assert (float(found.group(1)), float(found.group(2))) == (want, total), (login, found.group(0))
+        assert page == rt.feedback_path(course, login, part).read_text(), f"{login} got someone else's feedback"
+
+
+def test_nothing_is_left_in_the_exchange_but_what_nbgrader_keeps(exchanged):
+    base, course, homes, grades = exchanged
+    exchange = base / "exchange" / COURSE
+    assert sorted(p.name for p in exchange.iterdir()) == ["feedback", "inbound", "outbound"]
+    assert sorted(p.name for p in (exchange / "outbound").iterdir()) == sorted(PARTS)
+    submitted = sorted(p.name.split("+")[0] for p in (exchange / "inbound").iterdir())
+    assert submitted == sorted(list(STUDENTS) * len(PARTS))
+    assert len(list((exchange / "feedback").glob("*.html"))) == len(STUDENTS) * len(PARTS)
