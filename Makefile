@@ -14,7 +14,7 @@ ASSIGNMENT ?= $(PART)
 JOBS ?= 1
 
 .PHONY: help setup models demo test test-transformers4 lint notebooks fixtures lab benchmark clean check-catalogue \
-	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser
+	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser class-report benchmark-grading
 
 help:
 	@echo "make demo        set up, then run Part 1 and Part 2 solution notebooks on SmolLM2 (out/part1/, out/part2/)"
@@ -28,6 +28,8 @@ help:
 	@echo "make check-catalogue        mistakes caught / correct variants accepted, per exercise"
 	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV, class report"
 	@echo "                            (SUBMISSIONS=dir ASSIGNMENT=part JOBS=n: n students autograded at a time)"
+	@echo "make class-report           the class report of an autograded part: HTML + CSV in COURSE_ROOT/reports/ (ASSIGNMENT=part)"
+	@echo "make benchmark-grading      time autograding 20 generated students one at a time and JOBS (default 2) at a time (slow)"
 	@echo "make test-browser           the learner's view: JupyterLab in headless Chromium"
 	@echo "make instructor-ui          switch on nbgrader's formgrader/assignment UIs in .venv (off by default)"
 
@@ -124,6 +126,12 @@ benchmark: models
 instructor-roundtrip: setup
 	$(PY) -m tools.grade_roundtrip --assignment $(ASSIGNMENT) --course-root $(COURSE_ROOT) \
 		--jobs $(JOBS) $(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
+
+class-report: setup
+	$(PY) -m tools.class_report --assignment $(ASSIGNMENT) --course-root $(COURSE_ROOT)
+
+benchmark-grading: setup
+	$(PY) -m benchmarks.grading --part $(ASSIGNMENT) --students 20 --jobs $(if $(filter 1,$(JOBS)),2,$(JOBS))
 
 # nbgrader's server extensions and every plugin of its JupyterLab extension (the "Nbgrader" menu included),
 # read from the installed nbgrader: see tools/nbgrader_ui.py.
