@@ -240,6 +240,8 @@ def test_cli_takes_the_assignment_and_generates_a_release(tmp_path):
                     "--submission", "bad/id=" + str(ROOT / "solutions" / f"{PARTS[0]}.ipynb")]) == 1
     with pytest.raises(SystemExit):
         rt.main(["--assignment", "part9_nonexistent", "--steps", "generate"])
+    assert rt.main(["--course-root", str(tmp_path / "course"), "--steps", "autograde", "--jobs", "0"]) == 1
+    assert "report" in rt.STEPS and rt.STEPS.index("report") > rt.STEPS.index("export")
 
 
 # ---------------------------------------------------------------------------------------------------

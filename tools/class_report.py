@@ -41,7 +41,7 @@ _HIDDEN = re.compile(r"### BEGIN HIDDEN TESTS.*?### END HIDDEN TESTS", re.S)
 _CHECK_CALL = re.compile(r"\bchecks\.(test_\w+)\s*\(")
 TIME_LIMIT = "time-limit"
 HIDDEN_NOTE = "(a hidden check of this exercise: not quoted here; each student's feedback shows its message)"
-TIMEOUT_ERRORS = ("CellTimeoutError", "TimeoutError", "DeadKernelError")
+TIMEOUT_ERRORS = ("CellTimeoutError", "TimeoutError", "DeadKernelError", "KeyboardInterrupt")  # nbgrader interrupts a cell at its limit
 SYNTAX_ERRORS = ("SyntaxError", "IndentationError", "TabError")
 # Failures that are not a check's verdict, by the exception's name.
 UNNAMED = {"NotImplementedError": "not written", "NameError": "a name the notebook never defined"}
