@@ -13,8 +13,7 @@ own scratch course root, merged into the gradebook). It checks that both give th
 the seconds per student of each, their ratio, and projections for 100 and 300 students on 2 and 8 cores.
 
 The projection assumes each extra job adds what the measured ``--jobs`` run added per job (its parallel
-efficiency: speed-up / jobs), one job per core, and enough memory (each grading kernel holds about 0.5 GB with
-tiny-gemma2). The machine may be shared: the load average before and after is printed; numbers taken under
+efficiency: speed-up / jobs), one job per core, and enough memory for one grading kernel per job. The machine may be shared: the load average before and after is printed; numbers taken under
 load are noisy. The last line printed is one JSON object with the measurements.
 """
 
