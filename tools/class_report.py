@@ -236,23 +236,26 @@ def _figures(report: Report) -> list:
     names = [ex.label if ex.label == ex.grade_id else f"{ex.label} ({ex.grade_id})" for ex in report.exercises]
     n = max(len(report.students), 1)
     full = [sum(p >= ex.max_points for p in ex.points.values()) / n for ex in report.exercises]
+    height = 160 + 28 * len(names)
     fig1 = go.Figure(go.Bar(x=full, y=names, orientation="h"))
     fig1.update_layout(title="Fraction of the class with full marks, per exercise", xaxis=dict(range=[0, 1]),
-                       yaxis=dict(autorange="reversed"), height=120 + 24 * len(names), margin=dict(l=320))
+                       yaxis=dict(autorange="reversed", automargin=True), height=height)
+    # Points as a share of each exercise's own points (exercises carry 1 or 2 points, or more).
+    shares = (("full marks", "#2ca02c", lambda p, m: p >= m), ("part of the points", "#ff7f0e", lambda p, m: 0 < p < m),
+              ("no points", "#d62728", lambda p, m: p <= 0))
     fig2 = go.Figure()
-    values = sorted({p for ex in report.exercises for p in ex.points.values()})
-    for value in values:
-        fig2.add_bar(name=f"{_points(value)} points", x=[_distribution(ex)[value] for ex in report.exercises],
-                     y=names, orientation="h")
-    fig2.update_layout(barmode="stack", title="Students per number of points, per exercise",
-                       yaxis=dict(autorange="reversed"), height=120 + 24 * len(names), margin=dict(l=320))
+    for name, colour, test in shares:
+        fig2.add_bar(name=name, x=[sum(test(p, ex.max_points) for p in ex.points.values()) for ex in report.exercises],
+                     y=names, orientation="h", marker_color=colour)
+    fig2.update_layout(barmode="stack", title="Students per share of the points, per exercise (points: table below)",
+                       yaxis=dict(autorange="reversed", automargin=True), height=height)
     figs = [fig1, fig2]
     if report.mistakes:
         ranked = sorted(report.mistakes.values(), key=lambda m: (-len(m.students), m.identifier))
         fig3 = go.Figure(go.Bar(x=[len(m.students) for m in ranked], y=[m.identifier for m in ranked],
                                 orientation="h"))
-        fig3.update_layout(title="Students per named mistake", yaxis=dict(autorange="reversed"),
-                           height=120 + 24 * len(ranked), margin=dict(l=420))
+        fig3.update_layout(title="Students per named mistake", yaxis=dict(autorange="reversed", automargin=True),
+                           xaxis=dict(dtick=1), height=160 + 28 * len(ranked))
         figs.append(fig3)
     return figs
 
