@@ -1,10 +1,10 @@
 """The JupyterHub hand-out, end to end, through nbgrader's exchange: release, fetch, submit, collect, autograde,
 feedback, release the feedback, fetch it back (docs/instructors.md, "On a JupyterHub").
 
-One Unix user plays every student: each student runs nbgrader's student commands in a home folder of its own
-(``Exchange.assignment_dir``, its own ``Exchange.cache``, no Jupyter config but its own) and names itself with
-``--student`` (nbgrader's ``CourseDirectory.student_id``), as a hub's separate accounts would, by their login
-names. The exchange is a temporary folder. Each part is released; two sample students (the solution, the blank
+The instructor's steps are the real ``nbgrader`` commands. One Unix user plays every student: each student runs
+nbgrader's student actions (its exchange classes, as its command-line apps run them) in a home folder of its own
+(``Exchange.assignment_dir``, its own ``Exchange.cache``) and names itself with nbgrader's
+``CourseDirectory.student_id`` (``--student``), as a hub's separate accounts would, by their login names. The exchange is a temporary folder. Each part is released; two sample students (the solution, the blank
 release) hand it in, and at the end each holds their own feedback page with their own score.
 """
 
@@ -26,14 +26,33 @@ COURSE = "persona-space"
 STUDENTS = {"alice": "solution", "bob": "blank"}  # login name -> the sample student whose notebook they hand in
 
 
-def _student(home: Path, *args: str) -> str:
-    """One nbgrader student command, run as that student would on the hub: in their home, with only their config."""
-    student = home.name
+def _student(home: Path, action: str, part: str, exchange: Path) -> None:
+    """One of nbgrader's student actions (``fetch_assignment``, ``submit``, ``fetch_feedback``), as that student runs
+    it on the hub: in their home, with their own cache and student id. nbgrader's own exchange classes, which its
+    command-line apps construct the same way, run in this process: a Python start-up and nbgrader's import per
+    command would cost seconds each."""
+    from nbgrader.auth import Authenticator
+    from nbgrader.coursedir import CourseDirectory
+    from nbgrader.exchange import ExchangeError
+    from nbgrader.exchange.default import ExchangeFetchAssignment, ExchangeFetchFeedback, ExchangeSubmit
+    from traitlets.config import Config
+
     home.mkdir(parents=True, exist_ok=True)
-    env = {"JUPYTER_CONFIG_DIR": str(home / ".jupyter"), "JUPYTER_DATA_DIR": str(home / ".local")}
-    return rt.nbgrader(home, *args, f"--course={COURSE}", f"--student={student}",
-                       f"--Exchange.root={home.parent.parent / 'exchange'}", f"--Exchange.assignment_dir={home}",
-                       f"--Exchange.cache={home / '.cache' / 'nbgrader'}", echo=False, env=env)
+    config = Config()
+    config.CourseDirectory.course_id = COURSE
+    config.CourseDirectory.assignment_id = part
+    config.CourseDirectory.student_id = home.name  # what --student sets; a hub's account name otherwise
+    config.CourseDirectory.root = str(home)
+    config.Exchange.root = str(exchange)
+    config.Exchange.assignment_dir = str(home)
+    config.Exchange.cache = str(home / ".cache" / "nbgrader")
+    kind = {"fetch_assignment": ExchangeFetchAssignment, "submit": ExchangeSubmit,
+            "fetch_feedback": ExchangeFetchFeedback}[action]
+    coursedir = CourseDirectory(config=config)
+    try:
+        kind(coursedir=coursedir, authenticator=Authenticator(config=config), config=config).start()
+    except ExchangeError as exc:
+        pytest.fail(f"{home.name}: nbgrader {action} {part} failed: {exc}")
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +70,17 @@ def exchanged(tmp_path_factory):
             answers = samples.build(part, release, base / "answers" / part, only=sorted(set(STUDENTS.values())))
             for login, sample in STUDENTS.items():
                 home = homes / login
-                _student(home, "fetch_assignment", part)
+                _student(home, "fetch_assignment", part, exchange)
                 fetched = home / part / f"{part}.ipynb"
                 assert fetched.read_text() == release.read_text(), f"{login} fetched something else than the release"
                 fetched.write_text(answers[sample].read_text())  # the student works on it and saves
-                _student(home, "submit", part)
+                _student(home, "submit", part, exchange)
             rt.nbgrader(course, "collect", part, on_exchange, "--update", echo=False)
             rt.autograde(course, echo=False, part=part)
             rt.feedback(course, echo=False, part=part)
             rt.nbgrader(course, "release_feedback", part, on_exchange, echo=False)
             for login in STUDENTS:
-                _student(homes / login, "fetch_feedback", part)
+                _student(homes / login, "fetch_feedback", part, exchange)
         grades = rt.export(course, echo=False)
     return base, course, homes, grades
 
