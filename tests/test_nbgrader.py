@@ -20,7 +20,10 @@ Both parts have ``delegating``: three exercises handed to the course's own imple
 in each way the checks refuse (the course's function itself, an alias of it, an answer that calls it): each
 costs its own check (15 of 21, 6 of 11), and the message names the course's function.
 
-The feedback must read like a tutor (no traceback through the checks' own code) and show every figure.
+The feedback must read like a tutor (no traceback through the checks' own code) and show every figure. Three of
+Part 1's students are graded again two at a time (``--jobs 2``, the ``parallel_class`` fixture of tests/conftest.py)
+and must get the same grades; each part's class report must count exactly the mistakes its sample students were
+built with (``tools/sample_submissions.py``'s ``MISTAKES``).
 This file ships with the ``tests`` package, so it holds no reference solution: the correct answers are read
 from ``solutions/`` at run time (``tools/sample_submissions.py`` edits them).
 """
