@@ -69,9 +69,12 @@ MISTAKE_LINE = re.compile(r"\[mistake: ([A-Za-z0-9_./-]+)\]")
 
 
 def slug(label: str, n: int = 60) -> str:
-    """A stage label as an identifier part: lower case, runs of anything but letters and digits as one ``-``."""
-    text = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-    return text[:n].rstrip("-") or "stage"
+    """A stage label as an identifier part: lower case, runs of anything but letters and digits as one ``-``; past
+    ``n`` characters, cut and followed by 6 hex digits of the whole label's hash (so long labels stay distinct)."""
+    text = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "stage"
+    if len(text) <= n:
+        return text
+    return text[:n].rstrip("-") + "-" + hashlib.sha256(label.encode()).hexdigest()[:6]
 
 
 def mistake_id(check_name: str | None, stage: str | None, kind: str | None = None) -> str | None:
@@ -119,7 +122,7 @@ class Promises:
             raise ValueError(f"duplicate promise labels: {labels}")
         slugs = [slug(label) for label in labels]
         if len(set(slugs)) != len(slugs):  # two stages would share one mistake identifier
-            raise ValueError(f"promise labels that differ only in punctuation or past 60 characters: {labels}")
+            raise ValueError(f"promise labels that differ only in punctuation or case: {labels}")
 
         def decorate(test):
             self.labels[test.__name__] = labels

@@ -184,4 +184,6 @@ def test_a_failure_names_its_check_and_stage_as_a_stable_mistake_identifier():
         checking.fail("outside")
     assert info.value.mistake is None and "[mistake:" not in "\n".join(info.value._render_traceback_())
     with pytest.raises(ValueError, match="punctuation"):
-        promises("a, b", "a b")
+        promises("a, b", "A b")
+    long = "x" * 70
+    assert checking.slug(long + "1") != checking.slug(long + "2") and len(checking.slug(long + "1")) == 67
