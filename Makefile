@@ -11,9 +11,10 @@ PART   := part1_persona_space
 COURSE_ROOT ?= nbgrader/course
 SUBMISSIONS ?=
 ASSIGNMENT ?= $(PART)
+JOBS ?= 1
 
 .PHONY: help setup models demo test test-transformers4 lint notebooks fixtures lab benchmark clean check-catalogue \
-	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser
+	instructor-roundtrip instructor-ui nbgrader-ui-off browser test-browser class-report benchmark-grading
 
 help:
 	@echo "make demo        set up, then run the Part 1, 2 and 3 solution notebooks on SmolLM2 (out/part1/ .. out/part3/)"
@@ -25,7 +26,10 @@ help:
 	@echo "make fixtures    regenerate the checks' fixtures from the reference solution"
 	@echo "make benchmark   time persona-vector extraction and local generation (slow; prints ratios)"
 	@echo "make check-catalogue        mistakes caught / correct variants accepted, per exercise"
-	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV (SUBMISSIONS=dir ASSIGNMENT=part)"
+	@echo "make instructor-roundtrip   grade with nbgrader: generate, collect, autograde, feedback, CSV, class report"
+	@echo "                            (SUBMISSIONS=dir ASSIGNMENT=part JOBS=n: n students autograded at a time)"
+	@echo "make class-report           the class report of an autograded part: HTML + CSV in COURSE_ROOT/reports/ (ASSIGNMENT=part)"
+	@echo "make benchmark-grading      time autograding 20 generated students one at a time and JOBS (default 2) at a time (slow)"
 	@echo "make test-browser           the learner's view: JupyterLab in headless Chromium"
 	@echo "make instructor-ui          switch on nbgrader's formgrader/assignment UIs in .venv (off by default)"
 
@@ -131,7 +135,13 @@ benchmark: models
 
 instructor-roundtrip: setup
 	$(PY) -m tools.grade_roundtrip --assignment $(ASSIGNMENT) --course-root $(COURSE_ROOT) \
-		$(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
+		--jobs $(JOBS) $(if $(SUBMISSIONS),--submissions-dir $(SUBMISSIONS))
+
+class-report: setup
+	$(PY) -m tools.class_report --assignment $(ASSIGNMENT) --course-root $(COURSE_ROOT)
+
+benchmark-grading: setup
+	$(PY) -m benchmarks.grading --part $(ASSIGNMENT) --students 20 --jobs $(if $(filter 1,$(JOBS)),2,$(JOBS))
 
 # nbgrader's server extensions and every plugin of its JupyterLab extension (the "Nbgrader" menu included),
 # read from the installed nbgrader: see tools/nbgrader_ui.py.

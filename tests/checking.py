@@ -15,6 +15,12 @@ grading each exercise on its own.
   exercise (``tests/implementations.py`` lists them): one that *is* it (under any name, or wrapped), or that
   *calls* it while the check runs. Calls the check itself makes (expected values, references) do not count.
 
+- Every :class:`CheckFailure` carries a *mistake identifier* (:attr:`CheckFailure.mistake`), shown as the last
+  line of what the learner sees, ``[mistake: test_extract_batched/the-mean-over-response-tokens-only]``: the check
+  that was running and the stage of it (:class:`Promises`) that failed, so that a class report
+  (``tools/class_report.py``) counts kinds of mistakes, not message strings. A hidden check's identifier is
+  opaque (``hidden-<hash>``): it names neither the hidden check nor its stage.
+
 Nothing here holds a reference solution: the references :func:`using_reference` swaps in are the course's
 ``utils`` machinery, which learners can read.
 """
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
+import re
 import signal
 import sys
 import sysconfig
@@ -46,6 +54,107 @@ _STDLIB = str(Path(sysconfig.get_paths()["stdlib"]).resolve())
 def timeout_seconds() -> float:
     """The time limit for one call of a learner's function inside a check (``COURSE_CHECK_TIMEOUT``)."""
     return settings.get("COURSE_CHECK_TIMEOUT")
+
+
+# --------------------------------------------------------------------------------------------------
+# Which check, and which stage of it, is running: the mistake identifier of a failure
+# --------------------------------------------------------------------------------------------------
+
+_RUNNING: list = [None, None]
+"""[check name, stage label] of the check running now ([None, None] outside every check). :func:`check` and
+:class:`Promises` set it and put the previous one back when their check returns or raises."""
+
+MISTAKE_LINE = re.compile(r"\[mistake: ([A-Za-z0-9_./-]+)\]")
+"""How a failure's identifier is printed (its last line): the class report parses it from notebook outputs."""
+
+
+def slug(label: str, n: int = 60) -> str:
+    """A stage label as an identifier part: lower case, runs of anything but letters and digits as one ``-``; past
+    ``n`` characters, cut and followed by 6 hex digits of the whole label's hash (so long labels stay distinct)."""
+    text = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-") or "stage"
+    if len(text) <= n:
+        return text
+    return text[:n].rstrip("-") + "-" + hashlib.sha256(label.encode()).hexdigest()[:6]
+
+
+def mistake_id(check_name: str | None, stage: str | None, kind: str | None = None) -> str | None:
+    """``<check>/<stage slug>`` (``<check>/<kind>`` for a kind of failure that is not a stage's: ``time-limit``,
+    ``delegates``; ``<check>/any`` when the check has no stage running). A hidden check's is
+    ``hidden-<10 hex digits>``, a hash of the same text. None outside every check."""
+    if check_name is None:
+        return None
+    text = f"{check_name}/{kind or (slug(stage) if stage else 'any')}"
+    if check_name.startswith("hidden_"):
+        return "hidden-" + hashlib.sha256(text.encode()).hexdigest()[:10]
+    return text
+
+
+def _current_mistake(kind: str | None = None) -> str | None:
+    return mistake_id(_RUNNING[0], _RUNNING[1], kind)
+
+
+@contextlib.contextmanager
+def _running(check_name: str) -> Iterator[None]:
+    previous = list(_RUNNING)
+    _RUNNING[:] = [check_name, None]
+    try:
+        yield
+    finally:
+        _RUNNING[:] = previous
+
+
+class Promises:
+    """The promise each stage of each check tests (its exercise's docstring, or the notebook's text around it).
+
+    ``@PROMISES("label", ...)`` under ``@check`` lists a check's stages in the order they run; inside the check,
+    ``_stage("label")`` starts one. :meth:`last` says which stage of which check ran last, so that a failure can
+    be traced to the promise it tests (``make check-catalogue`` prints the promises and the mistakes each stage
+    rejects), and a failure's mistake identifier names it (:func:`mistake_id`). Nothing here changes what a
+    check does or says. Every part's checks module makes its own ``PROMISES = Promises()``.
+    """
+
+    def __init__(self) -> None:
+        self.labels: dict[str, tuple[str, ...]] = {}
+        self._running: list = [None, None]  # [check name, stage label]
+
+    def __call__(self, *labels: str):
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicate promise labels: {labels}")
+        slugs = [slug(label) for label in labels]
+        if len(set(slugs)) != len(slugs):  # two stages would share one mistake identifier
+            raise ValueError(f"promise labels that differ only in punctuation or case: {labels}")
+
+        def decorate(test):
+            self.labels[test.__name__] = labels
+
+            @functools.wraps(test)
+            def run(*args, **kwargs):
+                if _RUNNING[0] == test.__name__:  # under its @check, which puts the previous state back
+                    self.begin(test.__name__)
+                    return test(*args, **kwargs)
+                with _running(test.__name__):
+                    self.begin(test.__name__)
+                    return test(*args, **kwargs)
+
+            return run
+
+        return decorate
+
+    def begin(self, check_name: str) -> None:
+        """Start ``check_name`` (the decorator does it; so does a test that runs one stage on its own)."""
+        self._running[:] = [check_name, None]
+        _RUNNING[:] = [check_name, None]
+
+    def stage(self, label: str) -> None:
+        check_name = self._running[0]
+        if label not in self.labels.get(check_name, ()):
+            raise ValueError(f"{label!r} is not one of the promises listed for {check_name}")
+        self._running[1] = label
+        _RUNNING[:] = [check_name, label]
+
+    def last(self) -> tuple[str | None, str | None]:
+        """(check, stage) of the stage that ran last."""
+        return self._running[0], self._running[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,12 +213,20 @@ class CheckFailure(AssertionError):
     """A check found a mistake; the message says which, and how to fix it.
 
     In Jupyter it renders as the message alone (plus the learner's own frames when their code raised),
-    not as a traceback through the checks.
+    not as a traceback through the checks, and a last line with its mistake identifier (:func:`mistake_id`,
+    taken from the check and stage running when it was made; ``kind`` names a failure that is not a stage's).
     """
+
+    def __init__(self, *args: Any, kind: str | None = None) -> None:
+        super().__init__(*args)
+        self.mistake: str | None = _current_mistake(kind)
+
+    def _mistake_lines(self) -> list[str]:
+        return ["", f"[mistake: {self.mistake}]"] if self.mistake else []
 
     def _render_traceback_(self) -> list[str]:
         if _debugging():
-            return _full_traceback(self)
+            return _full_traceback(self) + self._mistake_lines()
         red, bold, reset = "\x1b[31m", "\x1b[1m", "\x1b[0m"
         lines = [f"{red}{bold}✗ Check failed{reset}"]
         lines += [f"{red}{line}{reset}" if i == 0 else line for i, line in enumerate(str(self).split("\n"))]
@@ -118,7 +235,7 @@ class CheckFailure(AssertionError):
             learner = _learner_lines(cause)
             if learner:
                 lines += ["", "Where your code raised it:", *learner]
-        return lines
+        return lines + self._mistake_lines()
 
 
 def _render_learner_exception(exc: BaseException, header: str) -> None:
@@ -142,10 +259,12 @@ def _not_written_yet(exc: NotImplementedError, name: str) -> None:
                                    "cell with your code, run that cell, then this one.")
 
 
-def fail(message: str, section: str | None = None, cause: BaseException | None = None) -> None:
-    """Raise a :class:`CheckFailure` with ``message`` (and where in the notebook the idea is explained)."""
+def fail(message: str, section: str | None = None, cause: BaseException | None = None,
+         kind: str | None = None) -> None:
+    """Raise a :class:`CheckFailure` with ``message`` (and where in the notebook the idea is explained); ``kind``
+    names a failure that is not the running stage's own (its mistake identifier ends in it)."""
     where = f"\n(See {section} in the notebook.)" if section else ""
-    raise CheckFailure(message + where) from cause
+    raise CheckFailure(message + where, kind=kind) from cause
 
 
 def clip(text: str, n: int = 240) -> str:
@@ -167,6 +286,9 @@ def short(x: Any, n: int = 6) -> str:
 # --------------------------------------------------------------------------------------------------
 # Calling the learner's code: seeded, and under a time limit
 # --------------------------------------------------------------------------------------------------
+
+TIME_LIMIT = "time-limit"  # the mistake kind of a learner's function that did not return in time
+
 
 class _TimeLimit(BaseException):
     """Raised inside the learner's function when its time is up (a BaseException, so that a learner's
@@ -206,7 +328,7 @@ def _hung_stand_in(fn: Callable, seconds: float) -> Callable:
     @functools.wraps(fn)
     def hung(*args, **kwargs):
         raise CheckFailure(f"{name} did not return within {seconds:g} s in its check, so it is not run again "
-                           f"here. Fix it and re-run the cell that defines {name}.")
+                           f"here. Fix it and re-run the cell that defines {name}.", kind=TIME_LIMIT)
 
     hung.__course_hung__ = True
     return hung
@@ -238,7 +360,7 @@ def _seeded_and_limited(what: str, section: str | None, fn: Callable, args, kwar
         fail(f"{what} did not return within {seconds:g} s (the check's limit; the check's inputs are tiny, so a "
              "correct answer takes well under a second or two). Look for a loop that never ends: a `while` whose "
              "condition never changes, a retry without a limit, or waiting on something that never comes.",
-             section)
+             section, kind=TIME_LIMIT)
 
 
 def load_tensor_fixtures(path: Path) -> dict[str, torch.Tensor]:
@@ -615,7 +737,7 @@ def _delegation_message(exercise: str, entry, dotted: str, how: str) -> str:
 
 
 def _refuse(exercise: str, entry, dotted: str, how: str, underlying: BaseException | None) -> None:
-    failure = CheckFailure(_delegation_message(exercise, entry, dotted, how))
+    failure = CheckFailure(_delegation_message(exercise, entry, dotted, how), kind="delegates")
     failure.underlying = underlying  # what the check itself concluded (None: it accepted the answer)
     raise failure from None
 
@@ -662,6 +784,10 @@ def check(exercise: str, uses: dict[str, tuple[str, Callable[[], Callable]]] | N
     def decorate(test: Callable) -> Callable:
         @functools.wraps(test)
         def run(fn, *args, **kwargs):
+            with _running(test.__name__):  # failures made below name this check (and its stage)
+                return checked(fn, *args, **kwargs)
+
+        def checked(fn, *args, **kwargs):
             RESULTS[exercise] = False
             entry, implementations = _registered(_check_name(test))
             _refuse_stand_ins(exercise, entry, fn, implementations)

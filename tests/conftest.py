@@ -48,6 +48,8 @@ MODEL_PARAMETERS = frozenset({"model", "tokenizer"})
 TRANSFORMERS_MODULES = frozenset({
     "test_notebooks",  # runs the notebooks on tiny-gemma2
     "test_nbgrader",  # grades the notebooks (nbgrader's kernels load tiny-gemma2)
+    "test_exchange",  # grades the notebooks handed in through nbgrader's exchange
+    "test_formgrader",  # grades notebooks, then drives nbgrader's formgrader
     "test_fixtures",  # tools.make_fixtures recomputes the checks' fixtures on tiny-gemma2
     "test_models",  # the model loaders and their caches
     "test_pipeline",  # the resumable runner and the GPU measurement script build models
@@ -158,3 +160,30 @@ def reference():
     from tools.reference import load_reference
 
     return load_reference()
+
+
+PARALLEL_CLASS = ("solution", "mistakes", "blank")  # Part 1's sample students graded by `parallel_class`
+
+
+@pytest.fixture(scope="session")
+def parallel_class(tmp_path_factory):
+    """Part 1 generated, and :data:`PARALLEL_CLASS` collected and autograded two at a time (``--jobs 2``), feedback
+    and grades.csv written: (course root, grades.csv). tests/test_nbgrader.py compares it with the one-job round
+    trip; tests/test_formgrader.py grades a copy of it by hand in nbgrader's formgrader."""
+    from tools import grade_roundtrip as rt
+    from tools import sample_submissions as samples
+
+    part = "part1_persona_space"
+    course = tmp_path_factory.mktemp("parallel-course")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("COURSE_MODEL", "COURSE_OUT_DIR", "COURSE_CHECK_TIMEOUT", "COURSE_CHECK_DEBUG"):
+            mp.delenv(var, raising=False)
+        mp.chdir(tmp_path_factory.mktemp("parallel-cwd"))
+        release = rt.generate(course, echo=False, part=part)
+        submissions = samples.build(part, release, tmp_path_factory.mktemp("parallel-submissions"),
+                                    only=list(PARALLEL_CLASS))
+        rt.collect(course, submissions, part=part)
+        rt.autograde(course, echo=False, part=part, jobs=2)
+        rt.feedback(course, echo=False, part=part)
+        grades = rt.export(course, echo=False)
+    return course, grades

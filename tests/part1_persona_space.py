@@ -19,7 +19,6 @@ How the checks work:
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import threading
 import time
@@ -69,58 +68,14 @@ PERSONA_CASE = dict(
 )
 
 
-from tests.checking import (CheckFailure, call as _call, check, clip as _clip, fail as _fail,  # noqa: E402
-                            limited, load_tensor_fixtures as _load_tensor_fixtures, passed as _passed,
-                            short as _short)
+from tests.checking import (CheckFailure, Promises, call as _call, check, clip as _clip,  # noqa: E402,F401
+                            fail as _fail, limited, load_tensor_fixtures as _load_tensor_fixtures,
+                            passed as _passed, short as _short)
 
 
 # --------------------------------------------------------------------------------------------------
 # Promises: each check runs in stages, and each stage tests one promise of its exercise
 # --------------------------------------------------------------------------------------------------
-
-class Promises:
-    """The promise each stage of each check tests (its exercise's docstring, or the notebook's text around it).
-
-    ``@PROMISES("label", ...)`` under ``@check`` lists a check's stages in the order they run; inside the check,
-    ``_stage("label")`` starts one. :meth:`last` says which stage of which check ran last, so that a failure can
-    be traced to the promise it tests (``make check-catalogue`` prints the promises and the mistakes each stage
-    rejects). Nothing here changes what a check does or says.
-    """
-
-    def __init__(self) -> None:
-        self.labels: dict[str, tuple[str, ...]] = {}
-        self._running: list = [None, None]  # [check name, stage label]
-
-    def __call__(self, *labels: str):
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"duplicate promise labels: {labels}")
-
-        def decorate(test):
-            self.labels[test.__name__] = labels
-
-            @functools.wraps(test)
-            def run(*args, **kwargs):
-                self.begin(test.__name__)
-                return test(*args, **kwargs)
-
-            return run
-
-        return decorate
-
-    def begin(self, check_name: str) -> None:
-        """Start ``check_name`` (the decorator does it; so does a test that runs one stage on its own)."""
-        self._running[:] = [check_name, None]
-
-    def stage(self, label: str) -> None:
-        check_name = self._running[0]
-        if label not in self.labels.get(check_name, ()):
-            raise ValueError(f"{label!r} is not one of the promises listed for {check_name}")
-        self._running[1] = label
-
-    def last(self) -> tuple[str | None, str | None]:
-        """(check, stage) of the stage that ran last."""
-        return self._running[0], self._running[1]
-
 
 PROMISES = Promises()
 _stage = PROMISES.stage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import linecache
+import re
 import time
 
 import pytest
@@ -136,3 +137,53 @@ def test_debug_mode_shows_the_full_traceback(monkeypatch):
         checking.fail("Your mask includes padding.")
     text = "\n".join(info.value._render_traceback_())
     assert "Traceback (most recent call last)" in text and "checking.py" in text
+
+
+def test_a_failure_names_its_check_and_stage_as_a_stable_mistake_identifier():
+    promises = checking.Promises()
+
+    @checking.check("Exercise 9")
+    @promises("returns a tensor", "the mean over the response tokens only (not the prompt)")
+    def test_example(fn):
+        promises.stage("returns a tensor")
+        fn()
+        promises.stage("the mean over the response tokens only (not the prompt)")
+        checking.fail("Your mean includes the prompt.", "Section 4")
+
+    @promises("every batch size")
+    def hidden_test_example(fn):
+        promises.stage("every batch size")
+        checking.fail("A batch size changed the means.")
+
+    with pytest.raises(CheckFailure) as info:
+        test_example(lambda: None)
+    want = "test_example/the-mean-over-the-response-tokens-only-not-the-prompt"
+    assert info.value.mistake == want
+    lines = info.value._render_traceback_()
+    assert lines[-1] == f"[mistake: {want}]" and checking.MISTAKE_LINE.fullmatch(lines[-1]).group(1) == want
+    assert checking._RUNNING == [None, None], "the running check must be put back when it ends"
+    with pytest.raises(CheckFailure) as info:
+        hidden_test_example(lambda: None)
+    hidden = info.value.mistake
+    assert re.fullmatch(r"hidden-[0-9a-f]{10}", hidden) and "example" not in hidden and "batch" not in hidden
+    assert hidden == checking.mistake_id("hidden_test_example", "every batch size")
+    # A failure that is not a stage's own: a function that never returns.
+    ns = _learner_namespace("def slow():\n    while True:\n        pass\n")
+
+    @checking.check("Exercise 10")
+    def test_slow(fn):
+        checking.call("slow()", None, "", fn)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(checking, "timeout_seconds", lambda: 0.2)
+        with pytest.raises(CheckFailure) as info:
+            test_slow(ns["slow"])
+    assert info.value.mistake == "test_slow/time-limit"
+    assert checking.mistake_id(None, None) is None
+    with pytest.raises(CheckFailure) as info:
+        checking.fail("outside")
+    assert info.value.mistake is None and "[mistake:" not in "\n".join(info.value._render_traceback_())
+    with pytest.raises(ValueError, match="punctuation"):
+        promises("a, b", "A b")
+    long = "x" * 70
+    assert checking.slug(long + "1") != checking.slug(long + "2") and len(checking.slug(long + "1")) == 67

@@ -20,7 +20,10 @@ Both parts have ``delegating``: three exercises handed to the course's own imple
 in each way the checks refuse (the course's function itself, an alias of it, an answer that calls it): each
 costs its own check (15 of 21, 6 of 11), and the message names the course's function.
 
-The feedback must read like a tutor (no traceback through the checks' own code) and show every figure.
+The feedback must read like a tutor (no traceback through the checks' own code) and show every figure. Three of
+Part 1's students are graded again two at a time (``--jobs 2``, the ``parallel_class`` fixture of tests/conftest.py)
+and must get the same grades; each part's class report must count exactly the mistakes its sample students were
+built with (``tools/sample_submissions.py``'s ``MISTAKES``).
 This file ships with the ``tests`` package, so it holds no reference solution: the correct answers are read
 from ``solutions/`` at run time (``tools/sample_submissions.py`` edits them).
 """
@@ -241,6 +244,8 @@ def test_cli_takes_the_assignment_and_generates_a_release(tmp_path):
                     "--submission", "bad/id=" + str(ROOT / "solutions" / f"{PARTS[0]}.ipynb")]) == 1
     with pytest.raises(SystemExit):
         rt.main(["--assignment", "part9_nonexistent", "--steps", "generate"])
+    assert rt.main(["--course-root", str(tmp_path / "course"), "--steps", "autograde", "--jobs", "0"]) == 1
+    assert "report" in rt.STEPS and rt.STEPS.index("report") > rt.STEPS.index("export")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -532,3 +537,118 @@ def test_learners_environment_has_no_grading_ui():
     plugins = nbgrader_ui.lab_plugins()
     assert {"@jupyter/nbgrader:menu", "@jupyter/nbgrader:formgrader"} <= set(plugins), plugins
     assert nbgrader_ui.visible() == [], "run `make nbgrader-ui-off` (`make instructor-ui` switched them on)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grading two students at a time, and the class report.
+# ---------------------------------------------------------------------------------------------------
+
+@PART1
+@classroom
+def test_two_jobs_grade_exactly_as_one(graded, parallel_class):
+    """``--jobs 2`` (each student in a scratch course root, merged into the one gradebook) gives the same grades.csv
+    rows, cell scores and autograded outputs' verdicts as the one-job round trip, for the same students."""
+    _need_classroom(graded)
+    from tests.conftest import PARALLEL_CLASS
+
+    course, grades_csv = parallel_class
+    assert set(PARALLEL_CLASS) <= set(graded.students)
+    one = {s: row for s, row in rt.read_grades(graded.grades_csv, graded.part).items() if s in PARALLEL_CLASS}
+    two = rt.read_grades(grades_csv, graded.part)
+    assert two == one
+    parallel = SimpleNamespace(course=course, part=graded.part)
+    for student in PARALLEL_CLASS:
+        assert _cell_scores(parallel, student) == _cell_scores(graded, student), student
+        assert _cell_scores(parallel, student) == _expected_scores(graded, student), student
+        assert rt.feedback_path(course, student, graded.part).exists()
+    assert not (course / "parallel" / graded.part).exists() or not any((course / "parallel" / graded.part).iterdir()), \
+        "the scratch course roots of graded students must be removed"
+
+
+def _expected_mistakes(g) -> dict[str, list[str]]:
+    """Mistake identifier -> the sample students built with it (tools/sample_submissions.py's MISTAKES)."""
+    import importlib
+
+    from tests import checking
+
+    module = importlib.import_module(f"tests.{_checks_module(g.part).stem}")
+    expected: dict[str, list[str]] = {}
+    for student, cells in samples.MISTAKES.get(g.part, {}).items():
+        assert set(cells) <= samples.LOST[g.part][student], f"{student}: a named mistake in a cell it does not lose"
+        for grade_id, (check_name, stage) in cells.items():
+            if stage.startswith("_"):
+                label = getattr(module, stage)
+                assert label in module.PROMISES.labels[check_name], (check_name, stage)
+                identifier = checking.mistake_id(check_name, label)
+            else:
+                identifier = checking.mistake_id(check_name, None, stage)
+            expected.setdefault(identifier, []).append(student)
+            assert CELL_OF.setdefault((g.part, identifier), grade_id) == grade_id, identifier
+    return {k: sorted(v) for k, v in expected.items()}
+
+
+CELL_OF: dict[tuple[str, str], str] = {}  # (part, mistake identifier) -> the check cell it is made in
+
+
+def _syntax_errors(g) -> set[str]:
+    """The students whose handed-in notebook has an answer cell Python cannot parse."""
+    import ast as python_ast
+
+    out = set()
+    for student in g.students:
+        nb = nbformat.read(g.course / "submitted" / student / g.part / f"{g.part}.ipynb", as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and cell.metadata.get("nbgrader", {}).get("solution"):
+                try:
+                    python_ast.parse("\n".join(line for line in cell.source.split("\n")
+                                               if not line.lstrip().startswith(("%", "!"))))
+                except SyntaxError:
+                    out.add(student)
+    return out
+
+
+@pytest.mark.parametrize("graded", PARTS, indirect=True)
+@classroom
+def test_class_report_counts_the_mistakes_the_class_was_built_with(graded):
+    """The class report (tools/class_report.py) lists exactly the named mistakes the sample students were built
+    with, each with the students who made it; every other lost check is an unnamed failure (not written, a name
+    never defined); the students with a syntax error or a time limit; per exercise, the fraction with full marks.
+    It is one offline page (plotly.js inside, nothing from the network) and names no hidden check."""
+    _need_classroom(graded)
+    from tools import class_report
+
+    page, table, report = class_report.write(graded.course, graded.part)
+    expected = _expected_mistakes(graded)
+    assert {m.identifier: sorted(m.students) for m in report.mistakes.values()} == expected
+    assert report.counts() == {k: len(v) for k, v in expected.items()}
+    assert {m.identifier: m.grade_id for m in report.mistakes.values()} == {
+        k: CELL_OF[(graded.part, k)] for k in expected}
+    named = {(m.grade_id, s) for m in report.mistakes.values() for s in m.students}
+    unnamed = {(g, s) for (g, _), who in report.unnamed.items() for s in who}
+    for student in graded.students:
+        lost = samples.lost(graded.part, student, list(graded.points))
+        got = {g for g, s in named | unnamed if s == student}
+        assert got == lost, (student, sorted(got ^ lost))
+    assert set(report.syntax_error) == _syntax_errors(graded)
+    timed_out = {s for k, v in expected.items() if k.endswith("/time-limit") for s in v}
+    assert set(report.time_limit) == timed_out
+    for ex in report.exercises:
+        assert set(ex.points) == set(graded.students)
+        full = {s for s in graded.students if ex.grade_id not in samples.lost(graded.part, s, list(graded.points))}
+        assert {s for s, p in ex.points.items() if p == ex.max_points} == full, ex.grade_id
+    # Each named mistake's message, quoted once: the one the autograded notebook shows for it.
+    for m in report.mistakes.values():
+        assert m.message and m.message in _error_text(_cell(_autograded(graded, m.students[0]), m.grade_id))
+    # The CSV has the same counts.
+    import csv as csv_module
+
+    with open(table, newline="") as f:
+        rows = list(csv_module.DictReader(f))
+    assert {r["item"]: int(r["students"]) for r in rows if r["kind"] == "mistake"} == report.counts()
+    assert len([r for r in rows if r["kind"] == "exercise"]) == len(graded.points)
+    text = page.read_text()
+    assert text.count("* plotly.js v") == 1 and not re.findall(r"<script[^>]*\bsrc=", text), "plotly.js inline, once"
+    for hidden in re.findall(r"(hidden_test_\w+)", (ROOT / "src" / f"{graded.part}.py").read_text()):
+        assert hidden not in text and hidden not in table.read_text(), hidden
+    for line in _hidden_lines(graded.source):
+        assert line not in text

@@ -1,7 +1,8 @@
 """Hand out, collect, autograde and give feedback on a course part with nbgrader, offline, on a CPU.
 
     python -m tools.grade_roundtrip [--assignment PART] [--course-root DIR] [--submission STUDENT=NOTEBOOK ...]
-                                    [--submissions-dir DIR] [--steps generate,collect,autograde,feedback,export]
+                                    [--submissions-dir DIR] [--jobs N]
+                                    [--steps generate,collect,autograde,feedback,export,report]
 
 ``--assignment`` is one of ``tools.build_notebooks.PARTS`` (default: the first, ``part1_persona_space``);
 below, ``<part>`` stands for it. The steps, each one nbgrader command run in the course root (default
@@ -17,9 +18,17 @@ below, ``<part>`` stands for it. The steps, each one nbgrader command run in the
    the solution, a blank release and, for Part 1, answers written differently, three mistakes (with
    tampered check cells), and a syntax error plus an endless loop.
 3. ``autograde``: ``nbgrader autograde`` (restores edited or deleted check cells, runs every notebook on
-   tiny-gemma2 with the small sizes, see ``nbgrader_config.py``).
+   tiny-gemma2 with the small sizes, see ``nbgrader_config.py``). With ``--jobs N`` (N > 1), N students are
+   graded at a time: each by its own ``nbgrader autograde`` in a scratch course root of its own
+   (``<root>/parallel/<part>/<student>/``: the config, the source, a copy of the gradebook, that student's
+   submission, its own figures folder), so no two processes ever write one sqlite file; then, one student
+   after the other, the autograded notebook is moved into the course root and its grades, comments and flags
+   are written into the course's gradebook (:func:`merge_grades`). The scores are the same as with one job.
 4. ``feedback``: ``nbgrader generate_feedback``: HTML per student in ``<root>/feedback/``, hidden tests removed.
 5. ``export``: ``nbgrader export`` to ``<root>/grades.csv``.
+6. ``report``: the class report (``tools/class_report.py``): ``<root>/reports/<part>/class_report.html`` (offline)
+   and ``class_report.csv``: per exercise the fraction of the class with full marks and the points' distribution,
+   each named mistake and how many students made it, who hit a time limit or a syntax error.
 
 (On a JupyterHub with nbgrader's exchange, use ``nbgrader release_assignment`` and ``nbgrader collect``
 for steps 1-2 instead; the other steps are the same.)
@@ -40,6 +49,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -49,7 +59,7 @@ from tools.build_notebooks import PARTS
 ROOT = Path(__file__).resolve().parent.parent
 PART = PARTS[0]  # the default assignment; every function takes the assignment (a part's name) as a parameter
 DEFAULT_COURSE_ROOT = ROOT / "nbgrader" / "course"
-STEPS = ("generate", "collect", "autograde", "feedback", "export")
+STEPS = ("generate", "collect", "autograde", "feedback", "export", "report")
 STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
 CONFIG_HEADER = "# Written by tools/grade_roundtrip.py."
 COURSE_CONFIG = f'''{CONFIG_HEADER} Settings belong in the repository's nbgrader_config.py, which this
@@ -72,12 +82,14 @@ class RoundTripError(RuntimeError):
     pass
 
 
-def nbgrader(course_root: Path, *args: str, echo: bool = True) -> str:
-    """Run one nbgrader command in the course root; return its log, raise with it on failure."""
+def nbgrader(course_root: Path, *args: str, echo: bool = True, env: Mapping[str, str] | None = None) -> str:
+    """Run one nbgrader command in the course root (``env``: variables set for it); return its log, raise with it
+    on failure."""
     cmd = [sys.executable, "-m", "nbgrader", *args]
     # nbgrader runs `alembic` (its database migrations) by name: put this environment's scripts first on
     # PATH, as an activated virtual environment would.
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    env = dict(os.environ, **(env or {}),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     proc = subprocess.run(cmd, cwd=course_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
     if echo and proc.stdout.strip():
@@ -156,8 +168,126 @@ def collect(course_root: Path, submissions: Mapping[str, Path], part: str = PART
     return copied
 
 
-def autograde(course_root: Path, echo: bool = True, part: str = PART) -> None:
-    nbgrader(course_root, "autograde", part, "--force", echo=echo)
+def autograde(course_root: Path, echo: bool = True, part: str = PART, jobs: int = 1) -> None:
+    """``nbgrader autograde`` of every submitted student; ``jobs`` > 1: that many at a time (:func:`autograde_parallel`)."""
+    if jobs < 1:
+        raise RoundTripError(f"--jobs must be 1 or more, got {jobs}.")
+    if jobs == 1:
+        nbgrader(course_root, "autograde", part, "--force", echo=echo)
+    else:
+        autograde_parallel(course_root, part, jobs, echo=echo)
+
+
+def submitted_students(course_root: Path, part: str = PART) -> list[str]:
+    return sorted(p.parent.parent.name for p in (Path(course_root) / "submitted").glob(f"*/{part}/{_notebook(part)}"))
+
+
+def _scratch_root(course_root: Path, part: str, student: str) -> Path:
+    """A course root for grading one student on its own: the config, the source, a copy of the gradebook (the
+    assignment as generated), and that student's submission."""
+    scratch = Path(course_root) / "parallel" / part / student
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "source").mkdir(parents=True)
+    (scratch / "nbgrader_config.py").write_text(COURSE_CONFIG)
+    shutil.copytree(Path(course_root) / "source" / part, scratch / "source" / part)
+    shutil.copyfile(Path(course_root) / "gradebook.db", scratch / "gradebook.db")
+    shutil.copytree(Path(course_root) / "submitted" / student / part, scratch / "submitted" / student / part)
+    return scratch
+
+
+def autograde_parallel(course_root: Path, part: str, jobs: int, echo: bool = True,
+                       students: list[str] | None = None) -> None:
+    """Autograde ``jobs`` students at a time, each in its own scratch course root (:func:`_scratch_root`) with its
+    own figures folders; then merge them into the course root one by one (:func:`merge_grades`), so the course's
+    sqlite gradebook has one writer only. Like nbgrader, a student whose grading failed does not stop the others;
+    the failures are raised together at the end."""
+    course_root = Path(course_root).resolve()
+    students = submitted_students(course_root, part) if students is None else students
+    if not (course_root / "gradebook.db").exists():
+        raise RoundTripError(f"{course_root} has no gradebook: run the generate step first.")
+    scratches = {student: _scratch_root(course_root, part, student) for student in students}
+
+    def grade(student: str) -> str:
+        scratch = scratches[student]
+        # Each run's figures and results in a folder of its own (two kernels never write one file). Part 2's
+        # starting point (COURSE_PART1_DIR) stays shared: it is computed once, before the others start.
+        env = {"COURSE_OUT_DIR": str(scratch / "out"), "COURSE_PART2_OUT_DIR": str(scratch / "out-part2")}
+        return nbgrader(scratch, "autograde", part, "--force", echo=False, env=env)
+
+    failures: dict[str, RoundTripError] = {}
+    logs: dict[str, str] = {}
+    pending = list(students)
+    if part != PARTS[0] and pending:
+        # Part 2 onwards compute a starting point on their first submission and read it back on the others:
+        # grade one student first, so that parallel kernels only ever read it.
+        first = pending.pop(0)
+        try:
+            logs[first] = grade(first)
+        except RoundTripError as exc:
+            failures[first] = exc
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {student: pool.submit(grade, student) for student in pending}
+        for student, future in futures.items():
+            try:
+                logs[student] = future.result()
+            except RoundTripError as exc:
+                failures[student] = exc
+    for student in students:
+        if echo and student in logs and logs[student].strip():
+            print(logs[student].rstrip(), flush=True)
+        graded = scratches[student] / "autograded" / student / part
+        if graded.exists():
+            merge_grades(course_root, scratches[student], part, student)
+            dest = course_root / "autograded" / student / part
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(graded), dest)
+        if student not in failures:
+            shutil.rmtree(scratches[student], ignore_errors=True)
+    if failures:
+        raise RoundTripError("autograding failed for " + ", ".join(sorted(failures)) + " (their scratch course roots "
+                             f"are kept in {course_root / 'parallel' / part}):\n"
+                             + "\n".join(str(exc) for exc in failures.values()))
+
+
+def merge_grades(course_root: Path, scratch: Path, part: str, student: str) -> None:
+    """Write ``student``'s submission of ``part`` from the scratch course root's gradebook into the course root's
+    (replacing any earlier one): the timestamp, each grade's automatic and manual scores and whether it needs a
+    manual grade, each comment, and each notebook's flag and late penalty."""
+    import warnings
+
+    from nbgrader.api import Gradebook, MissingEntry
+    from sqlalchemy.exc import SAWarning
+
+    course_id = "persona-space"
+    # nbgrader's add_submission reads the new submission's notebooks before adding it to the session, which
+    # SQLAlchemy warns about (nbgrader's own autograde does the same); the rows are written all the same.
+    with warnings.catch_warnings(), Gradebook(f"sqlite:///{scratch / 'gradebook.db'}", course_id) as source, \
+            Gradebook(f"sqlite:///{Path(course_root) / 'gradebook.db'}", course_id) as gb:
+        warnings.simplefilter("ignore", SAWarning)
+        got = source.find_submission(part, student)
+        who = source.find_student(student)
+        gb.update_or_create_student(student, first_name=who.first_name, last_name=who.last_name, email=who.email,
+                                    lms_user_id=who.lms_user_id)
+        try:
+            gb.remove_submission(part, student)
+            gb.db.commit()
+            gb.db.expire_all()
+        except MissingEntry:
+            pass
+        gb.add_submission(part, student, timestamp=got.timestamp, extension=got.extension)
+        for notebook in got.notebooks:
+            target = gb.find_submission_notebook(notebook.name, part, student)
+            target.flagged = notebook.flagged
+            target.late_submission_penalty = notebook.late_submission_penalty
+            for grade in notebook.grades:
+                mine = gb.find_grade(grade.name, notebook.name, part, student)
+                mine.auto_score, mine.manual_score = grade.auto_score, grade.manual_score
+                mine.extra_credit, mine.needs_manual_grade = grade.extra_credit, grade.needs_manual_grade
+            for comment in notebook.comments:
+                mine = gb.find_comment(comment.name, notebook.name, part, student)
+                mine.auto_comment, mine.manual_comment = comment.auto_comment, comment.manual_comment
+        gb.db.commit()
 
 
 def feedback(course_root: Path, echo: bool = True, part: str = PART) -> None:
@@ -200,8 +330,9 @@ def notebook_seconds(course_root: Path, student: str, part: str = PART) -> float
 
 
 def roundtrip(course_root: Path, submissions: Mapping[str, Path] | None = None,
-              steps: Iterable[str] = STEPS, echo: bool = True, part: str = PART) -> dict[str, float]:
-    """Run ``steps`` in order on ``course_root`` for assignment ``part``; return the seconds each took."""
+              steps: Iterable[str] = STEPS, echo: bool = True, part: str = PART, jobs: int = 1) -> dict[str, float]:
+    """Run ``steps`` in order on ``course_root`` for assignment ``part`` (``jobs`` students autograded at a time);
+    return the seconds each took."""
     course_root = Path(course_root).resolve()
     _notebook(part)
     steps = list(steps)
@@ -224,7 +355,7 @@ def roundtrip(course_root: Path, submissions: Mapping[str, Path] | None = None,
                     print(f"   {path.relative_to(course_root)}")
         elif step == "autograde":
             try:
-                autograde(course_root, echo, part)
+                autograde(course_root, echo, part, jobs=jobs)
             except RoundTripError as exc:
                 # nbgrader grades every submission it can and exits 1 if one failed (an unreadable
                 # notebook, say): still give the others their feedback and grades, then report it.
@@ -233,6 +364,15 @@ def roundtrip(course_root: Path, submissions: Mapping[str, Path] | None = None,
             feedback(course_root, echo, part)
         elif step == "export":
             export(course_root, echo)
+        elif step == "report":
+            from tools import class_report
+
+            try:
+                page, table, _ = class_report.write(course_root, part)
+            except class_report.ReportError as exc:
+                raise RoundTripError(str(exc)) from exc
+            if echo:
+                print(f"   {page}\n   {table}")
         seconds[step] = time.perf_counter() - t0
     if failed_autograde is not None:
         raise failed_autograde
@@ -255,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submission", type=_submission, action="append", default=[], metavar="STUDENT=NOTEBOOK")
     parser.add_argument("--submissions-dir", type=Path)
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset of: " + ",".join(STEPS))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="autograde this many students at a time (default: %(default)s; one per CPU core at most)")
     args = parser.parse_args(argv)
     part = args.assignment
     try:
@@ -262,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.submissions_dir:
             submissions.update(find_submissions(args.submissions_dir, part))
         seconds = roundtrip(args.course_root, submissions or None, [s.strip() for s in args.steps.split(",") if s],
-                            echo=True, part=part)
+                            echo=True, part=part, jobs=args.jobs)
     except RoundTripError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -465,6 +465,32 @@ DELEGATED: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 """The ``delegating`` students' lost check cells: the course function each failure names, and a piece of how."""
+
+MISTAKES: dict[str, dict[str, dict[str, tuple[str, str]]]] = {
+    "part1_persona_space": {
+        "mistakes": {"check_extract_batched": ("test_extract_response_activations_batched", "_EX_PADDING"),
+                     "check_cosine": ("test_compute_cosine_similarity_matrix_centered", "_CEN_VALUES"),
+                     "check_axis": ("test_compute_assistant_axis", "_AXIS_VALUES")},
+        "broken": {"check_generate_one": ("test_generate_response_api", "time-limit")},
+        "delegating": {"check_format": ("test_format_messages_response_index", "delegates"),
+                       "check_extract_batched": ("test_extract_response_activations_batched", "delegates"),
+                       "check_generate_all": ("test_generate_all_responses", "delegates")},
+    },
+    "part2_stabilizing": {
+        "mistakes": {"check_turn_projections": ("test_turn_projections", "_TP_VALUES"),
+                     "check_add_steering": ("test_add_steering", "_ST_REMOVED"),
+                     "check_next_token_kl": ("test_next_token_kl", "_KL_DIRECTION")},
+        "delegating": {"check_capping": ("test_cap_activations", "delegates"),
+                       "check_capping_threshold": ("test_capping_threshold", "delegates"),
+                       "check_add_steering": ("test_add_steering", "delegates")},
+    },
+}
+"""The named mistake (``tests/checking.py``'s identifier) each sample student's lost check cells fail with: the
+check that fails and either the name of its stage's label in the part's checks module (``_EX_PADDING``) or the
+kind of failure that is no stage's own (``time-limit``: a function that never returns; ``delegates``: an answer
+that hands the work to the course's own implementation). The other lost cells fail without a check's verdict
+(not written, or a name the notebook never defined: a syntax error, a deleted exercise). The class report
+(``tools/class_report.py``) must count exactly these."""
 """Check cells (grade ids) each sample student loses all points of; every other check gets full points.
 ``blank`` loses every check; ``solution`` none."""
 
