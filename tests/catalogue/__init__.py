@@ -105,11 +105,15 @@ def call_check(check_name: str, fn: Callable) -> None:
 
 
 def check_module(check_name: str):
-    """The module that holds a check (Part 1's or Part 2's)."""
+    """The module that holds a check (Part 1's, Part 2's or Part 3's)."""
     if check_name in PART2_CHECKS:
         from tests import part2_stabilizing
 
         return part2_stabilizing
+    if check_name in PART3_CHECKS:
+        from tests import part3_trait_vectors
+
+        return part3_trait_vectors
     from tests import part1_persona_space
 
     return part1_persona_space
