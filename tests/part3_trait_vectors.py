@@ -260,7 +260,7 @@ def test_split_questions(fn) -> None:
 # ==================================================================================================
 
 L = math.log
-_LS_FLOAT = "returns a Python float (or None), not a tensor or a numpy float32"
+_LS_FLOAT = "returns a Python number (or None), not a tensor or a numpy float32"
 _LS_VALUES = "the probability-weighted mean of the integer tokens in 0..100, divided by their own mass"
 _LS_STRICT = "only whole numbers in the ASCII digits 0-9 count: not '7.5', '+90' nor full-width digits"
 _LS_NONE = "None when the integer tokens hold less than min_mass (the argument); 0 is a score"
@@ -303,6 +303,10 @@ def _logprob_hint(case, got) -> str:
         if in_range and math.isclose(got, max(in_range, key=lambda x: x[1])[0], abs_tol=1e-4):
             return " That is the most likely number; the score is the probability-weighted MEAN of the integer tokens."
         everything = [(int(t), p) for t, p in ints]
+        digits = [(int(t), p) for t, p in ints if not t.startswith("-")]
+        if digits and in_range != digits and math.isclose(got, sum(n * p for n, p in digits) / sum(p for _, p in digits),
+                                                          abs_tol=1e-4):
+            return " Tokens outside 0..100 must not count."
         if everything and math.isclose(got, sum(n * p for n, p in everything) / sum(p for _, p in everything), abs_tol=1e-4):
             return " Tokens outside 0..100 must not count."
         if any("." in t for t, _ in pairs):
@@ -323,7 +327,7 @@ def test_logprob_score(fn) -> None:
     _stage(_LS_FLOAT)
     pairs = LOGPROB_CASES[0][0]
     got = _call(f"logprob_score({pairs})", section, "", fn, list(pairs), min_mass=0.25)
-    if got is not None and (isinstance(got, bool) or not isinstance(got, float)):
+    if got is not None and (isinstance(got, bool) or not isinstance(got, (float, int))):
         _fail(f"logprob_score returned {_short(got)} ({type(got).__name__}); return a Python float (float(...) or "
               ".item()) or None, as its docstring says: later cells average, compare and print the scores as "
               "numbers.", section)
@@ -1046,18 +1050,21 @@ def test_steer_positions(fn) -> None:
                 _fail(f"positions={mode!r}, h [2, {seq}, 64] ({dtype}): {hint}", section)
     # Another device (device_map="auto"): the 'meta' device stands in.
     _stage(_SP_DEVICE)
-    try:
-        got = _seeded_and_limited("steer_positions on another device", section, fn,
-                                  (torch.zeros(1, 3, 64, device="meta"), vector.clone(), "response"), {})
-    except CheckFailure:
-        raise
-    except Exception as exc:
-        if "device" in str(exc):
-            _fail(f"With h on another device than the vector you raised {type(exc).__name__}: {_clip(str(exc))}. Move the "
-                  "vector to h's device (vector.to(device=h.device, dtype=h.dtype)).", section, exc)
-        got = None
-    if got is not None and isinstance(got, torch.Tensor) and got.device.type != "meta":
-        _fail(f"With h on another device you returned a tensor on {got.device}: keep the result on h's device.", section)
+    for mode in ("all", "prompt", "response"):
+        try:
+            got = _seeded_and_limited(f"steer_positions(..., {mode!r}) on another device", section, fn,
+                                      (torch.zeros(1, 3, 64, device="meta"), vector.clone(), mode), {})
+        except CheckFailure:
+            raise
+        except Exception as exc:
+            if "device" in str(exc):
+                _fail(f"With h on another device than the vector, positions={mode!r}, you raised {type(exc).__name__}: "
+                      f"{_clip(str(exc))}. Move the vector to h's device (vector.to(device=h.device, dtype=h.dtype)).",
+                      section, exc)
+            got = None  # the meta device cannot run everything (data-dependent shapes): the values were checked above
+        if got is not None and isinstance(got, torch.Tensor) and got.device.type != "meta":
+            _fail(f"With h on another device, positions={mode!r}, you returned a tensor on {got.device}: keep the "
+                  "result on h's device.", section)
     _stage(_SP_ERROR)
     try:
         got = limited(fn, section)(_randn(1, 2, 64, seed=59), vector.clone(), "sideways")
@@ -1220,6 +1227,12 @@ def test_cosine_matrix(fn) -> None:
         if _close(matrix, stacked @ stacked.T, 1e-3):
             _fail("Those are dot products: divide each vector by its norm first (a cosine is the dot product of unit "
                   "vectors).", section)
+        own_dtype = torch.stack([(v / v.norm()).float() for v in given.values()])
+        if _close(matrix, own_dtype @ own_dtype.T, 1e-6):
+            _stage(_CM_DTYPES)
+            _fail("The bf16 vector was normalised in bf16 and converted afterwards, so its cosines were computed in "
+                  "bf16, which keeps only ~3 significant digits: convert every vector with .float() first, then "
+                  "normalise.", section)
         if _close(matrix, centred @ centred.T, 1e-4):
             _fail("You centred the vectors (subtracted their mean) first. Trait vectors are already differences: use raw "
                   "cosines. (Part 1 centred persona vectors, which share the model's mean answer.)", section)
