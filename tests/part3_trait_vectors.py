@@ -23,7 +23,7 @@ import torch
 from tests.checking import (CheckFailure, _seeded_and_limited, call as _call, check, clip as _clip,  # noqa: F401
                             fail as _fail, limited, passed as _passed, short as _short)
 
-from tests.part1_persona_space import Promises, _check_dtypes  # noqa: E402  (one registry class for every part)
+from tests.part1_persona_space import Promises, _bf16_exact, _check_dtypes  # noqa: E402  (one registry for every part)
 
 ATOL = 1e-4
 
@@ -628,7 +628,7 @@ _TA_KEYS = "{'response_avg', 'prompt_avg', 'prompt_last'} -> float32 CPU tensors
 _TA_ONE_PASS = "one forward pass per conversation (or per batch) for all three averages"
 _TA_VALUES = "layer l is model.model.layers[l]'s output; spans [start, end), [0, start) and start - 1; rows in order"
 _TA_LAST = "the last layer too is the last block's own output (hidden_states[-1] has the final norm applied)"
-_TA_FLOAT = "the means taken in float32"
+_TA_FLOAT = "the means taken in float32 (a bf16 model's block outputs converted first)"
 _TA_TUPLE = "tuple block outputs (transformers 4.x) as well as tensors (5.x)"
 
 
@@ -674,8 +674,45 @@ def test_three_averages(fn) -> None:
             _stage(promise)
             _fail(f"got[{kind!r}] differs from the expected values by {float((value - want).abs().max()):.4g}."
                   f"{hint}", section)
+    _bf16_averages(fn, section)
     _tuple_averages(fn, section)
     _passed("test_three_averages")
+
+
+@lru_cache(maxsize=1)
+def _tiny_bf16():
+    """A bf16 copy of tiny-gemma2 (as Gemma 2 27B runs on a GPU)."""
+    model, tok = tiny_gemma2()
+    return copy.deepcopy(model).to(torch.bfloat16), tok
+
+
+def _bf16_averages(fn, section: str) -> None:
+    """On a bf16 model: float32 means of the bf16 block outputs. A mean taken in bf16 is a bf16 number at every
+    entry, which a float32 mean of several bf16 values almost never is."""
+    from utils.activations import extract_prompt_response_means
+
+    _stage(_TA_FLOAT)
+    model16, tok = _tiny_bf16()
+    before = _hook_counts(model16)
+    try:
+        got = _call("three_averages on a bf16 copy of the model", section, "", fn, model16, tok,
+                    copy.deepcopy(AVERAGE_CONVERSATIONS))
+    finally:
+        _left_behind(model16, before)  # the shared bf16 copy stays clean (hooks left behind fail their own stage)
+    expected = extract_prompt_response_means(model16, tok, AVERAGE_CONVERSATIONS, progress=False)
+    for kind, want in expected.items():
+        value = got.get(kind) if isinstance(got, dict) else None
+        if not isinstance(value, torch.Tensor) or value.shape != want.shape or value.dtype != torch.float32:
+            _fail(f"On a bf16 model, got[{kind!r}] is {_short(value)}; return float32 tensors {list(want.shape)} whatever "
+                  "the model's dtype: convert each block output with .float() before the means.", section)
+        if kind != "prompt_last" and _bf16_exact(value):
+            _fail(f"On a bf16 model, every entry of got[{kind!r}] is exactly a bf16 number: the mean was taken in bf16 "
+                  "(and converted afterwards), which keeps only ~3 significant digits. Convert the block output with "
+                  ".float() first, then average.", section)
+        scale = float(want.abs().max())
+        if not torch.allclose(value, want, atol=2e-2 * scale, rtol=0):
+            _fail(f"On a bf16 model, got[{kind!r}] differs from the expected values by "
+                  f"{float((value - want).abs().max()):.4g} (the values are of size {scale:.3g}).", section)
 
 
 class _TupleBlock(torch.nn.Module):
@@ -1468,10 +1505,11 @@ _PL_VALUES = "the mean cross-entropy of logits[t] against token t + 1 over the a
 _PL_REMOVED = "the steering hook removed before it returns"
 _PL_STEERED = "with a vector: +vector added to block `layer`'s output while the forward pass runs"
 _PL_GRAD = "the loss's gradients are those of the steered forward pass"
+_PL_BF16 = "on a bf16 model too: a float32 loss from float32 logits"
 
 
 @check("Exercise 10")
-@PROMISES(_PL_TENSOR, _PL_VALUES, _PL_REMOVED, _PL_STEERED, _PL_GRAD)
+@PROMISES(_PL_TENSOR, _PL_VALUES, _PL_REMOVED, _PL_STEERED, _PL_GRAD, _PL_BF16)
 def test_preventative_loss(fn) -> None:
     from utils.finetune import steered_response_loss
 
@@ -1540,7 +1578,45 @@ def test_preventative_loss(fn) -> None:
     if not all(torch.allclose(m, r, atol=1e-5, rtol=1e-4) for m, r in zip(mine, ref)):
         _fail("The loss's gradients differ from the steered loss's: the steering must be part of the forward pass that "
               "produced the loss.", section)
+    _bf16_loss(fn, section)
     _passed("test_preventative_loss")
+
+
+@lru_cache(maxsize=1)
+def _trainable_tiny_bf16():
+    """A bf16 copy of the trainable tiny model (the notebook finetunes the model in its own dtype: bf16 on a GPU)."""
+    model, tok = _trainable_tiny()
+    return copy.deepcopy(model).to(torch.bfloat16), tok
+
+
+def _bf16_loss(fn, section: str) -> None:
+    from utils.finetune import steered_response_loss
+
+    _stage(_PL_BF16)
+    model16, tok = _trainable_tiny_bf16()
+    batch = _train_batch(tok)
+    vector = _randn(64, seed=91, scale=3.0)
+    before = _hook_counts(model16)
+    try:
+        with torch.enable_grad():
+            got = _call(f"preventative_loss on a bf16 model, layer={TRAIN_LAYER}", section, "", fn, model16,
+                        {k: v.clone() for k, v in batch.items()}, TRAIN_LAYER, vector.clone())
+            expected = steered_response_loss(model16, batch, TRAIN_LAYER, vector)
+    finally:
+        _left_behind(model16, before)  # the shared bf16 copy stays clean (hooks left behind fail their own stage)
+    for p in model16.parameters():
+        p.grad = None
+    if not isinstance(got, torch.Tensor) or got.ndim != 0 or got.dtype != torch.float32:
+        _fail(f"On a bf16 model preventative_loss returned {_short(got)}: return a 0-d float32 loss whatever the model's "
+              "dtype. Convert the logits with .float() before the cross-entropy.", section)
+    if _bf16_exact(got.detach()) and not _bf16_exact(expected.detach()):
+        _fail(f"On a bf16 model the loss, {float(got):.5f}, is exactly a bf16 number: it was computed in bf16 and "
+              "converted afterwards, which keeps only ~3 significant digits. Convert the logits to float32 (.float()) "
+              "before the cross-entropy.", section)
+    if not math.isclose(float(got), float(expected), rel_tol=1e-3):
+        _fail(f"On a bf16 model: expected a loss of {float(expected):.5f}, got {float(got):.5f}. Convert the logits to "
+              "float32 (.float()) before the cross-entropy: its softmax and log in bf16 keep ~3 significant digits.",
+              section)
 
 
 BF16_STAGES = {  # check -> (its bf16 stage as fn(learner_fn, seed), the promise it tests); seed 0: the check's data

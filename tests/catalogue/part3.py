@@ -444,7 +444,8 @@ def _pairs_mistakes():
 # ==================================================================================================
 
 def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_start=False, three_passes=False,
-                   bf16=False, keep_hooks=False, sort_rows=False, layers_first=False, first_element=False):
+                   bf16=False, keep_hooks=False, sort_rows=False, layers_first=False, first_element=False,
+                   model_dtype=False):
     def three_averages(model, tokenizer, conversations):
         from utils.conversation import response_token_span
 
@@ -470,7 +471,7 @@ def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_star
                     result = model(input_ids=torch.tensor([fed]), output_hidden_states=hidden_states)
                 for k in range(n_layers):
                     h = result.hidden_states[k + shift][0] if hidden_states else grabbed[k]
-                    h = h.bfloat16() if bf16 else h.float()
+                    h = h.bfloat16() if bf16 else h if model_dtype else h.float()
                     r_end = len(fed) if with_eot else end
                     out["response_avg"][row, k] = h[start:r_end].mean(0).float()
                     out["prompt_avg"][row, k] = h[:start].mean(0).float()
@@ -578,7 +579,11 @@ def _averages_mistakes():
         Mistake("the end-of-turn tokens in the response", _averages_with(with_eot=True), "content tokens only"),
         Mistake("the last prompt token at the answer's start", _averages_with(last_at_start=True), "FIRST token"),
         Mistake("a pass per average", _averages_with(three_passes=True), "forward passes"),
-        Mistake("means in bf16", _averages_with(bf16=True), "float32"),
+        Mistake("means in bf16", _averages_with(bf16=True), "float32",
+                stage="the means taken in float32 (a bf16 model's block outputs converted first)"),
+        Mistake("means in the model's dtype", _averages_with(model_dtype=True), "the mean was taken in bf16",
+                note="right on a float32 model; on a bf16 one the means are bf16 numbers",
+                stage="the means taken in float32 (a bf16 model's block outputs converted first)"),
         Mistake("hooks left registered", _averages_with(keep_hooks=True), "still had hooks"),
         Mistake("rows sorted by length", _averages_with(sort_rows=True), "out of order"),
         Mistake("layers first, [n_layers, n, d_model]", _averages_with(layers_first=True), "[n, n_layers, d_model]",
@@ -1222,7 +1227,7 @@ def _delta_mistakes():
 # ==================================================================================================
 
 def _loss_with(*, all_tokens=False, unshifted=False, weights_early=False, per_sequence=False, no_positions=False,
-               no_grad=False, outside=False, sign=1.0, shift=0, keep_hook=False, as_float=False):
+               no_grad=False, outside=False, sign=1.0, shift=0, keep_hook=False, as_float=False, logits_dtype="float32"):
     def preventative_loss(model, batch, layer=None, vector=None):
         from utils.steering import steering
 
@@ -1230,7 +1235,8 @@ def _loss_with(*, all_tokens=False, unshifted=False, weights_early=False, per_se
             kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             if not no_positions:
                 kwargs["position_ids"] = batch["position_ids"]
-            return model(**kwargs).logits.float()
+            logits = model(**kwargs).logits
+            return logits.float() if logits_dtype == "float32" else logits
 
         def loss_of(logits):
             ids = batch["input_ids"]
@@ -1240,9 +1246,12 @@ def _loss_with(*, all_tokens=False, unshifted=False, weights_early=False, per_se
             else:
                 lg, tg, w = logits[:, :-1], ids[:, 1:], (mask[:, :-1] if weights_early else mask[:, 1:])
             ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), reduction="none").reshape(tg.shape)
+            w = w.to(ce.dtype)
             if per_sequence:
-                return ((ce * w).sum(1) / w.sum(1)).mean()
-            return (ce * w).sum() / w.sum()
+                out = ((ce * w).sum(1) / w.sum(1)).mean()
+            else:
+                out = (ce * w).sum() / w.sum()
+            return out.float() if logits_dtype == "cast after" else out
 
         ctx = torch.no_grad() if no_grad else contextlib.nullcontext()
         with ctx:
@@ -1327,6 +1336,11 @@ def _loss_mistakes():
         Mistake("steers the next block", _loss_with(shift=1), "steering block"),
         Mistake("the hook left registered", _loss_with(keep_hook=True), "still had a hook"),
         Mistake("a float, not a tensor", _loss_with(as_float=True), "0-d tensor"),
+        Mistake("the cross-entropy on the model's logits", _loss_with(logits_dtype="model"), "Convert the logits",
+                note="right on a float32 model; a bf16 model's logits give a bf16 loss",
+                stage="on a bf16 model too: a float32 loss from float32 logits"),
+        Mistake("bf16 cross-entropy, cast afterwards", _loss_with(logits_dtype="cast after"), "float32 (.float())",
+                stage="on a bf16 model too: a float32 loss from float32 logits"),
     )
 
 
