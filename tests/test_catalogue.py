@@ -29,9 +29,9 @@ def _id(*parts: str) -> str:
 # The verdicts the two tests below got, (entry, kind, name) -> Verdict.key(), for the run-after-run test.
 _FIRST_PASS: dict[tuple, tuple] = {}
 
-MISTAKES = [pytest.param(e, m, id=_id(PART_OF[id(e)], e.check.removeprefix("test_"), m.name)) for e in CATALOGUE
-            for m in e.mistakes]
-VARIANTS = [pytest.param(e, v, id=_id(PART_OF[id(e)], e.check.removeprefix("test_"), v.name)) for e in CATALOGUE
+MISTAKES = [pytest.param(e, m, id=_id(e.check.removeprefix("test_"), m.name, PART_OF[id(e)])) for e in CATALOGUE
+            for m in e.mistakes]  # check::item::part (tests/test_markers.py reads the check from the first part)
+VARIANTS = [pytest.param(e, v, id=_id(e.check.removeprefix("test_"), v.name, PART_OF[id(e)])) for e in CATALOGUE
             for v in e.variants]
 
 
@@ -241,9 +241,9 @@ def _bf16_items():
             _, label = module.BF16_STAGES[entry.check]
             pinned = [m for m in entry.mistakes if m.stage == label]
             assert pinned, f"{entry.check}: no catalogued mistake is pinned to its bf16 stage {label!r}"
-            items += [pytest.param(module, entry.check, m, "mistake", id=_id(part, entry.check, "mistake", m.name))
+            items += [pytest.param(module, entry.check, m, "mistake", id=_id(entry.check, "mistake", m.name, part))
                       for m in pinned]
-            items += [pytest.param(module, entry.check, v, "variant", id=_id(part, entry.check, "variant", v.name))
+            items += [pytest.param(module, entry.check, v, "variant", id=_id(entry.check, "variant", v.name, part))
                       for v in entry.variants]
     return items
 
