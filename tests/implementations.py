@@ -28,6 +28,7 @@ from typing import Any
 
 P1 = "tests.part1_persona_space"
 P2 = "tests.part2_stabilizing"
+P3 = "tests.part3_trait_vectors"
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,60 @@ REGISTRY: dict[str, Entry] = {
     f"{P2}.test_next_token_kl": Entry(
         "Section 7, Exercise 8",
         ("utils.experiments.next_token_kl",)),  # the course's KL over a model's conversations
+    # ---------------------------------------------------------------------------------------- Part 3
+    f"{P3}.test_contrastive_prompts": Entry(
+        "Section 1, Exercise 1",
+        ("utils.traits.contrastive_system_prompts",  # every pair of a trait
+         "utils.traits.system_prompt")),  # one prompt in the paper's wording
+    f"{P3}.test_split_questions": Entry(
+        "Section 1, Exercise 1",
+        ("utils.traits.split_questions",)),
+    f"{P3}.test_logprob_score": Entry(
+        "Section 2, Exercise 2",
+        ("utils.judges.logprob_score",)),
+    f"{P3}.test_judge_0_100": Entry(
+        "Section 2, Exercise 2",
+        ("utils.judges.judge_logprob_score",  # the request and the score
+         "utils.judges.top_logprobs_of")),  # reading the first token's alternatives off the reply
+    f"{P3}.test_effective_pairs": Entry(
+        "Section 3, Exercise 3",
+        ("utils.traits.effective_pairs",)),
+    f"{P3}.test_three_averages": Entry(
+        "Section 4, Exercise 4",
+        ("utils.activations.extract_prompt_response_means",),
+        allowed=("utils.conversation.response_token_span",)),
+    f"{P3}.test_trait_vector": Entry(
+        "Section 4, Exercise 4",
+        ("utils.traits.trait_vectors",)),
+    f"{P3}.test_spread_scaled_vectors": Entry(
+        "Section 5, Exercise 5",
+        ("utils.traits.spread_scaled_vectors", "utils.traits.projection_spread")),
+    f"{P3}.test_layer_sweep": Entry(
+        "Section 5, Exercise 5",
+        ("utils.traits.layer_sweep",
+         "utils.traits.steered_answers",  # greedy answers under steering
+         "utils.traits.mean_score"),  # the mean of the scores that are not None
+        allowed=("utils.steering.steering", "utils.generation.generate", "utils.conversation.chat_messages")),
+    f"{P3}.test_steer_positions": Entry(
+        "Section 6, Exercise 6",
+        ("utils.steering.steer_positions",
+         "utils.steering.pass_positions")),  # the modes' rules, which positions of a pass change
+    f"{P3}.test_monitoring_correlations": Entry(
+        "Section 7, Exercise 7",
+        ("utils.traits.monitoring_correlations", "utils.traits.pearson")),
+    f"{P3}.test_cosine_matrix": Entry(
+        "Section 8, Exercise 8",
+        ("utils.traits.cosine_matrix",)),
+    f"{P3}.test_cosine_with_axis": Entry(
+        "Section 8, Exercise 8",
+        ("utils.traits.cosine_with_axis",)),
+    f"{P3}.test_projection_differences": Entry(
+        "Section 9, Exercise 9",
+        ("utils.traits.projection_differences",)),
+    f"{P3}.test_preventative_loss": Entry(
+        "Section 10, Exercise 10",
+        ("utils.finetune.steered_response_loss", "utils.finetune.response_loss"),
+        allowed=("utils.steering.steering",)),
 }
 
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {check: entry.implementations for check, entry in REGISTRY.items()}

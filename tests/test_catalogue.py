@@ -18,6 +18,8 @@ from tests.catalogue.part2 import CATALOGUE as CATALOGUE2
 from tests.catalogue.part3 import CATALOGUE as CATALOGUE3
 
 CATALOGUE = CATALOGUE1 + CATALOGUE2 + CATALOGUE3
+PART_OF = {id(e): part for part, catalogue in (("part1", CATALOGUE1), ("part2", CATALOGUE2), ("part3", CATALOGUE3))
+           for e in catalogue}  # so that `-k part3` selects one part's catalogue
 
 
 def _id(*parts: str) -> str:
@@ -27,8 +29,10 @@ def _id(*parts: str) -> str:
 # The verdicts the two tests below got, (entry, kind, name) -> Verdict.key(), for the run-after-run test.
 _FIRST_PASS: dict[tuple, tuple] = {}
 
-MISTAKES = [pytest.param(e, m, id=_id(e.check.removeprefix("test_"), m.name)) for e in CATALOGUE for m in e.mistakes]
-VARIANTS = [pytest.param(e, v, id=_id(e.check.removeprefix("test_"), v.name)) for e in CATALOGUE for v in e.variants]
+MISTAKES = [pytest.param(e, m, id=_id(e.check.removeprefix("test_"), m.name, PART_OF[id(e)])) for e in CATALOGUE
+            for m in e.mistakes]  # check::item::part (tests/test_markers.py reads the check from the first part)
+VARIANTS = [pytest.param(e, v, id=_id(e.check.removeprefix("test_"), v.name, PART_OF[id(e)])) for e in CATALOGUE
+            for v in e.variants]
 
 
 @pytest.mark.parametrize("entry,variant", VARIANTS)
@@ -164,23 +168,28 @@ STAGES_WITHOUT_MISTAKES = {
         "the catalogue runs the check with tiny-gemma2 as 'your model', which the earlier stages already cover",
     ("test_extract_response_activations_batched", "works on your own model"):
         "the catalogue runs the check with tiny-gemma2 as 'your model', which the earlier stages already cover",
+    ("test_preventative_loss", checks3._PL_GRAD):
+        "a steered loss with the right value and an autograd graph took both from the steered forward pass: the "
+        "earlier stages reject a loss without a graph and one computed outside the steering, and no realistic answer "
+        "has the steered value with another pass's gradients",
 }
 
 
-def test_every_stage_of_every_check_rejects_a_catalogued_mistake():
+@pytest.mark.parametrize("catalogue", [CATALOGUE1, CATALOGUE2, CATALOGUE3], ids=["part1", "part2", "part3"])
+def test_every_stage_of_every_check_rejects_a_catalogued_mistake(catalogue):
     from tests.catalogue import promises
 
-    rejected = {(e.check, s) for e, s in _rejections()}
-    missing = [(e.check, label) for e in CATALOGUE for label in promises(e.check)
+    rejected = {(e.check, s) for e, s in _rejections(catalogue)}
+    missing = [(e.check, label) for e in catalogue for label in promises(e.check)
                if (e.check, label) not in rejected and (e.check, label) not in STAGES_WITHOUT_MISTAKES]
     assert not missing, f"stages that reject none of the catalogued mistakes: {missing}"
 
 
-def _rejections():
+def _rejections(catalogue=CATALOGUE):
     """(entry, stage) for every catalogued mistake that its check rejects with its message, from the verdicts the
     tests above got (or a fresh pass where they did not all run)."""
     out = []
-    for entry in CATALOGUE:
+    for entry in catalogue:
         for mistake in entry.mistakes:
             key = _FIRST_PASS.get((entry.check, "mistake", mistake.name))
             if key is None:
@@ -193,7 +202,7 @@ def _rejections():
     return out
 
 
-@pytest.mark.parametrize("module", [checks, checks2], ids=["part1", "part2"])
+@pytest.mark.parametrize("module", [checks, checks2, checks3], ids=["part1", "part2", "part3"])
 def test_every_check_lists_its_promises_and_starts_each_stage(module):
     """Each check (hidden ones too) declares its promises: distinct, short labels. (That each one is a stage the check
     reaches is the test above: each rejects a catalogued mistake. A stage a check starts without declaring it fails
@@ -224,16 +233,17 @@ def test_a_mistake_pinned_to_a_stage_must_be_rejected_there():
 def _bf16_items():
     """(module, check, stage label, item, kind) for every mistake pinned to a bf16 stage and every correct variant."""
     items = []
-    for module, catalogue in ((checks, CATALOGUE1), (checks2, CATALOGUE2)):
+    for part, module, catalogue in (("part1", checks, CATALOGUE1), ("part2", checks2, CATALOGUE2),
+                                    ("part3", checks3, CATALOGUE3)):
         for entry in catalogue:
             if entry.check not in module.BF16_STAGES:
                 continue
             _, label = module.BF16_STAGES[entry.check]
             pinned = [m for m in entry.mistakes if m.stage == label]
             assert pinned, f"{entry.check}: no catalogued mistake is pinned to its bf16 stage {label!r}"
-            items += [pytest.param(module, entry.check, m, "mistake", id=_id(entry.check, "mistake", m.name))
+            items += [pytest.param(module, entry.check, m, "mistake", id=_id(entry.check, "mistake", m.name, part))
                       for m in pinned]
-            items += [pytest.param(module, entry.check, v, "variant", id=_id(entry.check, "variant", v.name))
+            items += [pytest.param(module, entry.check, v, "variant", id=_id(entry.check, "variant", v.name, part))
                       for v in entry.variants]
     return items
 
@@ -268,16 +278,18 @@ def test_the_bf16_stage_fails_bf16_arithmetic_and_passes_float32_on_every_seed(m
 
 
 def _reference_for(check_name, reference):
-    from tests.catalogue import PART2_CHECKS
+    from tests.catalogue import PART2_CHECKS, PART3_CHECKS
     from tests.test_checks import CHECKS
     from tools.reference import load_reference
 
     if check_name in PART2_CHECKS:
         return load_reference("part2_stabilizing")[check_name.removeprefix("test_")]
+    if check_name in PART3_CHECKS:
+        return load_reference("part3_trait_vectors")[check_name.removeprefix("test_")]
     return reference[CHECKS[check_name]]
 
 
-@pytest.mark.parametrize("module,check_name", [(m, c) for m in (checks, checks2) for c in m.BF16_STAGES],
+@pytest.mark.parametrize("module,check_name", [(m, c) for m in (checks, checks2, checks3) for c in m.BF16_STAGES],
                          ids=lambda x: x if isinstance(x, str) else x.__name__.rsplit(".", 1)[-1])
 def test_the_reference_passes_the_bf16_stage_on_every_seed(module, check_name, reference, capsys):
     from tests.checking import using_reference
@@ -290,4 +302,29 @@ def test_the_reference_passes_the_bf16_stage_on_every_seed(module, check_name, r
             for name, (earlier, ref) in getattr(module, "BF16_USES", {}).get(check_name, {}).items():
                 stack.enter_context(using_reference(fn, name, ref(), earlier))
             stage(fn, seed)
+    capsys.readouterr()
+
+
+# ---- The shared check models keep their output-recording hooks ---------------------------------------------------
+
+@pytest.mark.parametrize("module", [checks2, checks3], ids=["part2", "part3"])
+def test_output_hidden_states_still_works_after_a_check_that_counts_hooks(module, capsys):
+    """transformers 5.x installs its output-recording hooks on a model's first ``output_hidden_states=True`` pass. The
+    checks' tiny model is warmed with one such pass when it loads, so a check that counts the hooks before the
+    learner's code runs (and removes any added since) never removes those: hidden_states keeps every layer after the
+    check, in the same process."""
+    import torch
+
+    fresh, _ = module.tiny_gemma2.__wrapped__()  # a new load, whatever ran before in this process
+    before = module._hook_counts(fresh)
+    with torch.inference_mode():
+        fresh(input_ids=torch.tensor([[2, 5, 6]]), output_hidden_states=True)
+    assert not module._left_behind(fresh, before), "the first output_hidden_states pass added hooks a check would remove"
+
+    model, _ = module.tiny_gemma2()
+    name = "test_add_steering" if module is checks2 else "test_three_averages"
+    call_check(name, _reference_for(name, None))
+    with torch.inference_mode():
+        hidden = model(input_ids=torch.tensor([[2, 5, 6]]), output_hidden_states=True).hidden_states
+    assert hidden is not None and len(hidden) == model.config.num_hidden_layers + 1
     capsys.readouterr()

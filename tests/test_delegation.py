@@ -25,6 +25,7 @@ import pytest
 from tests import checking
 from tests import part1_persona_space as checks1
 from tests import part2_stabilizing as checks2
+from tests import part3_trait_vectors as checks3
 from tests.catalogue import call_check
 from tests.checking import CheckFailure
 from tests.implementations import NO_COURSE_IMPLEMENTATION, REGISTRY, RegistryError, resolve
@@ -44,6 +45,14 @@ EXERCISE_NAMES = {  # check -> the name of the learner's function (what the note
     "test_capping_threshold": "capping_threshold", "test_drift_summary": "drift_summary",
     "test_add_steering": "add_steering", "test_cap_activations": "cap_activations",
     "test_activation_capping": "activation_capping", "test_next_token_kl": "next_token_kl",
+    # Part 3
+    "test_contrastive_prompts": "contrastive_prompts", "test_split_questions": "split_questions",
+    "test_logprob_score": "logprob_score", "test_judge_0_100": "judge_0_100", "test_effective_pairs": "effective_pairs",
+    "test_three_averages": "three_averages", "test_trait_vector": "trait_vector",
+    "test_spread_scaled_vectors": "spread_scaled_vectors", "test_layer_sweep": "layer_sweep",
+    "test_steer_positions": "steer_positions", "test_monitoring_correlations": "monitoring_correlations",
+    "test_cosine_matrix": "cosine_matrix", "test_cosine_with_axis": "cosine_with_axis",
+    "test_projection_differences": "projection_differences", "test_preventative_loss": "preventative_loss",
 }
 
 # Learner cells that delegate: each defines the exercise's function as a thin wrapper of one course implementation,
@@ -283,6 +292,222 @@ from utils.experiments import next_token_kl as course_next_token_kl
 def next_token_kl(logits_p, logits_q):
     return course_next_token_kl(logits_p, logits_q, None)
 ''',
+    # ------------------------------------------------------------------------------------------------ Part 3
+    ("test_contrastive_prompts", "utils.traits.contrastive_system_prompts"): '''
+from utils.traits import contrastive_system_prompts
+
+
+def contrastive_prompts(trait, n_pairs):
+    return contrastive_system_prompts(trait, n_pairs)
+''',
+    ("test_contrastive_prompts", "utils.traits.system_prompt"): '''
+from utils.traits import system_prompt
+
+
+def _pair(trait, i):
+    return system_prompt(trait.name, trait.pos_prompts[i], True), system_prompt(trait.name, trait.neg_prompts[i], False)
+
+
+def contrastive_prompts(trait, n_pairs):
+    if not 1 <= n_pairs <= 5:
+        raise ValueError("n_pairs must be in 1..5")
+    return [_pair(trait, i) for i in range(n_pairs)]
+''',
+    ("test_split_questions", "utils.traits.split_questions"): '''
+import utils.traits
+
+
+def split_questions(questions):
+    return utils.traits.split_questions(questions)
+''',
+    ("test_logprob_score", "utils.judges.logprob_score"): '''
+from utils.judges import logprob_score as _score
+
+
+def logprob_score(top_logprobs, min_mass=0.25):
+    return _score(list(top_logprobs), min_mass=min_mass)
+''',
+    ("test_judge_0_100", "utils.judges.judge_logprob_score"): '''
+from utils.judges import judge_logprob_score
+
+
+def judge_0_100(client, judge_model, prompt):
+    return judge_logprob_score(client, judge_model, prompt)
+''',
+    ("test_judge_0_100", "utils.judges.top_logprobs_of"): '''
+from utils.judges import top_logprobs_of
+
+
+def _ask(client, judge_model, prompt):
+    return client.chat.completions.create(model=judge_model, messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=1, temperature=0, logprobs=True, top_logprobs=20)
+
+
+def judge_0_100(client, judge_model, prompt):
+    alternatives = top_logprobs_of(_ask(client, judge_model, prompt))
+    return logprob_score([(a.token, a.logprob) for a in alternatives])
+''',
+    ("test_effective_pairs", "utils.traits.effective_pairs"): '''
+from utils.traits import effective_pairs as course_pairs
+
+
+def effective_pairs(pos_scores, neg_scores, pos_coherence, neg_coherence, threshold=50.0, coherence_threshold=50.0):
+    return course_pairs(pos_scores, neg_scores, pos_coherence, neg_coherence, threshold, coherence_threshold)
+''',
+    ("test_three_averages", "utils.activations.extract_prompt_response_means"): '''
+from utils.activations import extract_prompt_response_means
+
+
+def three_averages(model, tokenizer, conversations):
+    return extract_prompt_response_means(model, tokenizer, conversations, progress=False)
+''',
+    ("test_trait_vector", "utils.traits.trait_vectors"): '''
+from utils.traits import trait_vectors
+
+
+def trait_vector(pos, neg):
+    return trait_vectors(pos, neg)
+''',
+    ("test_spread_scaled_vectors", "utils.traits.spread_scaled_vectors"): '''
+import utils.traits as course
+
+
+def spread_scaled_vectors(vectors, activations, layers, multiple):
+    return course.spread_scaled_vectors(vectors, activations, layers, multiple)
+''',
+    ("test_spread_scaled_vectors", "utils.traits.projection_spread"): '''
+from utils.traits import projection_spread
+
+
+def _unit(v):
+    return v.float() / v.float().norm()
+
+
+def spread_scaled_vectors(vectors, activations, layers, multiple):
+    return {layer: float(multiple) * projection_spread(activations[:, layer], _unit(vectors[layer])) * _unit(vectors[layer])
+            for layer in layers}
+''',
+    ("test_layer_sweep", "utils.traits.layer_sweep"): '''
+from utils.traits import layer_sweep as course_sweep
+
+
+def layer_sweep(model, tokenizer, questions, vectors, judge, max_new_tokens):
+    return course_sweep(model, tokenizer, questions, vectors, judge, max_new_tokens)
+''',
+    ("test_layer_sweep", "utils.traits.steered_answers"): '''
+from utils.conversation import chat_messages
+from utils.traits import steered_answers
+
+
+def _mean(scores):
+    kept = [s for s in scores if s is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def layer_sweep(model, tokenizer, questions, vectors, judge, max_new_tokens):
+    prompts = [chat_messages("", q) for q in questions]
+    out = {}
+    for layer, vector in vectors.items():
+        answers = steered_answers(model, tokenizer, prompts, max_new_tokens, layer, vector)
+        out[layer] = _mean([judge(q, a) for q, a in zip(questions, answers)])
+    return out
+''',
+    ("test_layer_sweep", "utils.traits.mean_score"): '''
+from utils.conversation import chat_messages
+from utils.generation import generate
+from utils.steering import steering
+from utils.traits import mean_score
+
+
+def layer_sweep(model, tokenizer, questions, vectors, judge, max_new_tokens):
+    prompts = [chat_messages("", q) for q in questions]
+    out = {}
+    for layer, vector in vectors.items():
+        with steering(model, {layer: vector}):
+            answers = generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0)
+        out[layer] = mean_score([judge(q, a) for q, a in zip(questions, answers)])
+    return out
+''',
+    ("test_steer_positions", "utils.steering.steer_positions"): '''
+from utils import steering
+
+
+def steer_positions(h, vector, positions):
+    return steering.steer_positions(h, vector, positions)
+''',
+    ("test_steer_positions", "utils.steering.pass_positions"): '''
+from utils.steering import pass_positions
+
+
+def steer_positions(h, vector, positions):
+    if positions not in ("all", "prompt", "response"):
+        raise ValueError(f"unknown positions {positions!r}")
+    where = pass_positions(h, {"past_key_values": True}, positions)
+    out = h.clone()
+    if where is not None:
+        out[:, where] = out[:, where] + vector.to(device=h.device, dtype=h.dtype)
+    return out
+''',
+    ("test_monitoring_correlations", "utils.traits.monitoring_correlations"): '''
+from utils.traits import monitoring_correlations as course_correlations
+
+
+def monitoring_correlations(projections, scores, conditions):
+    return course_correlations(projections, scores, conditions)
+''',
+    ("test_monitoring_correlations", "utils.traits.pearson"): '''
+from utils.traits import pearson
+
+
+def monitoring_correlations(projections, scores, conditions):
+    keep = [i for i, s in enumerate(scores) if s is not None]
+    x, y = [float(projections[i]) for i in keep], [float(scores[i]) for i in keep]
+    out = {"overall": pearson(x, y), "n": len(keep), "within": {}, "n_within": {}}
+    for c in dict.fromkeys(conditions):
+        idx = [k for k, i in enumerate(keep) if conditions[i] == c]
+        out["within"][c] = pearson([x[k] for k in idx], [y[k] for k in idx])
+        out["n_within"][c] = len(idx)
+    return out
+''',
+    ("test_cosine_matrix", "utils.traits.cosine_matrix"): '''
+from utils.traits import cosine_matrix as course_matrix
+
+
+def cosine_matrix(vectors):
+    return course_matrix(dict(vectors))
+''',
+    ("test_cosine_with_axis", "utils.traits.cosine_with_axis"): '''
+from utils.traits import cosine_with_axis as course_axis
+
+
+def cosine_with_axis(trait_vectors_by_name, axis, layers):
+    return course_axis(trait_vectors_by_name, axis, layers)
+''',
+    ("test_projection_differences", "utils.traits.projection_differences"): '''
+from utils.traits import projection_differences as course_differences
+
+
+def projection_differences(dataset, own, prompt_last, vector):
+    return course_differences(dataset, own, prompt_last, vector)
+''',
+    ("test_preventative_loss", "utils.finetune.steered_response_loss"): '''
+from utils.finetune import steered_response_loss
+
+
+def preventative_loss(model, batch, layer=None, vector=None):
+    return steered_response_loss(model, batch, layer, vector)
+''',
+    ("test_preventative_loss", "utils.finetune.response_loss"): '''
+import contextlib
+
+from utils.finetune import response_loss
+from utils.steering import steering
+
+
+def preventative_loss(model, batch, layer=None, vector=None):
+    with steering(model, {layer: vector}) if vector is not None else contextlib.nullcontext():
+        return response_loss(model, batch)
+''',
 }
 
 
@@ -321,7 +546,7 @@ def _assert_refused(failure: CheckFailure | None, check: str, dotted: str, how: 
 
 
 def _module_of(check: str):
-    return checks1 if check.startswith(checks1.__name__ + ".") else checks2
+    return next(m for m in (checks1, checks2, checks3) if check.startswith(m.__name__ + "."))
 
 
 def _course_bindings() -> dict:
@@ -339,7 +564,7 @@ def _checks_of(module) -> dict[str, object]:
 
 
 def test_every_check_is_registered_or_says_why_not():
-    defined = {**_checks_of(checks1), **_checks_of(checks2)}
+    defined = {**_checks_of(checks1), **_checks_of(checks2), **_checks_of(checks3)}
     assert not set(REGISTRY) & set(NO_COURSE_IMPLEMENTATION)
     assert set(REGISTRY) | set(NO_COURSE_IMPLEMENTATION) == set(defined)
     for name, fn in defined.items():
@@ -364,7 +589,7 @@ def test_a_moved_function_is_a_registry_error():
 
 
 def test_the_sections_are_the_checks_own():
-    defined = {**_checks_of(checks1), **_checks_of(checks2)}
+    defined = {**_checks_of(checks1), **_checks_of(checks2), **_checks_of(checks3)}
     for check, entry in REGISTRY.items():
         source = inspect.getsource(inspect.unwrap(defined[check]))
         assert f'section = "{entry.section}"' in source, check
@@ -533,7 +758,8 @@ def test_every_way_of_reaching_the_implementation_is_seen_and_put_back(how):
 def references():
     from tools.reference import load_reference
 
-    return {checks1.__name__: load_reference(), checks2.__name__: load_reference("part2_stabilizing")}
+    return {checks1.__name__: load_reference(), checks2.__name__: load_reference("part2_stabilizing"),
+            checks3.__name__: load_reference("part3_trait_vectors")}
 
 
 def _reference_name(check: str) -> str:

@@ -1,10 +1,10 @@
-"""Mutation-style summary of the checks: ``python -m tools.check_catalogue [--runs N] [-v]``.
+"""Mutation-style summary of the checks: ``python -m tools.check_catalogue [--part 1|2|3] [--runs N] [-v]``.
 
 Runs every catalogued mistake and every alternative correct implementation (``tests/catalogue/``) through
 its notebook check, then prints, per exercise, the mistakes caught (rejected with the expected message)
 out of those tried and the correct variants accepted out of those tried, and, per check, the promise each
 of its stages tests with the number of catalogued mistakes that stage rejects (``-v``: their names). Exits
-non-zero unless both are 100%. ``--runs N`` repeats the whole catalogue N times and also fails if any
+non-zero unless both are 100%. ``--part P`` runs one part's catalogue only. ``--runs N`` repeats the whole catalogue N times and also fails if any
 verdict or message differs between runs.
 """
 
@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None, entries=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1, help="repeat the catalogue and compare the verdicts")
     parser.add_argument("-v", "--verbose", action="store_true", help="list every mistake and variant")
+    parser.add_argument("--part", type=int, choices=(1, 2, 3), help="one part's catalogue only (default: every part)")
     args = parser.parse_args(argv)
 
     import torch
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None, entries=None) -> int:
         from tests.catalogue.part2 import CATALOGUE as part2
         from tests.catalogue.part3 import CATALOGUE as part3
 
-        entries = part1 + part2 + part3
+        entries = {None: part1 + part2 + part3, 1: part1, 2: part2, 3: part3}[args.part]
 
     start = time.perf_counter()
     runs = [run_catalogue(entries) for _ in range(max(1, args.runs))]

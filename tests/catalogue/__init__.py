@@ -1,6 +1,7 @@
 """A catalogue of realistic mistakes and alternative correct answers, for every notebook check.
 
-Each check in ``tests/part1_persona_space.py`` is exercised here by
+Each notebook check (``tests/part1_persona_space.py``, ``part2_stabilizing.py``, ``part3_trait_vectors.py``)
+is exercised here by
 
 - **mistakes**: small wrong implementations a learner could plausibly write, each with a piece of the
   message the check must show (the message names the mistake, so the learner knows what to fix);
@@ -48,7 +49,7 @@ class Entry:
     """The catalogue of one check: the visible check, plus any hidden checks variants must also pass."""
 
     exercise: str  # the row of the summary table, e.g. "judge"
-    check: str  # a function name in tests.part1_persona_space
+    check: str  # a function name in tests.part1_persona_space, part2_stabilizing or part3_trait_vectors
     mistakes: tuple[Mistake, ...]
     variants: tuple[Variant, ...]
     hidden: tuple[str, ...] = field(default=())
@@ -105,11 +106,15 @@ def call_check(check_name: str, fn: Callable) -> None:
 
 
 def check_module(check_name: str):
-    """The module that holds a check (Part 1's or Part 2's)."""
+    """The module that holds a check (Part 1's, Part 2's or Part 3's)."""
     if check_name in PART2_CHECKS:
         from tests import part2_stabilizing
 
         return part2_stabilizing
+    if check_name in PART3_CHECKS:
+        from tests import part3_trait_vectors
+
+        return part3_trait_vectors
     from tests import part1_persona_space
 
     return part1_persona_space

@@ -102,10 +102,13 @@ def _prompt_mistakes():
     )
 
 
-def _split_with(*, cut=20, swap=False, shuffle=False, overlap=False, pop=False, check=True, tuples=False):
+def _split_with(*, cut=20, swap=False, shuffle=False, overlap=False, pop=False, check=True, tuples=False,
+                plain_slices=False):
     def split_questions(questions):
         if check and len(questions) != 40:
             raise ValueError("40 questions expected")
+        if plain_slices:
+            return questions[:20], questions[20:]
         if pop:
             extract = [questions.pop(0) for _ in range(20)]
             return extract, list(questions)
@@ -152,8 +155,20 @@ def _split_mistakes():
         Mistake("overlapping sets", _split_with(overlap=True), "in both sets"),
         Mistake("pops from the input", _split_with(pop=True), "changed the list"),
         Mistake("no length check", _split_with(check=False), "raise a ValueError"),
-        Mistake("returns tuples", _split_with(tuples=True), "Return two lists"),
+        Mistake("returns tuples", _split_with(tuples=True), "Return two lists", stage="returns a tuple of two new "
+                "lists; the list it was given is left unchanged"),
+        Mistake("plain slices (tuples for a tuple)", _split_with(plain_slices=True), "a slice is a tuple",
+                note="right for a list; the notebook passes trait.questions, a tuple",
+                stage="a tuple of questions (a trait file's Trait.questions, as the notebook passes) gives lists too"),
     )
+
+
+def split_unpack(questions):
+    """Star-unpacking into two lists, whatever the sequence."""
+    *items, = questions
+    if len(items) != 40:
+        raise ValueError(f"expected 40 questions, got {len(items)}")
+    return items[:20], items[20:]
 
 
 # ==================================================================================================
@@ -161,14 +176,18 @@ def _split_mistakes():
 # ==================================================================================================
 
 def _score_with(*, renormalise=True, argmax=False, check_range=True, threshold=True, fixed_mass=False, strict=False,
-                floats=False, falsy_none=False, strip=True):
+                floats=False, falsy_none=False, strip=True, parse="digits", tensor=False):
     def logprob_score(top_logprobs, min_mass=0.25):
         mass, weighted, best = 0.0, 0.0, None
         for token, logprob in top_logprobs:
             text = token.strip() if strip else token
             if not strip and not text.isdigit():
                 continue
-            try:
+            if not floats and parse == "digits" and not (text.isascii() and text.isdigit()):
+                continue
+            if not floats and parse == "isdigit" and not text.isdigit():
+                continue
+            try:  # parse == "int": whatever int() takes ('+90' too)
                 value = float(text) if floats else int(text)
             except ValueError:
                 continue
@@ -185,6 +204,8 @@ def _score_with(*, renormalise=True, argmax=False, check_range=True, threshold=T
         if mass == 0:
             return None
         score = best[1] if argmax else (weighted / mass if renormalise else weighted)
+        if tensor:
+            return torch.tensor(weighted) / torch.tensor(mass)
         return (score or None) if falsy_none else score
     return logprob_score
 
@@ -237,15 +258,35 @@ def _score_mistakes():
         Mistake("decimals accepted", _score_with(floats=True), "'7.5' is not one"),
         Mistake("a score of 0 becomes None", _score_with(falsy_none=True), "A score of 0 is a real score"),
         Mistake("tokens not stripped", _score_with(strip=False), "count every integer token"),
+        Mistake("int() decides what counts", _score_with(parse="int"), "int('+90') is 90",
+                stage="only whole numbers in the ASCII digits 0-9 count: not '7.5', '+90' nor full-width digits"),
+        Mistake("str.isdigit() without isascii()", _score_with(parse="isdigit"), "full-width",
+                stage="only whole numbers in the ASCII digits 0-9 count: not '7.5', '+90' nor full-width digits"),
+        Mistake("a 0-d tensor", _score_with(tensor=True), "return a Python float",
+                stage="returns a Python number (or None), not a tensor or a numpy float32"),
     )
 
 
+def score_regex_float64(top_logprobs, min_mass=0.25):
+    """A regular expression with re.ASCII, and numpy float64 sums (a float subclass) returned as they are."""
+    pattern = re.compile(r"\d{1,3}", re.ASCII)
+    mass = weighted = np.float64(0.0)
+    for token, logprob in top_logprobs:
+        t = token.strip()
+        if pattern.fullmatch(t) and int(t) <= 100:
+            mass += np.exp(np.float64(logprob))
+            weighted += np.exp(np.float64(logprob)) * int(t)
+    return weighted / mass if mass >= min_mass else None
+
+
 def _judge_with(*, text=False, logprobs=True, top=20, max_tokens=1, model=None, system=False, refusal_zero=False,
-                temperature=0.0, first_n=None):
+                temperature=0.0, first_n=None, role="user", twice=False):
     def judge_0_100(client, judge_model, prompt):
         kwargs = dict(model=model or judge_model,
                       messages=([{"role": "system", "content": "You are a judge."}] if system else [])
-                      + [{"role": "user", "content": prompt}], max_tokens=max_tokens)
+                      + [{"role": role, "content": prompt}], max_tokens=max_tokens)
+        if twice:  # a first call for the text, then one for the logprobs
+            client.chat.completions.create(model=judge_model, messages=[{"role": "user", "content": prompt}])
         if temperature is not None:
             kwargs["temperature"] = temperature
         if logprobs:
@@ -311,6 +352,10 @@ def _judge_mistakes():
         Mistake("a refusal scored 0", _bind_logprob_score(_judge_with(refusal_zero=True)), "expected None"),
         Mistake("no temperature", _bind_logprob_score(_judge_with(temperature=None)), "temperature=0"),
         Mistake("only the first 5 alternatives", _bind_logprob_score(_judge_with(first_n=5)), "Pass every alternative"),
+        Mistake("the prompt as a system message", _bind_logprob_score(_judge_with(role="system")), "'role': 'user'",
+                stage="model=judge_model, and the prompt as the only message, with the role 'user'"),
+        Mistake("two calls per prompt", _bind_logprob_score(_judge_with(twice=True)), "one call gives the logprobs",
+                stage="one chat.completions.create call per prompt"),
     )
 
 
@@ -399,7 +444,8 @@ def _pairs_mistakes():
 # ==================================================================================================
 
 def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_start=False, three_passes=False,
-                   bf16=False, keep_hooks=False, sort_rows=False):
+                   bf16=False, keep_hooks=False, sort_rows=False, layers_first=False, first_element=False,
+                   model_dtype=False):
     def three_averages(model, tokenizer, conversations):
         from utils.conversation import response_token_span
 
@@ -408,9 +454,14 @@ def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_star
         order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i]))) if sort_rows \
             else list(range(len(conversations)))
         grabbed = {}
+        def grab(k, o):
+            if first_element:  # output[0]: batch row 0 of a 5.x tensor, but the whole hidden state of a 4.x tuple
+                grabbed[k] = o[0]
+            else:
+                grabbed[k] = (o[0] if isinstance(o, tuple) else o)[0]
+
         handles = [] if hidden_states else [
-            blk.register_forward_hook(lambda m, a, o, k=k: grabbed.__setitem__(k, (o[0] if isinstance(o, tuple) else o)[0]))
-            for k, blk in enumerate(model.model.layers)]
+            blk.register_forward_hook(lambda m, a, o, k=k: grab(k, o)) for k, blk in enumerate(model.model.layers)]
         try:
             for row, i in enumerate(order):
                 ids, start, end = response_token_span(conversations[i], tokenizer)
@@ -420,7 +471,7 @@ def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_star
                     result = model(input_ids=torch.tensor([fed]), output_hidden_states=hidden_states)
                 for k in range(n_layers):
                     h = result.hidden_states[k + shift][0] if hidden_states else grabbed[k]
-                    h = h.bfloat16() if bf16 else h.float()
+                    h = h.bfloat16() if bf16 else h if model_dtype else h.float()
                     r_end = len(fed) if with_eot else end
                     out["response_avg"][row, k] = h[start:r_end].mean(0).float()
                     out["prompt_avg"][row, k] = h[:start].mean(0).float()
@@ -429,7 +480,7 @@ def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_star
             if not keep_hooks:
                 for handle in handles:
                     handle.remove()
-        return out
+        return {k: v.transpose(0, 1) for k, v in out.items()} if layers_first else out
     return three_averages
 
 
@@ -528,14 +579,26 @@ def _averages_mistakes():
         Mistake("the end-of-turn tokens in the response", _averages_with(with_eot=True), "content tokens only"),
         Mistake("the last prompt token at the answer's start", _averages_with(last_at_start=True), "FIRST token"),
         Mistake("a pass per average", _averages_with(three_passes=True), "forward passes"),
-        Mistake("means in bf16", _averages_with(bf16=True), "float32"),
+        Mistake("means in bf16", _averages_with(bf16=True), "float32",
+                stage="the means taken in float32 (a bf16 model's block outputs converted first)"),
+        Mistake("means in the model's dtype", _averages_with(model_dtype=True), "the mean was taken in bf16",
+                note="right on a float32 model; on a bf16 one the means are bf16 numbers",
+                stage="the means taken in float32 (a bf16 model's block outputs converted first)"),
         Mistake("hooks left registered", _averages_with(keep_hooks=True), "still had hooks"),
         Mistake("rows sorted by length", _averages_with(sort_rows=True), "out of order"),
+        Mistake("layers first, [n_layers, n, d_model]", _averages_with(layers_first=True), "[n, n_layers, d_model]",
+                stage="{'response_avg', 'prompt_avg', 'prompt_last'} -> float32 CPU tensors [n, n_layers, d_model]"),
+        Mistake("output[0] for every block output", _averages_with(first_element=True), "whose blocks return a tuple",
+                note="right for 5.x's tensors (batch row 0); on 4.x's tuples output[0] is the whole hidden state",
+                stage="tuple block outputs (transformers 4.x) as well as tensors (5.x)"),
     )
 
 
-def _vector_with(*, sign=1.0, normalise=False, median=False, over_layers=False, keep_dtype=False, total=False):
+def _vector_with(*, sign=1.0, normalise=False, median=False, over_layers=False, keep_dtype=False, total=False,
+                 cast_after=False):
     def trait_vector(pos, neg):
+        if cast_after:
+            return (pos.mean(0) - neg.mean(0)).float()
         if median:
             return pos.float().median(0).values - neg.float().median(0).values
         p, n = (pos, neg) if keep_dtype else (pos.float(), neg.float())
@@ -568,7 +631,10 @@ def _vector_mistakes():
         Mistake("normalised per layer", _vector_with(normalise=True), "normalised"),
         Mistake("medians", _vector_with(median=True), "medians"),
         Mistake("averaged over the layers too", _vector_with(over_layers=True), "averaged over the layers"),
-        Mistake("kept the input dtype", _vector_with(keep_dtype=True), "Return float32"),
+        Mistake("kept the input dtype", _vector_with(keep_dtype=True), "Return float32",
+                stage="any float dtype in (bf16 too), float32 out, computed in float32"),
+        Mistake("means in bf16, cast afterwards", _vector_with(cast_after=True), "computed in bf16",
+                stage="any float dtype in (bf16 too), float32 out, computed in float32"),
         Mistake("sums instead of means", _vector_with(total=True), "expected"),
     )
 
@@ -578,14 +644,16 @@ def _vector_mistakes():
 # ==================================================================================================
 
 def _spread_with(*, correction=1, normalise=True, scale_unit=True, variance=False, norms=False, use_multiple=True,
-                 all_layers=False, as_list=False):
+                 all_layers=False, as_list=False, dtype="float32"):
     def spread_scaled_vectors(vectors, activations, layers, multiple):
         out = {}
         for layer in layers:
-            v = vectors[layer].float()
+            v = vectors[layer] if dtype != "float32" else vectors[layer].float()
             unit = v / v.norm()
             acts = activations.flatten(0, 1) if all_layers else activations[:, layer]
-            proj = acts.float() @ (unit if normalise else v)
+            proj = (acts if dtype != "float32" else acts.float()) @ (unit if normalise else v)
+            if dtype == "cast after":
+                proj, unit = proj.float(), unit.float()
             if norms:
                 proj = activations[:, layer].norm(dim=-1)
             spread = proj.var(correction=correction) if variance else proj.std(correction=correction)
@@ -619,8 +687,8 @@ def spread_manual(vectors, activations, layers, multiple):
 def spread_statistics(vectors, activations, layers, multiple):
     result = {}
     for layer in layers:
-        unit = vectors[layer] / torch.linalg.vector_norm(vectors[layer])
-        sd = statistics.stdev((activations[:, layer] @ unit).tolist())
+        unit = vectors[layer].double() / torch.linalg.vector_norm(vectors[layer].double())
+        sd = statistics.stdev((activations[:, layer].double() @ unit).tolist())
         result[layer] = (multiple * sd) * unit.float()
     return result
 
@@ -635,11 +703,15 @@ def _spread_mistakes():
         Mistake("multiple ignored", _spread_with(use_multiple=False), "Multiply by `multiple`"),
         Mistake("every layer's activations", _spread_with(all_layers=True), "activations at layer"),
         Mistake("returns a list", _spread_with(as_list=True), "Return a dict"),
+        Mistake("the input dtype kept", _spread_with(dtype="input"), "return float32",
+                stage="bf16 vectors and activations: float32 out, computed in float32"),
+        Mistake("projections in bf16, cast afterwards", _spread_with(dtype="cast after"), "computed in bf16",
+                stage="bf16 vectors and activations: float32 out, computed in float32"),
     )
 
 
 def _sweep_with(*, shift=0, outside=False, none_zero=False, keep_hooks=False, none_as_zero_mean=False,
-                swap_args=False, temperature=0.0, judge_twice=False):
+                swap_args=False, temperature=0.0, judge_twice=False, str_keys=False):
     def layer_sweep(model, tokenizer, questions, vectors, judge, max_new_tokens):
         from utils.conversation import chat_messages
         from utils.generation import generate
@@ -672,7 +744,7 @@ def _sweep_with(*, shift=0, outside=False, none_zero=False, keep_hooks=False, no
             else:
                 values = [0.0 if s is None else s for s in scores] if none_zero else [s for s in scores if s is not None]
                 out[layer] = (sum(values) / len(values)) if values else None
-        return out
+        return {str(k): v for k, v in out.items()} if str_keys else out
     return layer_sweep
 
 
@@ -742,6 +814,8 @@ def _sweep_mistakes():
         Mistake("judge(answer, question)", _sweep_with(swap_args=True), "question first"),
         Mistake("sampled, not greedy", _sweep_with(temperature=0.9), "Answer greedily"),
         Mistake("judges every answer twice", _sweep_with(judge_twice=True), "called"),
+        Mistake("the layers as strings (for JSON)", _sweep_with(str_keys=True), "with the layers of `vectors`",
+                stage="a dict {layer: mean score} with the layers of `vectors`"),
     )
 
 
@@ -750,11 +824,11 @@ def _sweep_mistakes():
 # ==================================================================================================
 
 def _positions_with(*, response_all=False, response_first=False, prompt_always=False, prompt_never=False,
-                    in_place=False, cast=True, none_noop=False, check=True, prompt_but_last=False):
+                    in_place=False, cast=True, none_noop=False, check=True, prompt_but_last=False, move=True):
     def steer_positions(h, vector, positions):
         if check and positions not in ("all", "prompt", "response"):
             raise ValueError(positions)
-        v = vector.to(device=h.device, dtype=h.dtype) if cast else vector
+        v = (vector.to(device=h.device, dtype=h.dtype) if move else vector.to(h.dtype)) if cast else vector
         seq = h.shape[1]
         if positions == "all":
             return h + v
@@ -825,6 +899,8 @@ def _positions_mistakes():
         Mistake("None for no change", _positions_with(none_noop=True), "never None"),
         Mistake("no error for an unknown mode", _positions_with(check=False), "raise a ValueError"),
         Mistake("prompt leaves its last position", _positions_with(prompt_but_last=True), "its last one too"),
+        Mistake("the vector cast but not moved", _positions_with(move=False), "Move the vector to h's device",
+                stage="h on another device than the vector (device_map=\"auto\"): the result on h's device"),
     )
 
 
@@ -842,7 +918,7 @@ def _pearson(x, y):
 
 
 def _monitor_with(*, spearman=False, misalign=False, nan=False, skip_empty=False, n_all=False, within_zero=False,
-                  zero_small=False):
+                  zero_small=False, numpy_counts=False):
     def monitoring_correlations(projections, scores, conditions):
         def corr(x, y):
             if spearman and len(x) >= 3:
@@ -876,6 +952,10 @@ def _monitor_with(*, spearman=False, misalign=False, nan=False, skip_empty=False
                 continue
             out["within"][c] = corr(xs, ys)
             out["n_within"][c] = len(idx) if not within_zero else len([i for i in idx if scores[i] is not None])
+        if numpy_counts:  # counted with numpy masks
+            mask = np.array([s is not None for s in scores])
+            out["n"] = mask.sum()
+            out["n_within"] = {c: (mask & (np.array(conditions) == c)).sum() for c in out["n_within"]}
         return out
     return monitoring_correlations
 
@@ -944,6 +1024,8 @@ def _monitor_mistakes():
         Mistake("n counts every point", _monitor_with(n_all=True), "'n' should count"),
         Mistake("None scored 0 within conditions", _monitor_with(within_zero=True), "unscored point"),
         Mistake("0 for too few points", _monitor_with(zero_small=True), "should be None"),
+        Mistake("numpy integer counts", _monitor_with(numpy_counts=True), "return a Python int",
+                stage="'n' and 'n_within' are Python ints (the summary writes them to JSON as they are)"),
     )
 
 
@@ -951,9 +1033,13 @@ def _monitor_mistakes():
 # Exercise 8: cosine_matrix and cosine_with_axis
 # ==================================================================================================
 
-def _cosines_with(*, normalise=True, centre=False, sort=False, keep_dtype=False, matrix_only=False):
+def _cosines_with(*, normalise=True, centre=False, sort=False, keep_dtype=False, matrix_only=False,
+                  own_dtype=False):
     def cosine_matrix(vectors):
         names = sorted(vectors) if sort else list(vectors)
+        if own_dtype:  # each vector normalised in its own dtype, then converted
+            unit = torch.stack([(vectors[n] / vectors[n].norm()).float() for n in names])
+            return unit @ unit.T, names
         x = torch.stack([vectors[n] if keep_dtype else vectors[n].float() for n in names])
         if keep_dtype:
             x = x.to(torch.bfloat16)
@@ -990,13 +1076,20 @@ def _cosine_mistakes():
         Mistake("dot products", _cosines_with(normalise=False), "dot products"),
         Mistake("centred first", _cosines_with(centre=True), "centred"),
         Mistake("names sorted", _cosines_with(sort=True), "dict's order"),
-        Mistake("bf16 cosines", _cosines_with(keep_dtype=True), "float32"),
+        Mistake("bf16 cosines", _cosines_with(keep_dtype=True), "float32",
+                stage="any float dtype in (bf16 too, mixed too), float32 out, computed in float32"),
+        Mistake("each vector normalised in its own dtype", _cosines_with(own_dtype=True), "computed in bf16",
+                stage="any float dtype in (bf16 too, mixed too), float32 out, computed in float32"),
         Mistake("the matrix alone", _cosines_with(matrix_only=True), "Return (matrix, names)"),
     )
 
 
-def _axis_with(*, axis_shift=0, vector_shift=0, absolute=False, dot=False, fixed=None, only_axis_norm=False):
+def _axis_with(*, axis_shift=0, vector_shift=0, absolute=False, dot=False, fixed=None, only_axis_norm=False,
+               tensors=False, as_list=False):
     def cosine_with_axis(trait_vectors_by_name, axis, layers):
+        if tensors:  # F.cosine_similarity's 0-d tensors, kept
+            return {name: F.cosine_similarity(vecs[layers[name]].float(), axis[layers[name]].float(), dim=0)
+                    for name, vecs in trait_vectors_by_name.items()}
         out = {}
         for name, vectors in trait_vectors_by_name.items():
             at = next(iter(layers.values())) if fixed == "first" else layers[name]
@@ -1008,7 +1101,7 @@ def _axis_with(*, axis_shift=0, vector_shift=0, absolute=False, dot=False, fixed
             else:
                 c = float(v @ a / (v.norm() * a.norm()))
             out[name] = abs(c) if absolute else c
-        return out
+        return list(out.values()) if as_list else out
     return cosine_with_axis
 
 
@@ -1044,15 +1137,33 @@ def _axis_mistakes():
         Mistake("dot products", _axis_with(dot=True), "dot product"),
         Mistake("one layer for every trait", _axis_with(fixed="first"), "own layer"),
         Mistake("only the axis normalised", _axis_with(only_axis_norm=True), "trait vector's norm"),
+        Mistake("0-d tensors, not floats", _axis_with(tensors=True), "return a Python float",
+                stage="each cosine a Python float (the summary writes them to JSON as they are)"),
+        Mistake("a list in the dict's order", _axis_with(as_list=True), "for every trait",
+                stage="a dict {trait: cosine} with every trait"),
     )
+
+
+def axis_float64(trait_vectors_by_name, axis, layers):
+    """float64 numpy arithmetic; the numpy float64 results (a float subclass) returned as they are."""
+    out = {}
+    for name, vecs in trait_vectors_by_name.items():
+        v = vecs[layers[name]].double().numpy()
+        a = axis[layers[name]].double().numpy()
+        out[name] = v @ a / np.sqrt((v @ v) * (a @ a))
+    return out
 
 
 # ==================================================================================================
 # Exercise 9: projection_differences
 # ==================================================================================================
 
-def _delta_with(*, unit=True, sign=1.0, absolute=False, norms=False, swap=False, single=False, in_place=False):
+def _delta_with(*, unit=True, sign=1.0, absolute=False, norms=False, swap=False, single=False, in_place=False,
+                tensors=False):
     def projection_differences(dataset, own, prompt_last, vector):
+        if tensors:  # the two means as 0-d tensors
+            u = vector.float() / vector.float().norm()
+            return ((dataset.float() - own.float()) @ u).mean(), ((dataset.float() - prompt_last.float()) @ u).mean()
         if in_place:
             vector /= vector.norm()
             v = vector
@@ -1074,8 +1185,8 @@ def _delta_with(*, unit=True, sign=1.0, absolute=False, norms=False, swap=False,
 
 def delta_einsum(dataset, own, prompt_last, vector):
     u = vector.float() / torch.linalg.norm(vector.float())
-    return (torch.einsum("nd,d->n", dataset - own, u).mean().item(),
-            torch.einsum("nd,d->n", dataset - prompt_last, u).mean().item())
+    d, o, p = dataset.float(), own.float(), prompt_last.float()
+    return torch.einsum("nd,d->n", d - o, u).mean().item(), torch.einsum("nd,d->n", d - p, u).mean().item()
 
 
 def delta_numpy(dataset, own, prompt_last, vector):
@@ -1089,8 +1200,8 @@ def delta_loop(dataset, own, prompt_last, vector):
     u = F.normalize(vector.float(), dim=0)
     full = cheap = 0.0
     for i in range(dataset.shape[0]):
-        full += float(torch.dot(dataset[i] - own[i], u))
-        cheap += float(torch.dot(dataset[i] - prompt_last[i], u))
+        full += float(torch.dot(dataset[i].float() - own[i].float(), u))
+        cheap += float(torch.dot(dataset[i].float() - prompt_last[i].float(), u))
     return full / dataset.shape[0], cheap / dataset.shape[0]
 
 
@@ -1102,7 +1213,12 @@ def _delta_mistakes():
         Mistake("difference of norms", _delta_with(norms=True), "do not compare norms"),
         Mistake("the two variants swapped", _delta_with(swap=True), "compares the dataset with"),
         Mistake("only delta_p", _delta_with(single=True), "Return a tuple"),
-        Mistake("normalises the vector in place", _delta_with(in_place=True), "changed its inputs"),
+        Mistake("normalises the vector in place", _delta_with(in_place=True), "changed its inputs",
+                stage="its inputs left unchanged"),
+        Mistake("0-d tensors, not floats", _delta_with(tensors=True), "return Python floats",
+                stage="returns (delta_p, delta_p_last) as Python floats (the summary writes them to JSON as they are)"),
+        Mistake("bf16 arithmetic", _delta_with(), "computed in bf16", note="no .float(): the bf16 inputs' arithmetic",
+                stage="bf16 inputs: float32 arithmetic (the values of the same inputs given in float32)"),
     )
 
 
@@ -1111,7 +1227,7 @@ def _delta_mistakes():
 # ==================================================================================================
 
 def _loss_with(*, all_tokens=False, unshifted=False, weights_early=False, per_sequence=False, no_positions=False,
-               no_grad=False, outside=False, sign=1.0, shift=0, keep_hook=False, as_float=False):
+               no_grad=False, outside=False, sign=1.0, shift=0, keep_hook=False, as_float=False, logits_dtype="float32"):
     def preventative_loss(model, batch, layer=None, vector=None):
         from utils.steering import steering
 
@@ -1119,7 +1235,8 @@ def _loss_with(*, all_tokens=False, unshifted=False, weights_early=False, per_se
             kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             if not no_positions:
                 kwargs["position_ids"] = batch["position_ids"]
-            return model(**kwargs).logits.float()
+            logits = model(**kwargs).logits
+            return logits.float() if logits_dtype == "float32" else logits
 
         def loss_of(logits):
             ids = batch["input_ids"]
@@ -1129,9 +1246,12 @@ def _loss_with(*, all_tokens=False, unshifted=False, weights_early=False, per_se
             else:
                 lg, tg, w = logits[:, :-1], ids[:, 1:], (mask[:, :-1] if weights_early else mask[:, 1:])
             ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tg.reshape(-1), reduction="none").reshape(tg.shape)
+            w = w.to(ce.dtype)
             if per_sequence:
-                return ((ce * w).sum(1) / w.sum(1)).mean()
-            return (ce * w).sum() / w.sum()
+                out = ((ce * w).sum(1) / w.sum(1)).mean()
+            else:
+                out = (ce * w).sum() / w.sum()
+            return out.float() if logits_dtype == "cast after" else out
 
         ctx = torch.no_grad() if no_grad else contextlib.nullcontext()
         with ctx:
@@ -1216,6 +1336,11 @@ def _loss_mistakes():
         Mistake("steers the next block", _loss_with(shift=1), "steering block"),
         Mistake("the hook left registered", _loss_with(keep_hook=True), "still had a hook"),
         Mistake("a float, not a tensor", _loss_with(as_float=True), "0-d tensor"),
+        Mistake("the cross-entropy on the model's logits", _loss_with(logits_dtype="model"), "Convert the logits",
+                note="right on a float32 model; a bf16 model's logits give a bf16 loss",
+                stage="on a bf16 model too: a float32 loss from float32 logits"),
+        Mistake("bf16 cross-entropy, cast afterwards", _loss_with(logits_dtype="cast after"), "float32 (.float())",
+                stage="on a bf16 model too: a float32 loss from float32 logits"),
     )
 
 
@@ -1225,10 +1350,10 @@ CATALOGUE = [
            Variant("string.Template", prompts_template))),
     Entry("prompts", "test_split_questions", _split_mistakes(),
           (Variant("itertools.islice", split_islice), Variant("by index", split_by_index),
-           Variant("numpy.array_split", split_numpy))),
+           Variant("numpy.array_split", split_numpy), Variant("star-unpacking", split_unpack))),
     Entry("judge", "test_logprob_score", _score_mistakes(),
           (Variant("a dict of numbers", score_dict), Variant("numpy", score_numpy),
-           Variant("logsumexp", score_logsumexp))),
+           Variant("logsumexp", score_logsumexp), Variant("re.ASCII and numpy float64", score_regex_float64))),
     Entry("judge", "test_judge_0_100", _judge_mistakes(),
           (Variant("getattr and a seed", _bind_logprob_score(judge_dict_tokens)),
            Variant("its own weighted mean", judge_own_mean),
@@ -1258,7 +1383,7 @@ CATALOGUE = [
            Variant("numpy", cosines_numpy))),
     Entry("geometry", "test_cosine_with_axis", _axis_mistakes(),
           (Variant("F.cosine_similarity", axis_cosine_similarity), Variant("numpy", axis_numpy),
-           Variant("dot of unit vectors", axis_unit_dot))),
+           Variant("dot of unit vectors", axis_unit_dot), Variant("numpy float64 results", axis_float64))),
     Entry("screening", "test_projection_differences", _delta_mistakes(),
           (Variant("einsum", delta_einsum), Variant("numpy", delta_numpy), Variant("a loop", delta_loop))),
     Entry("preventative", "test_preventative_loss", _loss_mistakes(),
