@@ -417,7 +417,7 @@ def limited(fn: Callable, section: str | None = None) -> Callable:
 # --------------------------------------------------------------------------------------------------
 
 _CHECK_FILES = {str(CHECKS_DIR / name) for name in ("checking.py", "implementations.py", "part1_persona_space.py",
-                                                     "part2_stabilizing.py")}  # the checks' own code
+                                                     "part2_stabilizing.py", "part3_trait_vectors.py")}  # the checks' own code
 _SITE = ("site-packages", "dist-packages")
 
 

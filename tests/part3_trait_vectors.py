@@ -32,22 +32,6 @@ PROMISES = Promises()
 _stage = PROMISES.stage
 
 
-def _count_as_the_checks_own() -> None:
-    """This file's frames are the checks' own, as Parts 1 and 2's are: the delegation guard (tests/checking.py) never
-    counts a call this file makes of the course's implementations (the expected values) as the learner's."""
-    from pathlib import Path
-
-    from tests import checking
-
-    here = str(Path(__file__).resolve())
-    if here not in checking._CHECK_FILES:
-        checking._CHECK_FILES = checking._CHECK_FILES | {here}
-        checking._frame_kind.cache_clear()
-
-
-_count_as_the_checks_own()
-
-
 # --------------------------------------------------------------------------------------------------
 # The tiny model, and small helpers
 # --------------------------------------------------------------------------------------------------

@@ -484,6 +484,14 @@ MISTAKES: dict[str, dict[str, dict[str, tuple[str, str]]]] = {
                        "check_capping_threshold": ("test_capping_threshold", "delegates"),
                        "check_add_steering": ("test_add_steering", "delegates")},
     },
+    "part3_trait_vectors": {
+        "mistakes": {"check_judge": ("test_logprob_score", "_LS_VALUES"),
+                     "check_effective_pairs": ("test_effective_pairs", "_EP_RULES"),
+                     "check_steer_positions": ("test_steer_positions", "_SP_MODES")},
+        "delegating": {"check_effective_pairs": ("test_effective_pairs", "delegates"),
+                       "check_projection_differences": ("test_projection_differences", "delegates"),
+                       "check_monitoring": ("test_monitoring_correlations", "delegates")},
+    },
 }
 """The named mistake (``tests/checking.py``'s identifier) each sample student's lost check cells fail with: the
 check that fails and either the name of its stage's label in the part's checks module (``_EX_PADDING``) or the
