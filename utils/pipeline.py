@@ -41,8 +41,9 @@ import re
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -487,13 +488,14 @@ def _run_threads(fn, items, workers: int, desc: str, progress: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """The command line: every default is :class:`Config`'s own (written once, there)."""
-    d = Config(model="", roles=[], n_questions=240, n_prompts=5, layers=[])
+    """The command line: every default is :class:`Config`'s own (written once, there), except the run's size, which
+    :class:`Config` requires and the command line defaults to the paper's (240 questions, 5 prompts)."""
+    d = SimpleNamespace(**{f.name: f.default for f in fields(Config) if f.default is not MISSING})
     p = argparse.ArgumentParser(description="Resumable Assistant Axis pipeline (generate, judge, extract, vectors, axis).")
     p.add_argument("--model", required=True, help="course model name or hub id (activations are read from it)")
     p.add_argument("--roles", default="all", help="'all', a number N (the first N roles), or a comma list")
-    p.add_argument("--questions", type=int, default=d.n_questions)
-    p.add_argument("--prompts", type=int, default=d.n_prompts, help="system prompts per role (and defaults), at most 5")
+    p.add_argument("--questions", type=int, default=240, help="questions per prompt (the paper: all 240)")
+    p.add_argument("--prompts", type=int, default=5, help="system prompts per role (and defaults), at most 5 (the paper: 5)")
     p.add_argument("--layers", default=None, help="comma list of block indices (default: the model table's layer)")
     p.add_argument("--backend", choices=["local", "api"], default=d.backend)
     p.add_argument("--judge", choices=["offline", "api"], default=d.judge)
