@@ -583,7 +583,7 @@ for name, proj in DRIFT_PROJECTIONS.items():
     print(f"{name:12s} {len(proj):3d} turns in {count_of(passes['n_passes'], 'pass', 'passes')}  "
           f"slope {slope:+8.3f}/turn  min {proj.min():8.2f}  first turn below tau_{LAYER}: {turn_number(first)}")
     print(f"{'':12s} history per turn (tokens before it in its pass): {passes['history_tokens']}"
-          + (f"; {count_of(passes['history_cut'], 'pass')} started after the beginning (earlier turns dropped whole)"
+          + (f"; {count_of(passes['history_cut'], 'pass', 'passes')} started after the beginning (earlier turns dropped whole)"
              if passes["history_cut"] else "; every turn read with the whole conversation before it"))
 case_results = {}
 for (who, scenario), pair in CASE_PROJECTIONS.items():
