@@ -35,7 +35,7 @@ import nbformat
 from tools.build_notebooks import PARTS
 
 ROOT = Path(__file__).resolve().parent.parent
-COURSE_ID = "persona-space"
+GRADEBOOK_COURSE = "persona-space"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _HIDDEN = re.compile(r"### BEGIN HIDDEN TESTS.*?### END HIDDEN TESTS", re.S)
 _CHECK_CALL = re.compile(r"\bchecks\.(test_\w+)\s*\(")
@@ -137,7 +137,7 @@ def build(course_root: Path, part: str) -> Report:
     source_nb = nbformat.read(source_path, as_version=4)
     labels = _exercise_labels(source_nb)
     exercises: dict[str, Exercise] = {}
-    with Gradebook(f"sqlite:///{db}", COURSE_ID) as gb:
+    with Gradebook(f"sqlite:///{db}", GRADEBOOK_COURSE) as gb:
         try:
             notebook = gb.find_notebook(part, part)
         except MissingEntry as exc:

@@ -83,11 +83,11 @@ def normalize_messages(messages: list[Message], tokenizer) -> list[Message]:
 
 
 def format_messages(messages: list[Message], tokenizer) -> tuple[str, int]:
-    """The templated conversation and the token index where its last message's content starts (in
-    ``encode(full_prompt)``): the course's reference for Part 1's ``format_messages``."""
-    full_prompt = render(messages, tokenizer)
-    prefix = render(messages[:-1], tokenizer, add_generation_prompt=True)
-    return full_prompt, len(encode(prefix, tokenizer))
+    """The templated conversation and the index, in ``encode(full_prompt)``, of the token that covers the first
+    character of its last message's content (:func:`response_token_span`'s rule): the course's reference for
+    Part 1's ``format_messages``."""
+    _, start, _ = response_token_span(messages, tokenizer)
+    return render(messages, tokenizer), start
 
 
 def chat_messages(system_prompt: str, question: str, response: str | None = None) -> list[Message]:
