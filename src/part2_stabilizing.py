@@ -634,13 +634,15 @@ for name, r in read_ok.items():
     first = "never" if r["first_turn_below"] is None else f"first at turn {r['first_turn_below']}"
     lines.append(f"- {name}: slope {r['slope']:+.2f} per turn over {r['n_turns']} turns; below tau_{LAYER} = "
                  f"{THRESHOLDS[LAYER]:.2f}: {first}.")
-lines += ["", f"{len(below)} of {len(read_ok)} fall below the threshold within {MAX_TURNS} turns.", "",
+turns_read = sorted({r["n_turns"] for r in read_ok.values()})
+turns_text = (f"{turns_read[0]}" if len(turns_read) == 1 else f"{turns_read[0]} to {turns_read[-1]}") if turns_read else "0"
+lines += ["", f"{len(below)} of {len(read_ok)} fall below the threshold within their {turns_text} turns.", "",
           f"**What these numbers are.** Each point is one assistant turn's mean activation at layer {LAYER}, as "
-          f"{MODEL_NAME} reads a conversation that another, larger model wrote. A slope through {MAX_TURNS} points "
-          "is set by one or two turns: one long or odd reply can flip its sign.",
+          f"{MODEL_NAME} reads a conversation that another, larger model wrote. A slope through {turns_text} points "
+          "is set by a few turns: one long or odd reply can flip its sign.",
           "",
-          "**What they would need to mean something.** Whole transcripts (the paper's drift unfolds over tens of "
-          f"turns; this run read {MAX_TURNS}), read by the model that wrote them, and many more than "
+          "**What they would need to mean something.** Long transcripts (the paper's drift unfolds over tens of "
+          f"turns; these have {turns_text}, each read whole), read by the model that wrote them, and many more than "
           f"{len(read_ok)} conversations, with a spread across them, before a slope or a crossing says anything about "
           "drift.",
           "",
