@@ -251,6 +251,18 @@ def _progress(total: int, progress: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="conv", disable=not progress)
 
 
+def _batching(model, tokenizer, max_tokens_per_batch: int | None) -> tuple[torch.device, int, int, str]:
+    """(input device, token budget per batch, pad id, padding side) for the batched readers: the budget defaults to
+    the device's, the pad id to EOS (or 0) where the tokenizer has none."""
+    device = _input_device(model)
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = GPU_TOKENS_PER_BATCH if device.type == "cuda" else CPU_TOKENS_PER_BATCH
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return device, max_tokens_per_batch, pad_id, getattr(tokenizer, "padding_side", "right") or "right"
+
+
 def extract_mean_activations(
     model,
     tokenizer,
@@ -287,13 +299,7 @@ def extract_mean_activations(
     """
     wanted, single = _resolve_layers(model, layers)
     items = _tokenise(conversations, tokenizer)
-    device = _input_device(model)
-    if max_tokens_per_batch is None:
-        max_tokens_per_batch = GPU_TOKENS_PER_BATCH if device.type == "cuda" else CPU_TOKENS_PER_BATCH
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    side = getattr(tokenizer, "padding_side", "right") or "right"
+    device, max_tokens_per_batch, pad_id, side = _batching(model, tokenizer, max_tokens_per_batch)
 
     unique = sorted(set(wanted))
     d_model = int(model.config.hidden_size)
@@ -335,13 +341,7 @@ def _three_means(model, items: Sequence[_Item], wanted: list[int], tokenizer, ba
                  ) -> dict[str, Float[Tensor, "n n_layers d_model"]]:
     """The means named in ``kinds`` (of :data:`AVERAGES`), for every item, at every layer of ``wanted``, from ONE
     forward pass per batch (stopped after the deepest block)."""
-    device = _input_device(model)
-    if max_tokens_per_batch is None:
-        max_tokens_per_batch = GPU_TOKENS_PER_BATCH if device.type == "cuda" else CPU_TOKENS_PER_BATCH
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    side = getattr(tokenizer, "padding_side", "right") or "right"
+    device, max_tokens_per_batch, pad_id, side = _batching(model, tokenizer, max_tokens_per_batch)
     unique = sorted(set(wanted))
     d_model = int(model.config.hidden_size)
     mask_of = {"response_avg": "span_mask", "prompt_avg": "prompt_mask", "prompt_last": "last_mask"}
