@@ -129,28 +129,38 @@ class Promises:
 
             @functools.wraps(test)
             def run(*args, **kwargs):
-                if _RUNNING[0] == test.__name__:  # under its @check, which puts the previous state back
-                    self.begin(test.__name__)
-                    return test(*args, **kwargs)
-                with _running(test.__name__):
-                    self.begin(test.__name__)
+                with self.running(test.__name__):
                     return test(*args, **kwargs)
 
             return run
 
         return decorate
 
+    @contextlib.contextmanager
+    def running(self, check_name: str) -> Iterator[None]:
+        """Run ``check_name`` (the decorator does it; so does a test that runs one stage on its own): its stages'
+        failures carry its mistake identifiers, and whichever check was running before is put back at the end."""
+        if _RUNNING[0] == check_name:  # under its @check, which puts the previous check back (and whose own
+            self.begin(check_name)     # failures, made after this returns, still name the stage that ran)
+            yield
+            return
+        with _running(check_name):
+            self.begin(check_name)
+            yield
+
     def begin(self, check_name: str) -> None:
-        """Start ``check_name`` (the decorator does it; so does a test that runs one stage on its own)."""
+        """Start ``check_name`` in this registry (:meth:`last`); the mistake identifiers follow :meth:`running`."""
         self._running[:] = [check_name, None]
-        _RUNNING[:] = [check_name, None]
+        if _RUNNING[0] == check_name:
+            _RUNNING[1] = None
 
     def stage(self, label: str) -> None:
         check_name = self._running[0]
         if label not in self.labels.get(check_name, ()):
             raise ValueError(f"{label!r} is not one of the promises listed for {check_name}")
         self._running[1] = label
-        _RUNNING[:] = [check_name, label]
+        if _RUNNING[0] == check_name:  # under running(): a failure from here on names this stage
+            _RUNNING[1] = label
 
     def last(self) -> tuple[str | None, str | None]:
         """(check, stage) of the stage that ran last."""

@@ -262,8 +262,8 @@ def test_the_bf16_stage_fails_bf16_arithmetic_and_passes_float32_on_every_seed(m
     stage, label = module.BF16_STAGES[check_name]
     uses = getattr(module, "BF16_USES", {}).get(check_name, {})
     for seed in SEEDS if kind == "mistake" else VARIANT_SEEDS:
-        module.PROMISES.begin(check_name)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(module.PROMISES.running(check_name))
             for name, (earlier, reference) in uses.items():
                 stack.enter_context(using_reference(item.fn, name, reference(), earlier))
             try:
@@ -297,8 +297,8 @@ def test_the_reference_passes_the_bf16_stage_on_every_seed(module, check_name, r
     stage, _ = module.BF16_STAGES[check_name]
     fn = _reference_for(check_name, reference)
     for seed in SEEDS:
-        module.PROMISES.begin(check_name)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(module.PROMISES.running(check_name))
             for name, (earlier, ref) in getattr(module, "BF16_USES", {}).get(check_name, {}).items():
                 stack.enter_context(using_reference(fn, name, ref(), earlier))
             stage(fn, seed)

@@ -155,7 +155,8 @@ def test_a_failure_names_its_check_and_stage_as_a_stable_mistake_identifier():
         promises.stage("every batch size")
         checking.fail("A batch size changed the means.")
 
-    before = list(checking._RUNNING)  # whatever an earlier test in this process left (a catalogue stage run alone)
+    before = list(checking._RUNNING)
+    assert before == [None, None], "a check (or a stage run on its own) left itself running"
     with pytest.raises(CheckFailure) as info:
         test_example(lambda: None)
     want = "test_example/the-mean-over-the-response-tokens-only-not-the-prompt"
@@ -188,3 +189,25 @@ def test_a_failure_names_its_check_and_stage_as_a_stable_mistake_identifier():
         promises("a, b", "A b")
     long = "x" * 70
     assert checking.slug(long + "1") != checking.slug(long + "2") and len(checking.slug(long + "1")) == 67
+
+
+def test_a_stage_run_on_its_own_leaves_no_check_running():
+    """The catalogue runs single stages outside their checks; the next failure anywhere must not carry their name."""
+    promises = checking.Promises()
+
+    @promises("first", "second")
+    def test_alone(fn):
+        promises.stage("first")
+
+    promises.begin("test_alone")
+    promises.stage("second")
+    assert checking._RUNNING == [None, None] and promises.last() == ("test_alone", "second")
+    with promises.running("test_alone"):
+        promises.stage("first")
+        with pytest.raises(CheckFailure) as info:
+            checking.fail("inside")
+    assert info.value.mistake == "test_alone/first"
+    assert checking._RUNNING == [None, None]
+    with pytest.raises(CheckFailure) as info:
+        checking.fail("outside")
+    assert info.value.mistake is None

@@ -60,6 +60,24 @@ def test_tiny_gemma2_build_is_deterministic(tmp_path):
     assert cfg["rope_theta"] == 10000.0  # top level, so transformers 4.57 reads it too
 
 
+def test_two_processes_building_the_tiny_cache_at_once_both_get_the_whole_model(tmp_path):
+    """The suite's workers (and two notebooks) may both find the cache empty: one builds, the other waits for it."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PERSONA_COURSE_CACHE=str(tmp_path))
+    code = ("from utils.models import tiny_gemma2_path; p = tiny_gemma2_path(); "
+            "print(len((p / 'model.safetensors').read_bytes()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=models.PROJECT_ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
+    sizes = {int(out) for out, _ in results}
+    assert len(sizes) == 1 and sizes.pop() > 1_500_000
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-gemma2", "tiny-gemma2.lock"]
+
+
 def test_unknown_model_name_lists_the_choices():
     with pytest.raises(ModelLoadError, match="tiny-gemma2.*smollm2-135m-instruct"):
         load_model("gemma-27b")

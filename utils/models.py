@@ -24,9 +24,12 @@ which is ``hidden_states[i + 1]`` of a forward pass with ``output_hidden_states=
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,14 +274,48 @@ def build_tiny_gemma2(out_dir: str | Path) -> Path:
     return out_dir
 
 
+@contextlib.contextmanager
+def _cache_lock(path: Path):
+    """Hold ``<path>.lock`` while a cached folder is checked and built, so that two processes (the test suite's
+    workers, two notebooks) never build the same folder at once. Where ``fcntl`` is missing (Windows) it does
+    nothing: each build still goes to its own temporary folder and is swapped in whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Put the finished folder ``tmp`` at ``path``, replacing what was there."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def _build_dir(path: Path) -> Path:
+    """A fresh temporary folder next to ``path`` (same file system, so the swap is a rename)."""
+    return Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent))
+
+
 def tiny_gemma2_path() -> Path:
     path = cache_dir() / "models" / TINY
-    if not (path / "model.safetensors").exists():
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build_tiny_gemma2(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+    if (path / "model.safetensors").exists():
+        return path
+    with _cache_lock(path):
+        if not (path / "model.safetensors").exists():  # another process may have built it while we waited
+            tmp = _build_dir(path)
+            try:
+                build_tiny_gemma2(tmp)
+                _swap_in(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -326,12 +363,23 @@ def _smollm2_tokenizer(gguf_tokenizer):
     return tokenizer
 
 
+def _smollm2_ready(path: Path) -> bool:
+    stamp = path / "COURSE_CACHE_VERSION"
+    return (path / "model.safetensors").exists() and stamp.exists() and stamp.read_text().strip() == SMOLLM2_CACHE_VERSION
+
+
 def smollm2_path(progress: bool = True) -> Path:
     """Dequantise the GGUF once to a float32 safetensors folder (~17 s), then reuse it (<1 s)."""
     path = cache_dir() / "models" / SMOLLM2
-    stamp = path / "COURSE_CACHE_VERSION"
-    if (path / "model.safetensors").exists() and stamp.exists() and stamp.read_text().strip() == SMOLLM2_CACHE_VERSION:
+    if _smollm2_ready(path):
         return path
+    with _cache_lock(path):
+        if not _smollm2_ready(path):  # another process may have built it while we waited
+            _build_smollm2(path, progress)
+    return path
+
+
+def _build_smollm2(path: Path, progress: bool) -> None:
     if path.exists() and progress:
         print(f"The cached SmolLM2 at {path} was built by an older version of the course: rebuilding it.", flush=True)
     gguf = smollm2_gguf_path()
@@ -351,18 +399,18 @@ def smollm2_path(progress: bool = True) -> Path:
         raise ModelLoadError(f"SmolLM2 weights did not line up: missing {missing}, unexpected {unexpected}")
     fresh.tie_weights()
     fresh.generation_config = gguf_model.generation_config
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_folder(fresh, tmp)
-    tokenizer.save_pretrained(tmp)
-    _fix_tokenizer_config_for_4x(tmp)
-    _drop_gguf_quantization_config(tmp)
-    (tmp / "COURSE_CACHE_VERSION").write_text(SMOLLM2_CACHE_VERSION + "\n")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    tmp = _build_dir(path)
+    try:
+        save_model_folder(fresh, tmp)
+        tokenizer.save_pretrained(tmp)
+        _fix_tokenizer_config_for_4x(tmp)
+        _drop_gguf_quantization_config(tmp)
+        (tmp / "COURSE_CACHE_VERSION").write_text(SMOLLM2_CACHE_VERSION + "\n")
+        _swap_in(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if progress:
         print(f"Cached SmolLM2 at {path} in {time.time() - t0:.1f} s.", flush=True)
-    return path
 
 
 def _attention_for(config_path: Path) -> str:
