@@ -85,6 +85,7 @@ from IPython.display import Markdown, display
 from tqdm.auto import tqdm
 
 from utils import plots, settings
+from utils.activations import per_turn_projections
 from utils.chat_panel import ChatPanel
 from utils.conversation import TurnTooLongError, chat_messages, turn_windows
 from utils.data import DEFAULT_PERSONA_NAMES, working_personas, working_questions
@@ -133,7 +134,7 @@ USE_API = api_key_present()
 PART1_DIR = settings.get("COURSE_PART1_DIR")
 OUT_DIR = settings.get("COURSE_PART2_OUT_DIR")
 OUT_DIR.mkdir(parents=True, exist_ok=True)
-print(f"Transcripts: first {MAX_TURNS} assistant turns, windows of at most {MAX_TOKENS} tokens, case studies: "
+print(f"Transcripts: at most {MAX_TURNS} assistant turns each, windows of at most {MAX_TOKENS} tokens, case studies: "
       f"{CASE_STUDIES}; {MAX_NEW_TOKENS} new tokens per reply; outputs in {OUT_DIR}/")
 
 # %%
@@ -251,8 +252,9 @@ def parse_transcript(path: str | Path) -> list[dict[str, str]]:
 checks.test_parse_transcript(parse_transcript)
 
 # %% [markdown]
-# Load them all (every file is parsed and validated). On a CPU the next sections read each transcript's first
-# `MAX_TURNS` assistant turns (whole turns) and the case studies named in `COURSE_CASE_STUDIES`.
+# Load them all (every file is parsed and validated). The next sections read every drift transcript and the
+# case studies named in `COURSE_CASE_STUDIES`: all six pairs on a GPU; on a CPU, Llama 3.3 70B's jailbreak and
+# self-harm pairs (Qwen 3 32B's run to 23-31 turns and take 3-4 times as many 8,192-token passes).
 
 # %%
 def first_turns(messages: list[dict[str, str]], n_turns: int) -> list[dict[str, str]]:
@@ -280,6 +282,11 @@ if CASE_STUDIES != "all":
     CASES = {key: CASES[key] for key in wanted}
 for name, messages in DRIFT.items():
     print(f"drift   {name:12s} {sum(m['role'] == 'assistant' for m in messages):3d} assistant turns")
+LONGEST = max(sum(m["role"] == "assistant" for m in msgs)
+              for msgs in [*DRIFT.values(), *(m for pair in CASES.values() for m in pair.values())])
+# What "the turns read" means in this run's text and titles: all of them unless COURSE_MAX_TURNS cuts them.
+TURNS_READ = "every assistant turn" if MAX_TURNS >= LONGEST else f"the first {MAX_TURNS} assistant turns"
+print(f"Reading {TURNS_READ} of each transcript (the longest has {LONGEST}).")
 for (who, scenario), pair in CASES.items():
     turns = {VARIANT_NAMES[v]: sum(m["role"] == "assistant" for m in msgs) for v, msgs in pair.items()}
     print(f"case    {who}/{scenario:10s} " + ", ".join(f"{v}: {n} turns" for v, n in turns.items()))
@@ -528,15 +535,35 @@ def drift_summary(projections: Float[Tensor, " n_turns"], threshold: float) -> t
 # %% nbgrader={"grade": true, "grade_id": "check_drift_summary", "locked": true, "points": 1, "schema_version": 3, "solution": false, "task": false}
 checks.test_drift_summary(drift_summary)
 
+# %% [markdown]
+# The transcripts are long: on a CPU, reading them all is the slowest step of this notebook. The next cell
+# reads them with the course's `utils.activations.per_turn_projections`, which gives the numbers your
+# `turn_projections` gives (the same windows, the same spans, the same float32 means) but stops each
+# forward pass at block `LAYER`: the later blocks, the final norm and the LM head never run. It first
+# compares the two on the shortest drift transcript.
+
 # %%
 def project_turns(messages: list[dict[str, str]], label: str) -> Tensor | None:
     """Per-turn projections at Part 1's layer of the first MAX_TURNS turns; None (and why) if a turn cannot fit."""
     try:
-        return turn_projections(model, tokenizer, first_turns(messages, MAX_TURNS), AXIS[LAYER], LAYER,
-                                max_tokens=MAX_TOKENS)
+        return per_turn_projections(model, tokenizer, first_turns(messages, MAX_TURNS), AXIS[LAYER], LAYER,
+                                    max_tokens=MAX_TOKENS)
     except TurnTooLongError as exc:
         print(f"SKIPPED {label}: {exc}")
         return None
+
+
+shortest = min(DRIFT, key=lambda name: sum(len(m["content"]) for m in first_turns(DRIFT[name], MAX_TURNS)))
+yours = turn_projections(model, tokenizer, first_turns(DRIFT[shortest], MAX_TURNS), AXIS[LAYER], LAYER,
+                         max_tokens=MAX_TOKENS)
+course = project_turns(DRIFT[shortest], shortest)
+gap = float((yours - course).abs().max())
+scale = float(course.abs().max())
+print(f"{shortest}: your turn_projections and the course's per_turn_projections differ by at most {gap:.3g} "
+      f"(projections up to {scale:.3g})")
+if gap > 1e-3 * max(scale, 1.0) + (0.05 * scale if model.dtype != torch.float32 else 0.0):
+    print("WARNING: that is more than rounding: check your turn_projections against its docstring before "
+          "reading the drift numbers below (they come from the course's).")
 
 
 def reading(messages: list[dict[str, str]]) -> dict:
@@ -602,7 +629,7 @@ for (who, scenario), pair in CASE_PROJECTIONS.items():
 # Layer LAYER is not a capped layer: its line is the same 25th percentile, the edge of the Assistant's range there.
 drift_line = f"tau at layer {LAYER} (defaults' {CAP_PERCENTILE:g}th percentile; not a capped layer)"
 fig = plots.drift_plot({n: p for n, p in DRIFT_PROJECTIONS.items() if p is not None}, THRESHOLDS[LAYER],
-                       title=f"Persona drift read by {MODEL_NAME} (layer {LAYER}, first {MAX_TURNS} turns)",
+                       title=f"Persona drift read by {MODEL_NAME} (layer {LAYER}, {TURNS_READ})",
                        threshold_label=drift_line)
 plots.save(fig, OUT_DIR / "drift.html")
 fig.show()
@@ -626,7 +653,7 @@ for (who, scenario), pair in CASE_PROJECTIONS.items():
 read_ok = {n: r for n, r in drift_results.items() if "skipped" not in r}
 below = [n for n, r in read_ok.items() if r["first_turn_below"] is not None]
 skipped = sorted(set(DRIFT) - set(read_ok))
-lines = [f"**What {MODEL_NAME} shows here.** It read the first {MAX_TURNS} assistant turns of {len(read_ok)} of the "
+lines = [f"**What {MODEL_NAME} shows here.** It read {TURNS_READ} of {len(read_ok)} of the "
          f"{len(DRIFT)} drift transcripts (windows of at most {MAX_TOKENS} tokens)"
          + (f"; skipped, a turn too long for the window: {', '.join(skipped)}" if skipped else "")
          + f". Per transcript, at layer {LAYER}:", ""]
@@ -1321,8 +1348,9 @@ summary = {
     "cap_layers": CAP_LAYERS,
     "cap_percentile": CAP_PERCENTILE,
     "thresholds": {str(k): v for k, v in THRESHOLDS.items()},
-    "sizes": {"max_turns": MAX_TURNS, "max_tokens": MAX_TOKENS, "max_new_tokens": MAX_NEW_TOKENS,
-              "case_studies": CASE_STUDIES, "replay_turns": REPLAY_TURNS, "steer_questions": N_STEER_QUESTIONS},
+    "sizes": {"max_turns": MAX_TURNS, "turns_read": TURNS_READ, "longest_transcript_turns": LONGEST,
+              "max_tokens": MAX_TOKENS, "max_new_tokens": MAX_NEW_TOKENS, "case_studies": CASE_STUDIES,
+              "replay_turns": REPLAY_TURNS, "steer_questions": N_STEER_QUESTIONS},
     "plot_cap_layer": PLOT_CAP_LAYER,
     "turns_numbered_from": 1,
     "drift": drift_results,

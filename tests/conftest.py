@@ -123,7 +123,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if _touches_transformers(item):
             item.add_marker(pytest.mark.transformers)
-        item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
+
+
+def pytest_itemcollected(item):
+    # Here, not in pytest_collection_modifyitems: xdist reads the groups in its own modifyitems hook, which can
+    # run before any of ours.
+    item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
 
 
 def _worker_group(item) -> str:
@@ -133,7 +138,10 @@ def _worker_group(item) -> str:
     module = item.module.__name__
     callspec = getattr(item, "callspec", None)
     if module.endswith("test_nbgrader") and callspec is not None and "graded" in callspec.params:
-        return f"{module}[{callspec.params['graded']}]"
+        # No brackets in a group name: xdist reads a name that ends in "]" as no group at all.
+        return f"tests.test_nbgrader-{callspec.params['graded']}"
+    if "parallel_class" in item.fixturenames:  # a session fixture: graded once, on the worker that grades Part 1
+        return "tests.test_nbgrader-part1_persona_space"
     return module
 
 
@@ -142,7 +150,8 @@ def pytest_collection_finish(session):
     path = settings.get("COURSE_TEST_MARKS") if settings.is_set("COURSE_TEST_MARKS") else None
     if path:
         Path(path).write_text(json.dumps({item.nodeid: {"marks": sorted({m.name for m in item.iter_markers()}),
-                                                        "fixtures": sorted(item.fixturenames)}
+                                                        "fixtures": sorted(item.fixturenames),
+                                                        "group": _worker_group(item)}
                                           for item in session.items}))
 
 

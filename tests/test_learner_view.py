@@ -188,7 +188,10 @@ def test_part2_counts_in_its_text_come_from_the_run(part2_run):
     judged = sorted({v["n_role_judged"] for v in summary["steering"].values()})
     assert role and [int(g) for g in role.groups() if g] == ([judged[0]] if len(judged) == 1 else [judged[0], judged[-1]])
     assert f"{personas} personas" in steering_text and f"x {questions} questions" in steering_text
-    assert f"first {summary['sizes']['max_turns']} assistant turns of {len(summary['drift'])} of the" in drift_text
+    sizes = summary["sizes"]
+    want = ("every assistant turn" if sizes["max_turns"] >= sizes["longest_transcript_turns"]
+            else f"the first {sizes['max_turns']} assistant turns")
+    assert sizes["turns_read"] == want and f"read {want} of {len(summary['drift'])} of the" in drift_text, drift_text
     capped_replies = sum(v["capped"]["n_turns"] for v in summary["capping"]["replay"].values())
     assert f"an anecdote about {capped_replies} capped repl" in capping_text
     assert f"({summary['capping']['n_neutral_positions']} positions)" in capping_text

@@ -46,6 +46,43 @@ def test_the_makefile_reruns_the_selection_under_transformers4():
     assert {m.split(":")[0] for m in markers} >= {"transformers", "classroom"}
 
 
+def test_parallel_workers_keep_each_group_together(collected):
+    """`make test`'s workers (``--dist loadgroup``) each take whole groups: a module, or one part's nbgrader round
+    trip. The scheduler must read every name as a group (xdist ignores one that ends in "]"), and the tests that
+    share an expensive fixture must share its group, or a second worker builds it again."""
+    from xdist.scheduler.loadgroup import LoadGroupScheduling
+
+    scope = {nodeid: LoadGroupScheduling._split_scope(None, f"{nodeid}@{info['group']}")
+             for nodeid, info in collected.items()}
+    assert all(scope[n] == info["group"] for n, info in collected.items()), \
+        [n for n, info in collected.items() if scope[n] != info["group"]][:5]
+    def groups(fixture: str, part: str = "") -> set[str]:
+        return {info["group"] for n, info in collected.items() if fixture in info["fixtures"] and part in n}
+
+    for part in ("part1_persona_space", "part2_stabilizing", "part3_trait_vectors"):
+        assert len(groups("graded", part)) == 1, (part, groups("graded", part))
+    for fixture in ("parallel_class", "exchanged", "part2_run"):
+        assert len(groups(fixture)) == 1, (fixture, groups(fixture))
+    assert groups("parallel_class") == groups("graded", "part1_persona_space")
+
+
+def test_xdist_really_keeps_a_group_on_one_worker(tmp_path):
+    """The same in a real two-worker run: a pytest (or pytest-xdist) that ignores the groups fails here."""
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\n\ndef pytest_itemcollected(item):\n"
+        "    item.add_marker(pytest.mark.xdist_group(item.module.__name__))\n")
+    for name in ("a", "b"):
+        (tmp_path / f"test_{name}.py").write_text(
+            "import os\nimport pytest\n\n\n@pytest.mark.parametrize('i', range(6))\ndef test_where(i):\n"
+            f"    open({str(tmp_path / name)!r} + os.environ['PYTEST_XDIST_WORKER'], 'w').close()\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "--dist", "loadgroup", "-p",
+                           "no:cacheprovider", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for name in ("a", "b"):
+        workers = sorted(p.name for p in tmp_path.glob(f"{name}gw*"))
+        assert len(workers) == 1, f"one group's tests ran on {workers}"
+
+
 def test_the_selection_is_not_empty_and_not_the_whole_suite(collected):
     selected = {nodeid for nodeid, info in collected.items() if _selected(info)}
     assert selected, f"`-m {SELECTION!r}` selects nothing"
