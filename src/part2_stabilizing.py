@@ -85,7 +85,7 @@ from IPython.display import Markdown, display
 from tqdm.auto import tqdm
 
 from utils import plots, settings
-from utils.activations import per_turn_projections
+from utils.activations import per_turn_mean_activations, per_turn_projections
 from utils.chat_panel import ChatPanel
 from utils.conversation import TurnTooLongError, chat_messages, turn_windows
 from utils.data import DEFAULT_PERSONA_NAMES, working_personas, working_questions
@@ -1116,9 +1116,9 @@ with timer("replay"), bar:
             bar.set_postfix_str(f"{label}, {variant}")
             conv = replay_user_turns(model, tokenizer, messages, max_new_tokens=MAX_NEW_TOKENS, intervention=intervention,
                                      max_turns=REPLAY_TURNS, max_context=MAX_TOKENS, progress=False)
-            proj = turn_projections(model, tokenizer, conv, AXIS[LAYER], LAYER, max_tokens=MAX_TOKENS)
-            proj_cap = turn_projections(model, tokenizer, conv, AXIS[PLOT_CAP_LAYER], PLOT_CAP_LAYER,
-                                        max_tokens=MAX_TOKENS)
+            # Both layers' per-turn means in one reading (the course's reader, as for the drift transcripts).
+            means = per_turn_mean_activations(model, tokenizer, conv, [LAYER, PLOT_CAP_LAYER], max_tokens=MAX_TOKENS)
+            proj, proj_cap = means[:, 0] @ UNIT_AXES[LAYER], means[:, 1] @ UNIT_AXES[PLOT_CAP_LAYER]
             result = {"n_turns": len(proj), "min_projection": float(proj.min()),
                       "mean_projection": float(proj.mean()), "plot_cap_layer": PLOT_CAP_LAYER,
                       "min_projection_at_cap_layer": float(proj_cap.min()),

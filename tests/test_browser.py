@@ -23,6 +23,7 @@ import os
 import re
 import runpy
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,10 +72,17 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A JupyterLab server on the repository, with its own settings, and the test sizes for kernels."""
+    """A JupyterLab server on a copy of the repository's notebooks, with its own settings, and the test sizes for
+    kernels. Lab saves what it opens (metadata, outputs): on a copy, a test stopped halfway leaves the repository's
+    notebooks as they were. The kernels import this checkout's ``utils`` and ``tests`` (``PYTHONPATH``)."""
     tmp = tmp_path_factory.mktemp("lab")
+    site = tmp / "site"
+    for folder in NOTEBOOK_FOLDERS:
+        shutil.copytree(ROOT / folder, site / folder)
+    before = _notebook_bytes(ROOT)
     port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in API_KEY_VARIABLES}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(_grading_env())
     env.update(COURSE_OUT_DIR=str(tmp / "out"), JUPYTER_CONFIG_DIR=str(tmp / "config"),
                JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"),
@@ -84,12 +92,12 @@ def lab(tmp_path_factory):
     tracker.parent.mkdir(parents=True)
     tracker.write_text(json.dumps({"windowingMode": "none"}))
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT}", "--LabApp.expose_app_in_browser=True",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={site}", "--LabApp.expose_app_in_browser=True",
            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
     log = open(tmp / "lab.log", "w")
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(cmd, cwd=site, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -101,7 +109,7 @@ def lab(tmp_path_factory):
                 if server.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"JupyterLab did not start: {' '.join(cmd)}\n{(tmp / 'lab.log').read_text()[-3000:]}")
                 time.sleep(0.5)
-        yield {"base": base, "token": token, "log": tmp / "lab.log", "out": tmp / "out"}
+        yield {"base": base, "token": token, "log": tmp / "lab.log", "out": tmp / "out", "root": site}
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -109,6 +117,15 @@ def lab(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+    assert _notebook_bytes(ROOT) == before, "the browser tests changed a notebook in the repository"
+
+
+NOTEBOOK_FOLDERS = ("solutions", "exercises")  # what the lab serves, copied
+
+
+def _notebook_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for folder in NOTEBOOK_FOLDERS
+            for p in sorted((root / folder).glob("*.ipynb"))}
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +350,7 @@ def test_a_missing_browser_fails_with_the_reason(tmp_path):
     assert "No Chromium at /nonexistent/chromium" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
-CHAT_PANEL_NOTEBOOK = "out/browser-test/chat_panel.ipynb"  # out/ is git-ignored; the lab serves the repository
+CHAT_PANEL_NOTEBOOK = "browser-test/chat_panel.ipynb"  # in the lab's copy
 CHAT_PANEL_CELLS = [
     # The kernel starts in the notebook's folder: put this checkout's utils first on the path.
     f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
@@ -360,7 +377,7 @@ def _toggle_view(page) -> dict:
 def test_chat_panel_sends_on_enter_and_shows_its_capping_state_after_a_reload(browser, lab):
     """Enter in the text box sends; the toggle's label is whole and says the state; after a save and a page
     reload, the page shows the state the kernel has."""
-    path = ROOT / CHAT_PANEL_NOTEBOOK
+    path = lab["root"] / CHAT_PANEL_NOTEBOOK
     path.parent.mkdir(parents=True, exist_ok=True)
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                            "language": "python"}})
