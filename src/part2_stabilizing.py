@@ -254,7 +254,8 @@ checks.test_parse_transcript(parse_transcript)
 # %% [markdown]
 # Load them all (every file is parsed and validated). The next sections read every drift transcript and the
 # case studies named in `COURSE_CASE_STUDIES`: all six pairs on a GPU; on a CPU, Llama 3.3 70B's jailbreak and
-# self-harm pairs (Qwen 3 32B's run to 23-31 turns and take 3-4 times as many 8,192-token passes).
+# delusion pairs, which SmolLM2 reads in one pass each. The others run to 15-31 turns and take 2 to 16 passes of
+# 8,192 tokens each: about a minute per pair on 2 CPU cores (`COURSE_CASE_STUDIES=all` reads them all).
 
 # %%
 def first_turns(messages: list[dict[str, str]], n_turns: int) -> list[dict[str, str]]:

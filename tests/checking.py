@@ -248,18 +248,30 @@ class CheckFailure(AssertionError):
         return lines + self._mistake_lines()
 
 
-def _render_learner_exception(exc: BaseException, header: str) -> None:
+def _raised_mistake(exc: BaseException) -> str | None:
+    """The mistake identifier of a learner's exception that a check lets through: the running stage's, with
+    ``raised-<exception type>`` after it (``<check>/<stage>/raised-valueerror``); None outside every check."""
+    check_name, stage = _RUNNING
+    if check_name is None:
+        return None
+    return mistake_id(check_name, None, (slug(stage) + "/" if stage else "") + "raised-" + slug(type(exc).__name__))
+
+
+def _render_learner_exception(exc: BaseException, header: str, mistake: str | None = None) -> None:
     """Make a learner's own exception, raised through a check, render as ``header`` plus the learner's
-    frames only (IPython's ``_render_traceback_``, set on this exception object; its type is unchanged)."""
+    frames only (IPython's ``_render_traceback_``, set on this exception object; its type is unchanged), and
+    ``mistake``'s identifier as its last line."""
+    tail = ["", f"[mistake: {mistake}]"] if mistake else []
 
     def render() -> list[str]:
         if _debugging():
-            return _full_traceback(exc)
+            return _full_traceback(exc) + tail
         learner = _learner_lines(exc) or [line.rstrip("\n") for line in traceback.format_exception_only(type(exc), exc)]
-        return [f"\x1b[31m\x1b[1m{header}\x1b[0m", "", *learner]
+        return [f"\x1b[31m\x1b[1m{header}\x1b[0m", "", *learner] + tail
 
     try:
         exc._render_traceback_ = render
+        exc.mistake = mistake
     except (AttributeError, TypeError):  # an exception type without a __dict__: shown as usual
         pass
 
@@ -416,7 +428,8 @@ def limited(fn: Callable, section: str | None = None) -> Callable:
             _not_written_yet(exc, name)
             raise
         except Exception as exc:  # the check decides what it means; if it lets it through, it reads cleanly
-            _render_learner_exception(exc, f"✗ Check failed: {name} raised {type(exc).__name__}: {clip(str(exc))}")
+            _render_learner_exception(exc, f"✗ Check failed: {name} raised {type(exc).__name__}: {clip(str(exc))}",
+                                      _raised_mistake(exc))
             raise
 
     return run

@@ -751,10 +751,14 @@ class _TupleLM(torch.nn.Module):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def forward(self, input_ids=None, output_hidden_states=False, **kwargs):
+    def forward(self, input_ids=None, output_hidden_states=False, labels=None, **kwargs):
         out = self.model(input_ids=input_ids, output_hidden_states=output_hidden_states)
-        return SimpleNamespace(logits=out.last_hidden_state @ self.model.embed_tokens.weight.T,
-                               hidden_states=out.hidden_states)
+        logits = out.last_hidden_state @ self.model.embed_tokens.weight.T
+        loss = None
+        if labels is not None:  # as transformers' *ForCausalLM: shifted, -100 ignored, the mean over the rest
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                                     ignore_index=-100)
+        return SimpleNamespace(logits=logits, hidden_states=out.hidden_states, loss=loss)
 
 
 @lru_cache(maxsize=1)
@@ -1489,11 +1493,12 @@ _PL_VALUES = "the mean cross-entropy of logits[t] against token t + 1 over the a
 _PL_REMOVED = "the steering hook removed before it returns"
 _PL_STEERED = "with a vector: +vector added to block `layer`'s output while the forward pass runs"
 _PL_GRAD = "the loss's gradients are those of the steered forward pass"
+_PL_TUPLE = "on blocks that return tuples (transformers 4.x): the vector added to the hidden state, output[0]"
 _PL_BF16 = "on a bf16 model too: a float32 loss from float32 logits"
 
 
 @check("Exercise 10")
-@PROMISES(_PL_TENSOR, _PL_VALUES, _PL_REMOVED, _PL_STEERED, _PL_GRAD, _PL_BF16)
+@PROMISES(_PL_TENSOR, _PL_VALUES, _PL_REMOVED, _PL_STEERED, _PL_GRAD, _PL_TUPLE, _PL_BF16)
 def test_preventative_loss(fn) -> None:
     from utils.finetune import steered_response_loss
 
@@ -1562,8 +1567,40 @@ def test_preventative_loss(fn) -> None:
     if not all(torch.allclose(m, r, atol=1e-5, rtol=1e-4) for m, r in zip(mine, ref)):
         _fail("The loss's gradients differ from the steered loss's: the steering must be part of the forward pass that "
               "produced the loss.", section)
+    _tuple_loss(fn, section)
     _bf16_loss(fn, section)
     _passed("test_preventative_loss")
+
+
+def _tuple_loss(fn, section: str) -> None:
+    """On a model whose blocks return tuples, the steered loss is the library's (utils.steering handles both forms)."""
+    from utils.finetune import steered_response_loss
+
+    _stage(_PL_TUPLE)
+    model = _tuple_lm()
+    _, tok = tiny_gemma2()
+    batch = _train_batch(tok)
+    vector = _randn(64, seed=93, scale=3.0)
+    try:
+        with torch.enable_grad():
+            got = _seeded_and_limited("preventative_loss on a model whose blocks return tuples", section, fn,
+                                      (model, {k: v.clone() for k, v in batch.items()}, 1, vector.clone()), {})
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"On a model whose blocks return a tuple (as in transformers 4.x) preventative_loss raised "
+              f"{type(exc).__name__}: {_clip(str(exc))}. A hook must return (output[0] + vector, *output[1:]) when the "
+              "output is a tuple (utils.steering.steering does both forms).", section, exc)
+    finally:
+        for block in model.model.layers:
+            block._forward_hooks.clear()
+    with torch.enable_grad():
+        want = steered_response_loss(model, batch, 1, vector)
+    if not isinstance(got, torch.Tensor) or got.ndim != 0 or not math.isclose(float(got), float(want), rel_tol=1e-4,
+                                                                             abs_tol=1e-5):
+        _fail(f"On a model whose blocks return a tuple (hidden, extra), as in transformers 4.x, the steered loss is "
+              f"{_short(got)}; expected {float(want):.5f}. Add the vector to the hidden state, output[0], and return "
+              "the rest of the tuple unchanged.", section)
 
 
 @lru_cache(maxsize=1)

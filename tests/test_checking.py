@@ -211,3 +211,29 @@ def test_a_stage_run_on_its_own_leaves_no_check_running():
     with pytest.raises(CheckFailure) as info:
         checking.fail("outside")
     assert info.value.mistake is None
+
+
+def test_a_learner_exception_a_check_lets_through_carries_its_stage_and_type():
+    """The class report groups failures by identifier: one a check does not turn into a CheckFailure (it inspects
+    which exception the learner raised) still names its check, its stage and the exception's type."""
+    promises = checking.Promises()
+
+    def answer(x):
+        raise KeyError(x)
+
+    @checking.check("Exercise 11")
+    @promises("rejects bad input with a ValueError")
+    def test_lets_through(fn):
+        promises.stage("rejects bad input with a ValueError")
+        try:
+            checking.limited(fn)("bad")
+        except ValueError:
+            pass
+
+    with pytest.raises(KeyError) as info:
+        test_lets_through(answer)
+    want = "test_lets_through/rejects-bad-input-with-a-valueerror/raised-keyerror"
+    assert info.value.mistake == want
+    lines = info.value._render_traceback_()
+    assert "answer raised KeyError" in lines[0] and lines[-1] == f"[mistake: {want}]"
+    assert checking.MISTAKE_LINE.fullmatch(lines[-1]).group(1) == want

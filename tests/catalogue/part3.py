@@ -453,6 +453,15 @@ _FIRST_ELEMENT_REJECTION = (
     ("number of dimensions", "{'response_avg', 'prompt_avg', 'prompt_last'} -> float32 CPU tensors [n, n_layers, d_model]"))
 
 
+# A hook that adds the vector to a block's output as it is: under 5.x the fake tuple-output model catches it; under
+# 4.57 tiny-gemma2's own blocks return tuples, and the first steered stage does.
+_TENSOR_HOOK_REJECTION = (
+    ("(output[0] + vector, *output[1:])",
+     "on blocks that return tuples (transformers 4.x): the vector added to the hidden state, output[0]")
+    if int(transformers.__version__.split(".")[0]) >= 5 else
+    ("raised TypeError", "with a vector: +vector added to block `layer`'s output while the forward pass runs"))
+
+
 def _averages_with(*, shift=1, hidden_states=False, with_eot=False, last_at_start=False, three_passes=False,
                    bf16=False, keep_hooks=False, sort_rows=False, layers_first=False, first_element=False,
                    model_dtype=False):
@@ -1237,7 +1246,8 @@ def _delta_mistakes():
 # ==================================================================================================
 
 def _loss_with(*, all_tokens=False, unshifted=False, weights_early=False, per_sequence=False, no_positions=False,
-               no_grad=False, outside=False, sign=1.0, shift=0, keep_hook=False, as_float=False, logits_dtype="float32"):
+               no_grad=False, outside=False, sign=1.0, shift=0, keep_hook=False, as_float=False, logits_dtype="float32",
+               tensor_hook=False):
     def preventative_loss(model, batch, layer=None, vector=None):
         from utils.steering import steering
 
@@ -1276,6 +1286,14 @@ def _loss_with(*, all_tokens=False, unshifted=False, weights_early=False, per_se
                 with steering(model, {layer: vector}):
                     pass
                 result = loss_of(forward())
+            elif tensor_hook:  # a hand-written hook, removed in finally
+                def add(module, args, output):
+                    return output + vector  # a tuple + a tensor: TypeError under 4.x
+                handle = model.model.layers[layer].register_forward_hook(add)
+                try:
+                    result = loss_of(forward())
+                finally:
+                    handle.remove()
             else:
                 with steering(model, {layer + shift: sign * vector}):
                     result = loss_of(forward())
@@ -1346,6 +1364,9 @@ def _loss_mistakes():
         Mistake("steers the next block", _loss_with(shift=1), "steering block"),
         Mistake("the hook left registered", _loss_with(keep_hook=True), "still had a hook"),
         Mistake("a float, not a tensor", _loss_with(as_float=True), "0-d tensor"),
+        Mistake("a hook that adds the vector to the block's output as it is", _loss_with(tensor_hook=True),
+                _TENSOR_HOOK_REJECTION[0], stage=_TENSOR_HOOK_REJECTION[1],
+                note="right under 5.x, whose blocks return tensors; 4.x's return tuples"),
         Mistake("the cross-entropy on the model's logits", _loss_with(logits_dtype="model"), "Convert the logits",
                 note="right on a float32 model; a bf16 model's logits give a bf16 loss",
                 stage="on a bf16 model too: a float32 loss from float32 logits"),
