@@ -22,24 +22,19 @@ import json
 import os
 import re
 import runpy
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from tests.servers import chromium, jupyter_server
 from tools.build_notebooks import PARTS
-from utils import settings
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = settings.get("COURSE_CHROMIUM")
 API_KEY_VARIABLES = ("COURSE_API_KEY", "OPENROUTER_API_KEY", "OPENAI_API_KEY")
 RUN_ALL_SECONDS = 300  # Run All of a solution notebook on tiny-gemma2 (about 30 s on a quiet 2-core machine)
 # A wrong answer per part: (exercise cell, its check cell, the wrong source, text the check's message shows).
@@ -64,12 +59,6 @@ def _grading_env() -> dict[str, str]:
     return dict(namespace["GRADING_ENV_DEFAULTS"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A JupyterLab server on a copy of the repository's notebooks, with its own settings, and the test sizes for
@@ -80,7 +69,6 @@ def lab(tmp_path_factory):
     for folder in NOTEBOOK_FOLDERS:
         shutil.copytree(ROOT / folder, site / folder)
     before = _notebook_bytes(ROOT)
-    port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if k not in API_KEY_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.update(_grading_env())
@@ -91,32 +79,10 @@ def lab(tmp_path_factory):
     tracker = tmp / "settings" / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
     tracker.parent.mkdir(parents=True)
     tracker.write_text(json.dumps({"windowingMode": "none"}))
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={site}", "--LabApp.expose_app_in_browser=True",
-           "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")
-    log = open(tmp / "lab.log", "w")
-    server = subprocess.Popen(cmd, cwd=site, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=5):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"JupyterLab did not start: {' '.join(cmd)}\n{(tmp / 'lab.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield {"base": base, "token": token, "log": tmp / "lab.log", "out": tmp / "out", "root": site}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+    with jupyter_server("jupyterlab", site, env, tmp / "lab.log", "/api/status",
+                        ("--LabApp.expose_app_in_browser=True", "--LabApp.news_url=",
+                         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate")) as server:
+        yield {**server, "log": tmp / "lab.log", "out": tmp / "out", "root": site}
     assert _notebook_bytes(ROOT) == before, "the browser tests changed a notebook in the repository"
 
 
@@ -130,23 +96,8 @@ def _notebook_bytes(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        pytest.fail(f"playwright is not installed ({exc}): run `make setup` (it installs the playwright package and "
-                    "Debian's chromium).")
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"No Chromium at {CHROMIUM}: run `make setup` (as root it runs `apt-get install -y chromium`), or "
-                    "set COURSE_CHROMIUM to a Chromium or Chrome binary.")
-    with sync_playwright() as p:
-        try:
-            chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        except Exception as exc:
-            pytest.fail(f"Chromium at {CHROMIUM} did not start: {exc}")
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
 def _open(browser, lab, path: str):

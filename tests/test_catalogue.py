@@ -90,6 +90,9 @@ def test_verdicts_are_identical_run_after_run():
     sample = [(e, "mistake", m) for e in CATALOGUE for m in e.mistakes[::RERUN_EVERY]]
     sample += [(e, "variant", v) for e in CATALOGUE for v in e.variants[::RERUN_EVERY]]
     assert {e.check for e, _, _ in sample} == {e.check for e in CATALOGUE}
+    judged = [(e, kind, item) for e, kind, item in sample if (e.check, kind, item.name) in _FIRST_PASS]
+    if judged:  # a selection (`-m transformers` under 4.57) judged some: those are enough, and half the cost
+        sample = judged
 
     def judge(entry, kind, item):
         return (judge_mistake if kind == "mistake" else judge_variant)(entry, item).key()

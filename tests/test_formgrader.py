@@ -16,30 +16,17 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
-from utils import settings
+from tests.servers import chromium, jupyter_server
 
 pytestmark = pytest.mark.classroom  # on sample students graded under transformers 5.x
 PART = "part1_persona_space"
 FORMGRADER = "nbgrader.server_extensions.formgrader"
 STUDENT, CELL, MANUAL = "mistakes", "check_cosine", 1.0  # a cell the student lost (0 of 2): the grader gives 1
-CHROMIUM = settings.get("COURSE_CHROMIUM")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _gradebook(course):
@@ -58,57 +45,18 @@ def formgrader(parallel_class, tmp_path_factory):
     config.mkdir()
     (config / "jupyter_server_config.json").write_text(json.dumps(
         {"ServerApp": {"jpserver_extensions": {FORMGRADER: True}}}))
-    port, token = _free_port(), secrets.token_hex(16)
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER")}
     env.update(JUPYTER_CONFIG_DIR=str(config), JUPYTER_DATA_DIR=str(tmp / "data"),
                JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
                PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
-    cmd = [sys.executable, "-m", "jupyter_server", "--no-browser", "--ServerApp.ip=127.0.0.1",
-           f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={course}"]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")
-    log = open(tmp / "server.log", "w")
-    server = subprocess.Popen(cmd, cwd=course, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/formgrader/api/assignments?token={token}", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"The formgrader did not start: {' '.join(cmd)}\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"base": base, "token": token, "course": course, "log": tmp / "server.log"}
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+    with jupyter_server("jupyter_server", course, env, tmp / "server.log", "/formgrader/api/assignments") as server:
+        yield {**server, "course": course, "log": tmp / "server.log"}
 
 
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        pytest.fail(f"playwright is not installed ({exc}): run `make setup` (it installs the playwright package).")
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"No Chromium at {CHROMIUM}: run `make browser`, or set COURSE_CHROMIUM to a Chromium or Chrome.")
-    with sync_playwright() as p:
-        try:
-            chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        except Exception as exc:
-            pytest.fail(f"Chromium at {CHROMIUM} did not start: {exc}")
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as browser:
+        yield browser
 
 
 def test_formgrader_shows_the_class_and_saves_a_manual_grade(formgrader, browser):
