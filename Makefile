@@ -111,9 +111,10 @@ $(STAMP4): pyproject.toml
 
 # The tests that touch transformers (marked `transformers` by tests/conftest.py: those that load a model or a
 # tokenizer, run the notebooks, or run a check that takes a model), under 4.57, with models built by 4.57 in
-# their own cache. The nbgrader round trip runs for both assignments (solution full marks, blank zero, a clean
-# release); the other sample students' tests (`classroom`) run under 5.x only, to keep `make test` short. The
-# browser test drives JupyterLab's UI and runs under 5.x only.
+# their own cache. The nbgrader round trip runs for every assignment (solution and rewritten full marks, mistakes
+# exactly what its mistakes cost, blank zero, a clean release); the other sample students, the exchange and the
+# class report (`classroom`) run under 5.x only, to keep `make test` short. The browser test drives JupyterLab's UI
+# and runs under 5.x only.
 test-transformers4: $(STAMP4)
 	@$(VENV4)/bin/python -c 'import transformers as t; print("transformers", t.__version__)'
 	PERSONA_COURSE_CACHE=.cache/transformers4 COURSE_TEST_CLASSROOM=minimal $(VENV4)/bin/python -m pytest -q \

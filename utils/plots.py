@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -350,8 +351,6 @@ def dose_response_plot(summary: Mapping[float, Mapping[str, float | None]], titl
             (e.g. from :func:`utils.experiments.self_description_rates`); each must have the summary's
             coefficients.
     """
-    from plotly.subplots import make_subplots
-
     if not summary:
         raise ValueError("dose_response_plot got an empty summary; run utils.experiments.dose_response first.")
     coeffs = sorted(summary, key=float)

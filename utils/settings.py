@@ -295,7 +295,7 @@ SETTINGS: dict[str, Setting] = _declare(
     Setting("COURSE_CHECK_DEBUG", "bool", False,
             "Show a failed check with its full traceback, the checks' own frames included (for maintainers)."),
     Setting("COURSE_TEST_CLASSROOM", "choice", "full",
-            "The sample students tests/test_nbgrader.py grades: all of them, or only solution and blank.",
+            "The sample students tests/test_nbgrader.py grades: all, or solution, rewritten, mistakes and blank.",
             choices=("full", "minimal")),
     Setting("COURSE_TEST_MARKS", "path", "",
             "tests/test_markers.py's scratch file: where the collection writes each test's markers and fixtures."),
