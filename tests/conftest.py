@@ -126,8 +126,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_itemcollected(item):
-    # Here, not in pytest_collection_modifyitems: xdist reads the groups in its own modifyitems hook, which can
-    # run before any of ours.
+    # As each test is collected: before every pytest_collection_modifyitems hook, xdist's (which reads the groups)
+    # among them.
     item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
 
 
@@ -138,11 +138,14 @@ def _worker_group(item) -> str:
     module = item.module.__name__
     callspec = getattr(item, "callspec", None)
     if module.endswith("test_nbgrader") and callspec is not None and "graded" in callspec.params:
-        # No brackets in a group name: xdist reads a name that ends in "]" as no group at all.
-        return f"tests.test_nbgrader-{callspec.params['graded']}"
+        return _nbgrader_group(callspec.params["graded"])
     if "parallel_class" in item.fixturenames:  # a session fixture: graded once, on the worker that grades Part 1
-        return "tests.test_nbgrader-part1_persona_space"
+        return _nbgrader_group("part1_persona_space")
     return module
+
+
+def _nbgrader_group(part: str) -> str:
+    return f"tests.test_nbgrader-{part}"  # no brackets: xdist reads a group name that ends in "]" as no group
 
 
 def pytest_collection_finish(session):

@@ -767,25 +767,31 @@ def _tuple_lm():
     return _TupleLM(len(tok))
 
 
+def _on_tuple_model(fn, name: str, section: str, args: tuple, advice: str):
+    """``fn(model, *args)`` on the model whose blocks return tuples, under the check's time limit; an exception fails
+    with ``advice``. Every hook the answer left on the shared model is removed."""
+    model = _tuple_lm()
+    try:
+        return _seeded_and_limited(f"{name} on a model whose blocks return tuples", section, fn, (model, *args), {})
+    except (NotImplementedError, CheckFailure):
+        raise
+    except Exception as exc:
+        _fail(f"On a model whose blocks return a tuple (as in transformers 4.x) {name} raised "
+              f"{type(exc).__name__}: {_clip(str(exc))}. {advice}", section, exc)
+    finally:
+        for block in model.model.layers:
+            block._forward_hooks.clear()
+            block._forward_pre_hooks.clear()
+
+
 def _tuple_averages(fn, section: str) -> None:
     """On a model whose blocks return tuples, the same three averages of each block's hidden state."""
     _stage(_TA_TUPLE)
     model = _tuple_lm()
     _, tok = tiny_gemma2()
     conversations = AVERAGE_CONVERSATIONS[:2]
-    try:
-        got = _seeded_and_limited("three_averages on a model whose blocks return tuples", section, fn,
-                                  (model, tok, copy.deepcopy(conversations)), {})
-    except (NotImplementedError, CheckFailure):
-        raise
-    except Exception as exc:
-        _fail(f"On a model whose blocks return a tuple (as in transformers 4.x) three_averages raised "
-              f"{type(exc).__name__}: {_clip(str(exc))}. In a hook, take h = output[0] if isinstance(output, tuple) "
-              "else output.", section, exc)
-    finally:
-        for block in model.model.layers:
-            block._forward_hooks.clear()
-            block._forward_pre_hooks.clear()
+    got = _on_tuple_model(fn, "three_averages", section, (tok, copy.deepcopy(conversations)),
+                          "In a hook, take h = output[0] if isinstance(output, tuple) else output.")
     rows = {k: [] for k in ("response_avg", "prompt_avg", "prompt_last")}
     for messages in conversations:
         blocks, _, start, end = _raw_outputs(model, tok, messages)
@@ -1581,19 +1587,11 @@ def _tuple_loss(fn, section: str) -> None:
     _, tok = tiny_gemma2()
     batch = _train_batch(tok)
     vector = _randn(64, seed=93, scale=3.0)
-    try:
-        with torch.enable_grad():
-            got = _seeded_and_limited("preventative_loss on a model whose blocks return tuples", section, fn,
-                                      (model, {k: v.clone() for k, v in batch.items()}, 1, vector.clone()), {})
-    except (NotImplementedError, CheckFailure):
-        raise
-    except Exception as exc:
-        _fail(f"On a model whose blocks return a tuple (as in transformers 4.x) preventative_loss raised "
-              f"{type(exc).__name__}: {_clip(str(exc))}. A hook must return (output[0] + vector, *output[1:]) when the "
-              "output is a tuple (utils.steering.steering does both forms).", section, exc)
-    finally:
-        for block in model.model.layers:
-            block._forward_hooks.clear()
+    with torch.enable_grad():
+        got = _on_tuple_model(fn, "preventative_loss", section, ({k: v.clone() for k, v in batch.items()}, 1,
+                                                                 vector.clone()),
+                              "A hook must return (output[0] + vector, *output[1:]) when the output is a tuple "
+                              "(utils.steering.steering does both forms).")
     with torch.enable_grad():
         want = steered_response_loss(model, batch, 1, vector)
     if not isinstance(got, torch.Tensor) or got.ndim != 0 or not math.isclose(float(got), float(want), rel_tol=1e-4,

@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,19 +305,25 @@ def _build_dir(path: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent))
 
 
-def tiny_gemma2_path() -> Path:
-    path = cache_dir() / "models" / TINY
-    if (path / "model.safetensors").exists():
+def _cached_folder(path: Path, ready: Callable[[Path], bool], build: Callable[[Path], object]) -> Path:
+    """``path`` once ``ready(path)``; if it is not, ``build(tmp)`` writes the folder into a private temporary folder,
+    under :func:`_cache_lock`, and it is swapped in whole (a process that waited for the lock finds it ready)."""
+    if ready(path):
         return path
     with _cache_lock(path):
-        if not (path / "model.safetensors").exists():  # another process may have built it while we waited
+        if not ready(path):
             tmp = _build_dir(path)
             try:
-                build_tiny_gemma2(tmp)
+                build(tmp)
                 _swap_in(tmp, path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def tiny_gemma2_path() -> Path:
+    return _cached_folder(cache_dir() / "models" / TINY, lambda p: (p / "model.safetensors").exists(),
+                          build_tiny_gemma2)
 
 
 def smollm2_gguf_path() -> Path:
@@ -371,15 +378,11 @@ def _smollm2_ready(path: Path) -> bool:
 def smollm2_path(progress: bool = True) -> Path:
     """Dequantise the GGUF once to a float32 safetensors folder (~17 s), then reuse it (<1 s)."""
     path = cache_dir() / "models" / SMOLLM2
-    if _smollm2_ready(path):
-        return path
-    with _cache_lock(path):
-        if not _smollm2_ready(path):  # another process may have built it while we waited
-            _build_smollm2(path, progress)
-    return path
+    return _cached_folder(path, _smollm2_ready, lambda tmp: _build_smollm2(path, tmp, progress))
 
 
-def _build_smollm2(path: Path, progress: bool) -> None:
+def _build_smollm2(path: Path, tmp: Path, progress: bool) -> None:
+    """Dequantise the GGUF into ``tmp`` (``path`` is where it will be cached)."""
     if path.exists() and progress:
         print(f"The cached SmolLM2 at {path} was built by an older version of the course: rebuilding it.", flush=True)
     gguf = smollm2_gguf_path()
@@ -399,16 +402,11 @@ def _build_smollm2(path: Path, progress: bool) -> None:
         raise ModelLoadError(f"SmolLM2 weights did not line up: missing {missing}, unexpected {unexpected}")
     fresh.tie_weights()
     fresh.generation_config = gguf_model.generation_config
-    tmp = _build_dir(path)
-    try:
-        save_model_folder(fresh, tmp)
-        tokenizer.save_pretrained(tmp)
-        _fix_tokenizer_config_for_4x(tmp)
-        _drop_gguf_quantization_config(tmp)
-        (tmp / "COURSE_CACHE_VERSION").write_text(SMOLLM2_CACHE_VERSION + "\n")
-        _swap_in(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    save_model_folder(fresh, tmp)
+    tokenizer.save_pretrained(tmp)
+    _fix_tokenizer_config_for_4x(tmp)
+    _drop_gguf_quantization_config(tmp)
+    (tmp / "COURSE_CACHE_VERSION").write_text(SMOLLM2_CACHE_VERSION + "\n")
     if progress:
         print(f"Cached SmolLM2 at {path} in {time.time() - t0:.1f} s.", flush=True)
 
